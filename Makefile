@@ -1,0 +1,75 @@
+# kvmrr - every entry point.  `make run` and `make test` do all set-up themselves
+# (venv, pip packages, the C core and its binding, the guests, the Kafka jars) and cache it.
+
+PYTHON      ?= python3
+VENV        := .venv
+PY          := $(VENV)/bin/python
+BUILD       := build
+KAFKACTL    := compose/kafka/kafkactl
+KAFKA_PORT  ?= 19092
+CORE_SRC    := $(wildcard libkvmrr/src/*.c libkvmrr/src/*.h libkvmrr/include/*.h)
+CORE_CFLAGS := -O2 -g -Wall -Wextra -Werror -Wno-unused-parameter -std=gnu11 -Ilibkvmrr/include -Ilibkvmrr/src
+
+.PHONY: all build guests run test test-c test-py bench bench-core kafka kafka-cluster \
+        kafka-down clean distclean
+
+all: build
+
+# ---- set-up --------------------------------------------------------------------------
+$(VENV)/.deps: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip setuptools wheel cffi
+	$(PY) -m pip install -q -e '.[test,bench]' --no-build-isolation
+	touch $@
+
+# The binding is rebuilt whenever the C core changes (setup.py's cffi_modules, in place).
+$(VENV)/.core: $(VENV)/.deps $(CORE_SRC) libkvmrr/build_ffi.py setup.py
+	$(PY) -m pip install -q -e . --no-deps --no-build-isolation
+	touch $@
+
+guests:
+	$(MAKE) -s -C guests OUT=$(CURDIR)/$(BUILD)/guests
+
+$(BUILD)/test_core: $(CORE_SRC) libkvmrr/tests/test_core.c
+	mkdir -p $(BUILD)
+	$(CC) $(CORE_CFLAGS) -o $@ libkvmrr/src/*.c libkvmrr/tests/test_core.c -lpthread
+
+build: $(VENV)/.core guests $(BUILD)/test_core
+
+# ---- the main job --------------------------------------------------------------------
+run: build
+	$(VENV)/bin/kvmrr demo
+
+# ---- tests ---------------------------------------------------------------------------
+test-c: $(BUILD)/test_core guests
+	$(BUILD)/test_core
+
+test-py: build
+	$(PY) -m pytest -q -ra
+
+test: build
+	$(BUILD)/test_core
+	$(PY) -m pytest -q -ra
+
+# ---- benchmarks ----------------------------------------------------------------------
+bench-core: build
+	mkdir -p bench
+	$(PY) -m kvmrr.bench core --out bench/core.json
+
+bench: bench-core
+
+# ---- Kafka (real Apache Kafka from Maven Central, KRaft, loopback) --------------------
+kafka:
+	KAFKA_PORT=$(KAFKA_PORT) $(PYTHON) $(KAFKACTL) start --nodes 1 --port $(KAFKA_PORT)
+
+kafka-cluster:
+	$(PYTHON) $(KAFKACTL) start --nodes 3 --port $(KAFKA_PORT)
+
+kafka-down:
+	$(PYTHON) $(KAFKACTL) stop --all
+
+clean:
+	rm -rf $(BUILD) libkvmrr/_kvmrr*.so libkvmrr/_kvmrr.c libkvmrr/_kvmrr.o
+
+distclean: clean
+	rm -rf $(VENV)

@@ -1,0 +1,249 @@
+"""The only module that touches cffi's `ffi` and `lib`.
+
+It checks every return code, turns failures into typed exceptions, owns C pointers with
+`ffi.gc`, and converts events between `struct kvmrr_event` and the plain dicts the rest of
+kvmrr (and the Avro schemas) use.  cffi releases the GIL around every call, so a Kafka
+thread keeps running while the vCPU runs.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from libkvmrr._kvmrr import ffi, lib
+
+ABI_VERSION = 1
+_ERR_LEN = 512
+_TAKE_BATCH = 1024
+
+REG_NAMES = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp", "r8", "r9", "r10",
+             "r11", "r12", "r13", "r14", "r15", "rip", "rflags")
+
+KIND_NAMES = {
+    lib.KVMRR_EV_INTERRUPT: "Interrupt",
+    lib.KVMRR_EV_DMA: "Dma",
+    lib.KVMRR_EV_PORT_IN: "PortIn",
+    lib.KVMRR_EV_MMIO_READ: "MmioRead",
+    lib.KVMRR_EV_INSN: "Insn",
+    lib.KVMRR_EV_OUTPUT: "Output",
+    lib.KVMRR_EV_CHECKSUM: "Checksum",
+}
+KIND_CODES = {name: code for code, name in KIND_NAMES.items()}
+STOP_NAMES = {
+    lib.KVMRR_STOP_EXITED: "exited",
+    lib.KVMRR_STOP_ICOUNT: "icount",
+    lib.KVMRR_STOP_DEADLINE: "deadline",
+    lib.KVMRR_STOP_EVENTS_FULL: "events_full",
+    lib.KVMRR_STOP_NEED_EVENTS: "need_events",
+    lib.KVMRR_STOP_DIVERGED: "diverged",
+    lib.KVMRR_STOP_ERROR: "error",
+}
+MODES = {"run": lib.KVMRR_MODE_RUN, "record": lib.KVMRR_MODE_RECORD,
+         "replay": lib.KVMRR_MODE_REPLAY}
+COUNTERS = {"step": lib.KVMRR_COUNTER_STEP, "fast": lib.KVMRR_COUNTER_FAST}
+
+
+class KvmrrError(Exception):
+    """The replay core refused or failed; the message is one line for the user."""
+
+
+class GuestError(KvmrrError):
+    """The guest or KVM failed while running (triple fault, unknown port, ...)."""
+
+
+if lib.kvmrr_abi_version() != ABI_VERSION:
+    raise ImportError(f"libkvmrr ABI {lib.kvmrr_abi_version()} but this binding speaks "
+                      f"{ABI_VERSION}: rebuild with `make build`")
+
+
+@dataclass(frozen=True)
+class RunResult:
+    stop: str
+    icount: int
+    exit_code: int
+    message: str
+
+
+def _err_buf():
+    return ffi.new("char[]", _ERR_LEN)
+
+
+def _str(buf) -> str:
+    return ffi.string(buf).decode("utf-8", "replace")
+
+
+def calibrate() -> tuple[str, str]:
+    """(best exact counter name, why) for this host."""
+    why = _err_buf()
+    code = lib.kvmrr_calibrate(why, _ERR_LEN)
+    if code < 0:
+        raise KvmrrError(f"cannot calibrate the instruction counter: {_str(why)}")
+    return ("fast" if code == lib.KVMRR_COUNTER_FAST else "step"), _str(why)
+
+
+def hash64(data: bytes, seed: int = 0) -> int:
+    return lib.kvmrr_hash64(data, len(data), seed)
+
+
+def _event_to_dict(ev) -> dict:
+    kind = KIND_NAMES.get(ev.kind)
+    d = {"kind": kind, "icount": ev.icount, "rip": ev.rip}
+    if ev.kind == lib.KVMRR_EV_INTERRUPT:
+        d["vector"] = ev.a
+    elif ev.kind == lib.KVMRR_EV_DMA:
+        d["gpa"] = ev.a
+        d["data"] = bytes(ffi.buffer(ev.data, ev.len)) if ev.len else b""
+    elif ev.kind == lib.KVMRR_EV_PORT_IN:
+        d.update(port=ev.a, size=ev.b, value=ev.c)
+    elif ev.kind == lib.KVMRR_EV_MMIO_READ:
+        d.update(gpa=ev.a, size=ev.b, value=ev.c)
+    elif ev.kind == lib.KVMRR_EV_INSN:
+        d.update(opcode=ev.a, rax=ev.b, rdx=ev.c, rcx=ev.d)
+    elif ev.kind == lib.KVMRR_EV_OUTPUT:
+        d.update(channel=ev.a, seq=ev.b)
+        d["data"] = bytes(ffi.buffer(ev.data, ev.len)) if ev.len else b""
+    elif ev.kind == lib.KVMRR_EV_CHECKSUM:
+        d["state_hash"] = ev.a
+        d["regs"] = list(ev.regs)
+    return d
+
+
+def _dict_to_event(d: dict, slot, keep: list) -> None:
+    kind = KIND_CODES.get(d["kind"])
+    if kind is None:
+        raise KvmrrError(f"event kind {d['kind']!r} cannot be replayed by the core")
+    slot.kind = kind
+    slot.icount = d["icount"]
+    slot.rip = d["rip"]
+    slot.a = slot.b = slot.c = slot.d = 0
+    slot.len = 0
+    slot.data = ffi.NULL
+    if kind == lib.KVMRR_EV_INTERRUPT:
+        slot.a = d["vector"]
+    elif kind in (lib.KVMRR_EV_DMA, lib.KVMRR_EV_OUTPUT):
+        data = d["data"]
+        if kind == lib.KVMRR_EV_DMA:
+            slot.a = d["gpa"]
+        else:
+            slot.a, slot.b = d["channel"], d["seq"]
+        buf = ffi.from_buffer(data)
+        keep.append(buf)
+        slot.data = buf
+        slot.len = len(data)
+    elif kind in (lib.KVMRR_EV_PORT_IN,):
+        slot.a, slot.b, slot.c = d["port"], d["size"], d["value"]
+    elif kind == lib.KVMRR_EV_MMIO_READ:
+        slot.a, slot.b, slot.c = d["gpa"], d["size"], d["value"]
+    elif kind == lib.KVMRR_EV_INSN:
+        slot.a, slot.b, slot.c, slot.d = d["opcode"], d["rax"], d["rdx"], d["rcx"]
+    elif kind == lib.KVMRR_EV_CHECKSUM:
+        slot.a = d["state_hash"]
+        for i, v in enumerate(d.get("regs") or ()):
+            if i < lib.KVMRR_NREGS:
+                slot.regs[i] = v
+
+
+class VmHandle:
+    """One C VM.  Not thread-safe except nic_push() and interrupt()."""
+
+    def __init__(self, *, elf: bytes, bootargs: str, mem_size: int, mode: str,
+                 counter: str, checksum_every: int):
+        cfg = ffi.new("struct kvmrr_config *")
+        cfg.mem_size = mem_size
+        cfg.mode = MODES[mode]
+        cfg.counter = COUNTERS[counter]
+        cfg.checksum_every = checksum_every
+        err = _err_buf()
+        ptr = lib.kvmrr_vm_create(cfg, elf, len(elf), bootargs.encode(), err, _ERR_LEN)
+        if ptr == ffi.NULL:
+            raise KvmrrError(_str(err))
+        self._vm = ffi.gc(ptr, lib.kvmrr_vm_destroy)
+        self._limits = ffi.new("struct kvmrr_limits *")
+        self._result = ffi.new("struct kvmrr_result *")
+        self._events = ffi.new("struct kvmrr_event[]", _TAKE_BATCH)
+
+    def close(self) -> None:
+        if self._vm is not None:
+            ffi.release(self._vm)
+            self._vm = None
+
+    def run(self, stop_icount: int = -1, deadline_ns: int = 0) -> RunResult:
+        self._limits.stop_icount = stop_icount
+        self._limits.deadline_ns = deadline_ns
+        lib.kvmrr_vm_run(self._vm, self._limits, self._result)
+        r = self._result
+        return RunResult(STOP_NAMES.get(r.stop, str(r.stop)), r.icount, r.exit_code,
+                         _str(r.message))
+
+    @property
+    def icount(self) -> int:
+        return lib.kvmrr_vm_icount(self._vm)
+
+    def take_events(self) -> list[dict]:
+        out = []
+        while True:
+            n = lib.kvmrr_vm_take_events(self._vm, self._events, _TAKE_BATCH)
+            out.extend(_event_to_dict(self._events[i]) for i in range(n))
+            if n < _TAKE_BATCH:
+                return out
+
+    def feed_events(self, events: list[dict]) -> None:
+        if not events:
+            return
+        arr = ffi.new("struct kvmrr_event[]", len(events))
+        keep: list = []
+        for i, d in enumerate(events):
+            _dict_to_event(d, arr[i], keep)
+        err = _err_buf()
+        if lib.kvmrr_vm_feed_events(self._vm, arr, len(events), err, _ERR_LEN) < 0:
+            raise KvmrrError(_str(err))
+
+    def pending_events(self) -> int:
+        return lib.kvmrr_vm_pending_events(self._vm)
+
+    def nic_push(self, packet: bytes) -> bool:
+        return lib.kvmrr_vm_nic_push(self._vm, packet, len(packet)) == 0
+
+    def interrupt(self) -> None:
+        lib.kvmrr_vm_interrupt(self._vm)
+
+    def regs(self) -> dict[str, int]:
+        arr = ffi.new("uint64_t[]", lib.KVMRR_NREGS)
+        if lib.kvmrr_vm_get_regs(self._vm, arr) < 0:
+            raise KvmrrError("cannot read the vCPU registers")
+        return dict(zip(REG_NAMES, arr))
+
+    def state_hash(self) -> int:
+        return lib.kvmrr_vm_state_hash(self._vm)
+
+    def divergence(self) -> dict:
+        d = ffi.new("struct kvmrr_divergence *")
+        lib.kvmrr_vm_divergence(self._vm, d)
+        expected = _event_to_dict(d.expected) if d.expected.kind else None
+        if expected and "data" in expected:
+            expected["data"] = b""   # payloads are not kept for the report
+        return {
+            "icount": d.icount,
+            "reason": _str(d.reason),
+            "expected": expected,
+            "actual_kind": KIND_NAMES.get(d.actual_kind),
+            "actual_regs": dict(zip(REG_NAMES, d.actual)),
+            "actual_hash": d.actual_hash,
+        }
+
+    def stats(self) -> dict[str, int]:
+        s = ffi.new("struct kvmrr_stats *")
+        lib.kvmrr_vm_stats(self._vm, s)
+        return {k: getattr(s, k) for k in ("exits", "kicks", "steps", "events", "peak_rate")}
+
+    def snapshot(self) -> bytes:
+        size = lib.kvmrr_vm_snapshot_size(self._vm)
+        buf = ffi.new("uint8_t[]", size)
+        n = ffi.new("size_t *")
+        if lib.kvmrr_vm_snapshot_save(self._vm, buf, size, n) < 0:
+            raise KvmrrError("cannot save a snapshot of the VM")
+        return bytes(ffi.buffer(buf, n[0]))
+
+    def restore(self, blob: bytes) -> None:
+        err = _err_buf()
+        if lib.kvmrr_vm_snapshot_restore(self._vm, blob, len(blob), err, _ERR_LEN) < 0:
+            raise KvmrrError(_str(err))

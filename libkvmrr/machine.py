@@ -1,0 +1,90 @@
+"""Idiomatic Python over the replay core: a Machine runs one guest image."""
+from __future__ import annotations
+
+import functools
+
+from libkvmrr._bindings import KvmrrError, RunResult, VmHandle, calibrate
+
+DEFAULT_MEM_SIZE = 8 << 20
+
+
+@functools.lru_cache(maxsize=1)
+def best_counter() -> tuple[str, str]:
+    """The exact counter this host supports, and why (calibrated once per process)."""
+    return calibrate()
+
+
+def resolve_counter(requested: str) -> tuple[str, str]:
+    """`auto` picks the best exact counter; `fast` is refused where it is not exact."""
+    if requested == "step":
+        return "step", "requested"
+    best, why = best_counter()
+    if requested == "auto":
+        return best, why
+    if requested == "fast" and best != "fast":
+        raise KvmrrError(f"counter 'fast' is not exact on this host: {why}")
+    if requested != "fast":
+        raise KvmrrError(f"unknown counter {requested!r} (fast, step or auto)")
+    return "fast", why
+
+
+class Machine:
+    """A VM with one vCPU running `elf` in mode run, record or replay."""
+
+    def __init__(self, elf: bytes, *, mode: str, counter: str, bootargs: str = "",
+                 mem_size: int = DEFAULT_MEM_SIZE, checksum_every: int = 0):
+        self.mode = mode
+        self.counter = counter
+        self.mem_size = mem_size
+        self._vm = VmHandle(elf=elf, bootargs=bootargs, mem_size=mem_size, mode=mode,
+                            counter=counter, checksum_every=checksum_every)
+
+    def __enter__(self) -> "Machine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._vm.close()
+
+    def run(self, *, stop_icount: int | None = None, deadline_ns: int = 0) -> RunResult:
+        return self._vm.run(-1 if stop_icount is None else stop_icount, deadline_ns)
+
+    @property
+    def icount(self) -> int:
+        return self._vm.icount
+
+    def take_events(self) -> list[dict]:
+        return self._vm.take_events()
+
+    def feed(self, events: list[dict]) -> None:
+        self._vm.feed_events(events)
+
+    @property
+    def pending(self) -> int:
+        return self._vm.pending_events()
+
+    def nic_push(self, packet: bytes) -> bool:
+        return self._vm.nic_push(packet)
+
+    def interrupt(self) -> None:
+        self._vm.interrupt()
+
+    def regs(self) -> dict[str, int]:
+        return self._vm.regs()
+
+    def state_hash(self) -> str:
+        return f"{self._vm.state_hash():016x}"
+
+    def divergence(self) -> dict:
+        return self._vm.divergence()
+
+    def stats(self) -> dict[str, int]:
+        return self._vm.stats()
+
+    def snapshot(self) -> bytes:
+        return self._vm.snapshot()
+
+    def restore(self, blob: bytes) -> None:
+        self._vm.restore(blob)

@@ -1,0 +1,163 @@
+/*
+ * internal.h - the VM object and the functions the core's files share.
+ * One file per concern: vm.c (KVM objects), x86.c (long-mode setup), loader.c (ELF),
+ * devices.c (port I/O models), counter.c (icount backends), events.c (queues),
+ * run.c (the run loop), snapshot.c, hash.c.
+ */
+#ifndef KVMRR_INTERNAL_H
+#define KVMRR_INTERNAL_H
+
+#include <linux/kvm.h>
+#include <pthread.h>
+#include <stdbool.h>
+#include <stdio.h>
+
+#include "kvmrr.h"
+#include "kvmrr_abi.h"
+
+#define KVMRR_RECORD_CAP   4096      /* recorded events held before STOP_EVENTS_FULL */
+#define KVMRR_NIC_QUEUE    256       /* rx packets queued by the host before push fails */
+#define KVMRR_SERIAL_LINE  256       /* serial output is logged per line or per this many */
+
+/* ---- devices (devices.c): the state every replica must agree on ---- */
+struct kvmrr_devices {
+    uint64_t timer_period_ns;        /* programmed by the guest; 0 = off */
+    uint64_t clock_latch;            /* value latched by the last CLOCK_LO read */
+    uint64_t nic_rx_addr, nic_rx_cap, nic_rx_len;
+    uint64_t nic_tx_addr;
+    uint64_t output_seq;             /* next output seq number (all channels) */
+    uint32_t serial_len;
+    uint8_t serial_buf[KVMRR_SERIAL_LINE];
+};
+
+/* What a port access asks the run loop to do. */
+enum pio_effect {
+    PIO_DONE = 0,        /* handled entirely by the device model */
+    PIO_INPUT,           /* a non-deterministic read: value comes from host (record) or log */
+    PIO_OUTPUT,          /* a complete output (serial line or NIC packet) to log */
+    PIO_EXIT,            /* the guest asked to stop */
+    PIO_TIMER,           /* timer period changed: re-arm */
+    PIO_RX_ACK,          /* the guest freed the rx buffer */
+    PIO_BAD              /* an access no device claims */
+};
+
+struct pio_access {
+    uint16_t port;
+    uint8_t size;
+    bool write;
+    uint64_t value;        /* written value, or the value to return for reads */
+    /* PIO_OUTPUT: channel and bytes (pointing into device or guest memory) */
+    int channel;
+    const uint8_t *out_data;
+    uint32_t out_len;
+};
+
+/* The exit handler for port I/O: pure, so tests call it without KVM. */
+enum pio_effect devices_pio(struct kvmrr_devices *dev, uint8_t *mem, uint64_t mem_size,
+                            struct pio_access *io);
+/* Output waiting in the serial buffer (flushed at guest exit). */
+bool devices_serial_flush(struct kvmrr_devices *dev, struct pio_access *io);
+void devices_input_apply(struct kvmrr_devices *dev, struct pio_access *io, uint64_t value);
+bool devices_nic_ready(const struct kvmrr_devices *dev, uint64_t mem_size);
+uint32_t devices_nic_deliver(struct kvmrr_devices *dev, uint8_t *mem, const uint8_t *data,
+                             uint32_t len);
+
+/* ---- events (events.c) ---- */
+struct event_slot {
+    struct kvmrr_event ev;
+    uint8_t *payload;      /* owned copy */
+    uint32_t cap;
+};
+
+struct event_queue {
+    struct event_slot *slots;
+    int cap, head, count;  /* ring */
+};
+
+int  queue_init(struct event_queue *q, int cap);
+void queue_free(struct event_queue *q);
+struct kvmrr_event *queue_push(struct event_queue *q, const struct kvmrr_event *ev,
+                               const uint8_t *data, uint32_t len);
+struct kvmrr_event *queue_peek(struct event_queue *q);
+void queue_pop(struct event_queue *q);
+void queue_clear(struct event_queue *q);
+
+struct nic_packet { uint32_t len; uint8_t data[KVMRR_NIC_MTU]; };
+
+/* ---- the VM ---- */
+struct kvmrr_vm {
+    struct kvmrr_config cfg;
+    int kvm_fd, vm_fd, vcpu_fd;
+    struct kvm_run *run;
+    size_t run_size;
+    uint8_t *mem;
+
+    /* counting (counter.c) */
+    int stats_fd;
+    off_t insn_stat_offset;          /* -1 when KVM has no insn_emulation statistic */
+    uint64_t stat_base;              /* stat value at icount 0 (fast) */
+    kvmrr_icount_t icount;           /* exact count at the current stop */
+    bool debug_armed;                /* guest debug currently set to single-step */
+
+    struct kvmrr_devices dev;
+
+    /* record side: host inputs waiting and time */
+    pthread_mutex_t lock;            /* guards the nic queue, wake flags */
+    struct nic_packet *nic_queue;    /* ring of packets pushed by the host */
+    int nic_head, nic_count;
+    bool timer_pending;              /* a tick waits for injection */
+    int64_t next_tick_ns;            /* CLOCK_MONOTONIC of the next tick, 0 = none */
+    int wake_fd;                     /* eventfd: wakes a halted record vCPU */
+    volatile int stop_requested;
+    pid_t vcpu_tid;
+    timer_t kick_timer;
+    bool kick_timer_ok;
+    bool halted;                     /* the guest executed HLT and waits for an interrupt */
+    uint64_t frame_rflags_gpa;       /* RFLAGS image of an interrupt just injected */
+    uint64_t delivery_tf;            /* the guest's own TF when it was injected */
+    bool in_pending;                 /* an IN exited and KVM has not completed it yet */
+    bool in_completing;              /* step: an IN exited; its completion traps again */
+
+    struct event_queue recorded;     /* record: events not yet taken */
+    struct event_queue replay;       /* replay: events fed, not yet applied */
+    kvmrr_icount_t last_checksum;
+    kvmrr_icount_t last_event_icount;
+
+    struct kvmrr_divergence div;
+    struct kvmrr_stats stats;
+};
+
+/* vm.c */
+int  vm_get_regs(struct kvmrr_vm *vm, struct kvm_regs *regs);
+int  vm_set_regs(struct kvmrr_vm *vm, const struct kvm_regs *regs);
+void vm_regs_to_array(const struct kvm_regs *r, uint64_t out[KVMRR_NREGS]);
+int  vm_set_guest_debug(struct kvmrr_vm *vm, bool single_step);
+
+/* x86.c */
+int x86_setup_long_mode(struct kvmrr_vm *vm, uint64_t entry, char *err, size_t err_len);
+
+/* loader.c */
+int elf_load(uint8_t *mem, uint64_t mem_size, const uint8_t *elf, size_t len,
+             uint64_t *entry, char *err, size_t err_len);
+
+/* calibrate.c: also used by the C tests to make guests from bytes */
+size_t probe_elf_build(const uint8_t *code, size_t code_len, uint8_t *out, size_t cap);
+
+/* counter.c */
+int  counter_open(struct kvmrr_vm *vm);
+int  counter_read_stat(struct kvmrr_vm *vm, uint64_t *value);
+int  counter_sync(struct kvmrr_vm *vm);   /* fast: icount from the statistic */
+void counter_rebase(struct kvmrr_vm *vm, kvmrr_icount_t icount);
+
+/* hash.c */
+uint64_t state_hash(struct kvmrr_vm *vm);
+
+/* snapshot.c uses run.c's kick timer teardown */
+int kick_init(struct kvmrr_vm *vm);
+void kick_free(struct kvmrr_vm *vm);
+
+/* Fill an error buffer and evaluate to -1. */
+static inline int errf_done(int ignored) { (void)ignored; return -1; }
+#define ERRF(buf, len, ...) errf_done(snprintf((buf), (len), __VA_ARGS__))
+
+#endif
