@@ -49,12 +49,12 @@ test-py: build
 
 test: build
 	$(BUILD)/test_core
+	$(MAKE) -s -C guests test OUT=$(CURDIR)/$(BUILD)/guests
 	$(PY) -m pytest -q -ra
 
 # ---- benchmarks ----------------------------------------------------------------------
 bench-core: build
-	mkdir -p bench
-	$(PY) -m kvmrr.bench core --out bench/core.json
+	$(PY) -m kvmrr.bench core --out bench/core.json $(if $(QUICK),--quick)
 
 bench: bench-core
 

@@ -197,6 +197,9 @@ class VmHandle:
         if lib.kvmrr_vm_feed_events(self._vm, arr, len(events), err, _ERR_LEN) < 0:
             raise KvmrrError(_str(err))
 
+    def set_horizon(self, icount: int) -> None:
+        lib.kvmrr_vm_set_horizon(self._vm, icount)
+
     def pending_events(self) -> int:
         return lib.kvmrr_vm_pending_events(self._vm)
 

@@ -61,6 +61,10 @@ class Machine:
     def feed(self, events: list[dict]) -> None:
         self._vm.feed_events(events)
 
+    def set_horizon(self, icount: int) -> None:
+        """Replay: no events before icount beyond those fed; the replay may run to it."""
+        self._vm.set_horizon(icount)
+
     @property
     def pending(self) -> int:
         return self._vm.pending_events()

@@ -122,6 +122,7 @@ struct kvmrr_vm {
     struct event_queue replay;       /* replay: events fed, not yet applied */
     kvmrr_icount_t last_checksum;
     kvmrr_icount_t last_event_icount;
+    kvmrr_icount_t horizon;          /* replay: the log holds no events before this beyond those fed */
 
     struct kvmrr_divergence div;
     struct kvmrr_stats stats;

@@ -153,6 +153,15 @@ static void emulated_retired(struct kvmrr_vm *vm, int n)
     /* An instruction the loop executed itself: the statistic did not see it. */
     vm->stat_base -= (uint64_t)n;   /* (step ignores the statistic; kept for cross-checks) */
     vm->icount += n;
+    /* It also ends an STI / MOV SS interrupt shadow, which KVM cannot know: without this,
+     * "sti; hlt" with the HLT executed here stays uninterruptible forever (injectable()
+     * sees the shadow, and a halted guest never re-enters KVM to clear it). */
+    struct kvm_vcpu_events ev;
+    if (ioctl(vm->vcpu_fd, KVM_GET_VCPU_EVENTS, &ev) == 0 && ev.interrupt.shadow) {
+        ev.interrupt.shadow = 0;
+        ev.flags = KVM_VCPUEVENT_VALID_SHADOW;
+        (void)ioctl(vm->vcpu_fd, KVM_SET_VCPU_EVENTS, &ev);
+    }
 }
 
 static bool injectable(struct kvmrr_vm *vm)
@@ -258,7 +267,7 @@ struct enter_result {
 };
 
 /* Decode the instruction at RIP for the few the loop must execute itself. */
-enum special_insn { INSN_NONE, INSN_IRETQ, INSN_PUSHFQ, INSN_RDTSC, INSN_RDTSCP, INSN_RDRAND, INSN_RDSEED };
+enum special_insn { INSN_NONE, INSN_IRETQ, INSN_PUSHFQ, INSN_HLT, INSN_RDTSC, INSN_RDTSCP, INSN_RDRAND, INSN_RDSEED };
 
 static enum special_insn decode_special(struct kvmrr_vm *vm, int *len, int *reg, int *opsize)
 {
@@ -272,6 +281,10 @@ static enum special_insn decode_special(struct kvmrr_vm *vm, int *len, int *reg,
     if ((p[i] & 0xf0) == 0x40) { rex = p[i]; i++; }
     if (rex & 0x8)
         *opsize = 8;
+    if (p[i] == 0xf4) {
+        *len = i + 1;
+        return INSN_HLT;
+    }
     if (p[i] == 0x9c && *opsize != 2) {
         *len = i + 1;
         return INSN_PUSHFQ;
@@ -310,6 +323,18 @@ static uint64_t host_random64(void)
     return v;
 }
 
+/* An instruction executed here ends the STI / MOV SS interrupt shadow, as it would have
+ * in the CPU; KVM did not see it, so tell it. */
+static void end_interrupt_shadow(struct kvmrr_vm *vm)
+{
+    struct kvm_vcpu_events ev;
+    if (ioctl(vm->vcpu_fd, KVM_GET_VCPU_EVENTS, &ev) < 0 || !ev.interrupt.shadow)
+        return;
+    ev.interrupt.shadow = 0;
+    ev.flags = KVM_VCPUEVENT_VALID_SHADOW;
+    (void)ioctl(vm->vcpu_fd, KVM_SET_VCPU_EVENTS, &ev);
+}
+
 /* Execute IRETQ (64-bit, same privilege) from the guest stack: identity-mapped RAM. */
 static int exec_iretq(struct kvmrr_vm *vm, struct kvm_regs *r)
 {
@@ -331,13 +356,26 @@ static int exec_special(struct kvmrr_vm *vm, bool intercept_time, struct kvmrr_r
 {
     int len = 0, reg = 0, opsize = 4;
     enum special_insn k = decode_special(vm, &len, &reg, &opsize);
-    bool flow = k == INSN_IRETQ || k == INSN_PUSHFQ;   /* TF-sensitive: always ours */
+    /* Under single-step these misbehave (lost trap, leaked TF, a HLT that KVM keeps
+     * pending past the next delivery), so the loop always executes them itself. */
+    bool flow = k == INSN_IRETQ || k == INSN_PUSHFQ || k == INSN_HLT;
     if (k == INSN_NONE || (!flow && !intercept_time))
         return 0;
+    /* An interrupt injected at this boundary is delivered before the instruction here
+     * executes, and only KVM_RUN delivers it: leave both to KVM (else a HLT executed here
+     * sleeps with the interrupt stuck pending, and nothing ever delivers it). */
+    struct kvm_vcpu_events pend;
+    if (ioctl(vm->vcpu_fd, KVM_GET_VCPU_EVENTS, &pend) == 0
+        && (pend.interrupt.injected || pend.exception.injected))
+        return 0;
     struct kvm_regs r = vm->run->s.regs.regs;
-    if (k == INSN_IRETQ || k == INSN_PUSHFQ) {
+    if (flow) {
         if (k == INSN_IRETQ && exec_iretq(vm, &r) < 0)
             return 0;   /* let the CPU raise the fault */
+        if (k == INSN_HLT) {
+            r.rip += len;            /* as a HLT exit leaves it: after the HLT, halted */
+            vm->halted = true;
+        }
         if (k == INSN_PUSHFQ) {
             /* Single-stepped, PUSHFQ would push the debugger's TF. */
             if (r.rsp < 8 || r.rsp > vm->cfg.mem_size)
@@ -348,6 +386,7 @@ static int exec_special(struct kvmrr_vm *vm, bool intercept_time, struct kvmrr_r
             r.rip += len;
         }
         vm_set_regs(vm, &r);
+        end_interrupt_shadow(vm);
         emulated_retired(vm, 1);
         return 1;
     }
@@ -385,6 +424,7 @@ static int exec_special(struct kvmrr_vm *vm, bool intercept_time, struct kvmrr_r
         record(vm, KVMRR_EV_INSN, opcode, rax, rdx, rcx, NULL, 0);
     r.rip += len;
     vm_set_regs(vm, &r);
+    end_interrupt_shadow(vm);
     emulated_retired(vm, 1);
     return 1;
 }
@@ -425,10 +465,19 @@ static int enter(struct kvmrr_vm *vm, bool single_step, int64_t kick_at_ns,
         vm->stats.kicks++;
     if (single_step)
         vm->stats.steps++;
-    if (vm->frame_rflags_gpa && er->exit_reason != KVM_EXIT_INTR) {
-        if (single_step)
-            delivered(vm);
-        vm->frame_rflags_gpa = 0;   /* delivered free-running: nothing to mend */
+    if (vm->frame_rflags_gpa) {
+        /* A kick can end KVM_RUN before or after the delivery: ask KVM which.  A frame
+         * left armed after a delivery would be "mended" later, at whatever the guest has
+         * since put at that stack address. */
+        struct kvm_vcpu_events pend;
+        bool pending = er->exit_reason == KVM_EXIT_INTR
+                       && ioctl(vm->vcpu_fd, KVM_GET_VCPU_EVENTS, &pend) == 0
+                       && pend.interrupt.injected;
+        if (!pending) {
+            if (single_step)
+                delivered(vm);
+            vm->frame_rflags_gpa = 0;   /* delivered free-running: nothing to mend */
+        }
     }
     if (vm->cfg.counter == KVMRR_COUNTER_FAST) {
         if (counter_sync(vm) < 0)
@@ -851,7 +900,11 @@ static void replay_run(struct kvmrr_vm *vm, const struct kvmrr_limits *lim,
             result_set(res, vm, KVMRR_STOP_EVENTS_FULL);
             return;
         }
-        if (!ev && lim->stop_icount < 0) {
+        /* Past the last fed event the replay may run only as far as the log is known to
+         * hold nothing more (the horizon): never into events it has not seen. */
+        kvmrr_icount_t limit = lim->stop_icount >= 0 && lim->stop_icount < vm->horizon
+                               ? lim->stop_icount : vm->horizon;
+        if (!ev && vm->icount >= limit) {
             result_set(res, vm, KVMRR_STOP_NEED_EVENTS);
             return;
         }
@@ -863,7 +916,7 @@ static void replay_run(struct kvmrr_vm *vm, const struct kvmrr_limits *lim,
             diverge(vm, res, ev, 0, "the guest halted, but the log has it run on");
             return;
         }
-        kvmrr_icount_t target = ev ? ev->icount : lim->stop_icount;
+        kvmrr_icount_t target = ev ? ev->icount : limit;
         if (lim->stop_icount >= 0 && lim->stop_icount < target)
             target = lim->stop_icount;
         /* Exact stop needed unless the next thing is a synchronous event the guest's own
@@ -972,3 +1025,9 @@ int kvmrr_vm_feed_events(struct kvmrr_vm *vm, const struct kvmrr_event *events, 
 }
 
 int kvmrr_vm_pending_events(struct kvmrr_vm *vm) { return vm->replay.count; }
+
+void kvmrr_vm_set_horizon(struct kvmrr_vm *vm, kvmrr_icount_t icount)
+{
+    if (icount > vm->horizon)
+        vm->horizon = icount;
+}

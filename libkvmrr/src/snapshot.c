@@ -135,10 +135,13 @@ int kvmrr_vm_snapshot_restore(struct kvmrr_vm *vm, const uint8_t *buf, size_t le
     vm->dev = c->dev;
     vm->halted = c->halted;
     vm->timer_pending = false;
+    vm->frame_rflags_gpa = 0;
+    vm->in_pending = vm->in_completing = false;
     vm->next_tick_ns = 0;
     queue_clear(&vm->replay);
     queue_clear(&vm->recorded);
     vm->last_event_icount = h->icount;
+    vm->horizon = h->icount;
     vm->last_checksum = h->icount;
     counter_rebase(vm, h->icount);
     return 0;

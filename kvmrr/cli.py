@@ -1,0 +1,284 @@
+"""The `kvmrr` command: one verb per job, thin over the library (rr's shape)."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import Counter
+from pathlib import Path
+
+from libkvmrr import KvmrrError, resolve_counter
+from kvmrr.guests import load_guest
+from kvmrr.logurl import FileLog, LogUrlError, parse_log_url
+from recorder.loadgen import KvLoad
+from recorder.session import RecordSession
+from replayer.errors import DivergenceError, ReplayError
+from replayer.session import replay_records
+from schemas import ArchiveWriter, LogFormatError, read_archive
+
+EXIT_DIVERGED = 1
+EXIT_BAD_INPUT = 2
+
+
+class UsageError(Exception):
+    pass
+
+
+def _console(quiet: bool, to_stderr: bool):
+    out = sys.stderr if to_stderr else sys.stdout
+
+    def show(ev: dict) -> None:
+        if ev["channel"] == 0 and not quiet:
+            out.write(ev["data"].decode("utf-8", "replace"))
+            out.flush()
+    return show
+
+
+def _file_only(url: str) -> FileLog:
+    log = parse_log_url(url)
+    if not isinstance(log, FileLog):
+        raise UsageError("kafka:// logs need the Kafka log support (issue 3); use file:PATH")
+    return log
+
+
+def _load(args) -> KvLoad | None:
+    if args.load and args.load > 0:
+        return KvLoad(seed=args.seed, rate_hz=args.load)
+    return None
+
+
+def _default_load(args) -> None:
+    if args.load is None:
+        args.load = 200.0 if args.guest == "kvstore" else 0.0
+
+
+def _emit(args, summary: dict, human: str) -> None:
+    if args.json:
+        print(json.dumps(summary, sort_keys=True))
+    else:
+        print(human, file=sys.stderr if not sys.stdout.isatty() else sys.stdout)
+
+
+def cmd_run(args, record_to: Path | None = None) -> int:
+    _default_load(args)
+    guest = load_guest(args.guest)
+    counter, why = resolve_counter(args.mode)
+    session_kwargs = dict(counter=counter, vm_id=args.vm, bootargs=args.bootargs,
+                          max_instructions=args.max_instructions,
+                          checksum_every=args.checksum_every,
+                          snapshot_every=args.snapshot_every, load=_load(args),
+                          on_output=_console(args.quiet, args.json))
+    if record_to is None:
+        session = RecordSession(guest, _NoSink(), mode="run", **session_kwargs)
+        result = session.run()
+        log_bytes = 0
+    else:
+        session = RecordSession(guest, _LazyArchive(record_to, args.compression),
+                                **session_kwargs)
+        try:
+            result = session.run()
+        finally:
+            session.sink.close()
+        log_bytes = record_to.stat().st_size
+    summary = {
+        "mode": counter, "guest": guest.name, "instructions": result.instructions,
+        "events": result.events, "events_by_kind": result.events_by_kind,
+        "log_bytes": log_bytes, "seconds": round(result.seconds, 3),
+        "instructions_per_second": round(result.instructions / max(result.seconds, 1e-9)),
+        "state_hash": result.state_hash, "outputs_sha256": result.outputs_sha256,
+        "outputs": result.outputs, "reason": result.reason, "exit_code": result.exit_code,
+        "snapshots": result.snapshots, "counter_why": why,
+    }
+    verb = "recorded" if record_to else "ran"
+    _emit(args, summary, f"kvmrr: {verb} {guest.name}: {result.instructions} instructions "
+          f"({result.reason}) in {result.seconds:.2f}s with counter {counter}, "
+          f"{result.events} events, state {result.state_hash}")
+    return 0
+
+
+class _NoSink:
+    def write(self, record: dict) -> None:
+        pass
+
+
+class _LazyArchive:
+    """Opens the archive on the LogHeader, the first record a RecordSession writes."""
+
+    def __init__(self, path: Path, codec: str):
+        self.path, self.codec, self.writer = path, codec, None
+
+    def write(self, record: dict) -> None:
+        if self.writer is None:
+            self.writer = ArchiveWriter(self.path, record, codec=self.codec)
+        else:
+            self.writer.write(record)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def cmd_record(args) -> int:
+    log = _file_only(args.log)
+    return cmd_run(args, record_to=log.path)
+
+
+def cmd_replay(args) -> int:
+    log = _file_only(args.log)
+    counter, why = resolve_counter(args.mode)
+    guest = load_guest(args.guest) if args.guest else None
+    header, records = read_archive(log.path)
+    result = replay_records(header, records, counter=counter, guest=guest,
+                            until=args.until, start=args.start,
+                            on_output=_console(args.quiet, args.json))
+    summary = {
+        "mode": counter, "guest": header["guest_name"], "instructions": result.icount,
+        "start_icount": result.start_icount, "events": result.events,
+        "events_by_kind": result.events_by_kind, "log_bytes": log.path.stat().st_size,
+        "seconds": round(result.seconds, 3),
+        "instructions_per_second": round((result.icount - result.start_icount)
+                                         / max(result.seconds, 1e-9)),
+        "state_hash": result.state_hash, "outputs_sha256": result.outputs_sha256,
+        "outputs": result.outputs, "verified": result.finished,
+        "outputs_verified": result.verified_outputs, "stopped_at": result.icount,
+    }
+    if args.dump == "regs":
+        summary["regs"] = {k: f"{v:#018x}" for k, v in result.regs.items()}
+        if not args.json:
+            print(f"registers at icount {result.icount}:")
+            for k, v in result.regs.items():
+                print(f"  {k:<7} {v:#018x}")
+    what = "verified against the record" if result.finished else f"stopped at icount {result.icount}"
+    _emit(args, summary, f"kvmrr: replayed {header['guest_name']} with counter {counter}: "
+          f"{result.icount} instructions, {what}; state {result.state_hash}")
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    log = _file_only(args.log)
+    header, records = read_archive(log.path)
+    kinds: Counter[str] = Counter()
+    snapshots, batches, last_icount = [], 0, 0
+    events_out = []
+    for rec in records:
+        if rec["kind"] == "Snapshot":
+            snapshots.append({"icount": rec["icount"], "next_seq": rec["next_seq"],
+                              "bytes": len(rec["blob"]), "state_hash": rec["state_hash"]})
+        elif rec["kind"] == "EventBatch":
+            batches += 1
+            for i, ev in enumerate(rec["events"]):
+                kinds[ev["kind"]] += 1
+                last_icount = ev["icount"]
+                if args.events:
+                    shown = {k: (v.hex() if isinstance(v, bytes) else v) for k, v in ev.items()}
+                    shown["seq"] = rec["first_seq"] + i
+                    events_out.append(shown)
+    hdr = {k: v for k, v in header.items() if k != "kind"}
+    summary = {"header": hdr, "snapshots": snapshots, "batches": batches,
+               "events_by_kind": dict(kinds), "events": sum(kinds.values()),
+               "last_icount": last_icount, "log_bytes": log.path.stat().st_size}
+    if args.json:
+        if args.events:
+            summary["event_list"] = events_out
+        print(json.dumps(summary, sort_keys=True))
+        return 0
+    print(f"{log.path}: guest {header['guest_name']} (sha256 {header['guest_sha256'][:16]}…), "
+          f"vm {header['vm_id']}, counter {header['counter']}")
+    print(f"  icount: {header['icount_semantics']}")
+    print(f"  {len(snapshots)} snapshot(s) at icount "
+          f"{', '.join(str(s['icount']) for s in snapshots)}; {batches} batches; "
+          f"last icount {last_icount}")
+    for k, n in sorted(kinds.items()):
+        print(f"  {k:<10} {n}")
+    for ev in events_out:
+        print("  " + json.dumps(ev, sort_keys=True))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from kvmrr.demo import run_demo
+    return run_demo(args)
+
+
+def cmd_bench(args) -> int:
+    from kvmrr.bench import main as bench_main
+    return bench_main([args.suite, "--out", args.out] + (["--quick"] if args.quick else []))
+
+
+def _guest_opts(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--mode", default="auto", choices=("auto", "fast", "step"),
+                   help="instruction counter (auto: the best exact one here)")
+    p.add_argument("--max-instructions", type=int, default=None, metavar="N")
+    p.add_argument("--bootargs", default="", help="key=value ... passed to the guest")
+    p.add_argument("--vm", default="vm0", help="VM id")
+    p.add_argument("--load", type=float, default=None, metavar="RATE",
+                   help="built-in kvstore client: requests/s (default 200 for kvstore)")
+    p.add_argument("--seed", type=int, default=1, help="seed of the built-in client")
+    p.add_argument("--checksum-every", type=int, default=1_000_000, metavar="N")
+    p.add_argument("--snapshot-every", type=int, default=0, metavar="N",
+                   help="also snapshot every N instructions")
+    p.add_argument("--compression", default="deflate", choices=("deflate", "null"))
+    p.add_argument("--json", action="store_true", help="print one JSON object at the end")
+    p.add_argument("--quiet", action="store_true", help="do not show the guest console")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="kvmrr", description=__doc__)
+    sub = ap.add_subparsers(dest="verb", required=True)
+    p = sub.add_parser("run", help="run a guest, recording nothing")
+    p.add_argument("guest", help="hello, ticks, kvstore or a path to an ELF")
+    _guest_opts(p)
+    p.set_defaults(fn=cmd_run)
+    p = sub.add_parser("record", help="run a guest and record its log")
+    p.add_argument("guest")
+    p.add_argument("--log", required=True, help="file:PATH.avro")
+    _guest_opts(p)
+    p.set_defaults(fn=cmd_record)
+    p = sub.add_parser("replay", help="replay a log and verify it against the record")
+    p.add_argument("--log", required=True, help="file:PATH.avro")
+    p.add_argument("--mode", default="auto", choices=("auto", "fast", "step"))
+    p.add_argument("--until", type=int, default=None, metavar="ICOUNT",
+                   help="stop exactly at this instruction count")
+    p.add_argument("--dump", choices=("regs",), default=None)
+    p.add_argument("--start", choices=("first", "latest"), default="first",
+                   help="snapshot to start from (latest: the last one before --until)")
+    p.add_argument("--guest", default=None, help="guest image to use instead of the built-in")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(fn=cmd_replay)
+    p = sub.add_parser("inspect", help="show a log's header and event counts")
+    p.add_argument("log", help="file:PATH.avro")
+    p.add_argument("--events", action="store_true", help="list the events themselves")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="(accepted for symmetry)")
+    p.set_defaults(fn=cmd_inspect)
+    p = sub.add_parser("demo", help="the main job (make run)")
+    p.add_argument("--workdir", default="build/demo")
+    p.set_defaults(fn=cmd_demo)
+    p = sub.add_parser("bench", help="benchmarks")
+    p.add_argument("suite", choices=("core",))
+    p.add_argument("--out", default="bench/core.json")
+    p.add_argument("--quick", action="store_true")
+    p.set_defaults(fn=cmd_bench)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except DivergenceError as exc:
+        print(exc.report, file=sys.stderr)
+        print(f"kvmrr: {exc}", file=sys.stderr)
+        return EXIT_DIVERGED
+    except (KvmrrError, ReplayError, LogFormatError, LogUrlError, UsageError, OSError) as exc:
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        print(f"kvmrr: error: {msg}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("kvmrr: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

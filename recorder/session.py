@@ -1,0 +1,145 @@
+"""The primary side: run a guest in record mode and write its log to a sink.
+
+RecordSession is the mirror of replayer.session.ReplaySession.  The sink takes plain
+record dicts (LogHeader, Snapshot, EventBatch) in log order: an Avro archive here, a
+Kafka producer in the log-on-Kafka code.
+"""
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
+
+from libkvmrr import DEFAULT_MEM_SIZE, GuestError, Machine
+from kvmrr import __version__
+from kvmrr.guests import GuestImage
+from kvmrr.verify import ICOUNT_SEMANTICS, OutputDigest
+from recorder.loadgen import KvLoad
+from schemas import FORMAT_VERSION
+
+SLICE_NS = 10_000_000        # the vCPU comes back this often to publish what it logged
+
+
+class LogSink(Protocol):
+    def write(self, record: dict) -> None: ...
+
+
+@dataclass
+class RecordResult:
+    counter: str
+    instructions: int
+    events: int
+    events_by_kind: dict[str, int]
+    seconds: float
+    state_hash: str
+    outputs_sha256: str
+    outputs: int
+    reason: str
+    exit_code: int
+    snapshots: int
+    stats: dict = field(default_factory=dict)
+
+
+def now_ns() -> int:
+    return time.monotonic_ns()
+
+
+class RecordSession:
+    def __init__(self, guest: GuestImage, sink: LogSink, *, counter: str, vm_id: str,
+                 bootargs: str = "", max_instructions: int | None = None,
+                 checksum_every: int = 1_000_000, snapshot_every: int = 0,
+                 load: KvLoad | None = None, mem_size: int = DEFAULT_MEM_SIZE,
+                 on_output: Callable[[dict], None] | None = None,
+                 mode: str = "record"):
+        self.guest = guest
+        self.sink = sink
+        self.counter = counter
+        self.vm_id = vm_id
+        self.bootargs = bootargs
+        self.max_instructions = max_instructions
+        self.checksum_every = checksum_every
+        self.snapshot_every = snapshot_every
+        self.load = load
+        self.on_output = on_output
+        self.recording = mode == "record"
+        self.machine = Machine(guest.elf, mode=mode, counter=counter, bootargs=bootargs,
+                               mem_size=mem_size,
+                               checksum_every=checksum_every if self.recording else 0)
+        self.next_seq = 0
+        self.kinds: Counter[str] = Counter()
+        self.outputs = OutputDigest()
+        self.snapshots = 0
+
+    def header(self) -> dict:
+        return {
+            "kind": "LogHeader", "format_version": FORMAT_VERSION, "vm_id": self.vm_id,
+            "guest_name": self.guest.name, "guest_sha256": self.guest.sha256,
+            "memory_bytes": self.machine.mem_size, "bootargs": self.bootargs,
+            "counter": self.counter, "icount_semantics": ICOUNT_SEMANTICS,
+            "checksum_every": self.checksum_every, "created_wall_ns": time.time_ns(),
+            "kvmrr_version": __version__,
+        }
+
+    def snapshot(self) -> None:
+        blob = self.machine.snapshot()
+        self.sink.write({"kind": "Snapshot", "icount": self.machine.icount,
+                         "next_seq": self.next_seq, "guest_sha256": self.guest.sha256,
+                         "chunk": 0, "chunks": 1, "blob": blob,
+                         "state_hash": self.machine.state_hash()})
+        self.snapshots += 1
+
+    def _publish(self, events: list[dict]) -> None:
+        for ev in events:
+            if ev["kind"] == "Output":
+                self.outputs.add(ev)
+                if self.on_output:
+                    self.on_output(ev)
+        if not self.recording or not events:
+            return
+        self.kinds.update(ev["kind"] for ev in events)
+        self.sink.write({"kind": "EventBatch", "first_seq": self.next_seq, "events": events})
+        self.next_seq += len(events)
+
+    def run(self) -> RecordResult:
+        m = self.machine
+        if self.recording:
+            self.sink.write(self.header())
+            self.snapshot()
+        last_snapshot = 0
+        started = time.monotonic()
+        while True:
+            t = now_ns()
+            deadline = t + SLICE_NS
+            if self.load:
+                for request in self.load.due(t):
+                    m.nic_push(request)
+                deadline = min(deadline, self.load.next_due_ns(t))
+            r = m.run(stop_icount=self.max_instructions, deadline_ns=deadline)
+            self._publish(m.take_events())
+            if r.stop == "error":
+                raise GuestError(r.message)
+            if r.stop in ("exited", "icount"):
+                break
+            if (self.recording and self.snapshot_every
+                    and m.icount - last_snapshot >= self.snapshot_every):
+                self.snapshot()
+                last_snapshot = m.icount
+        seconds = time.monotonic() - started
+        state_hash = m.state_hash()
+        reason = "exited" if r.stop == "exited" else "budget"
+        if self.recording:
+            regs = m.regs()
+            end = {"kind": "End", "icount": m.icount, "rip": regs["rip"], "reason": reason,
+                   "exit_code": r.exit_code, "state_hash": state_hash,
+                   "outputs_sha256": self.outputs.hexdigest()}
+            self.kinds["End"] += 1
+            self.sink.write({"kind": "EventBatch", "first_seq": self.next_seq,
+                             "events": [end]})
+            self.next_seq += 1
+        return RecordResult(
+            counter=self.counter, instructions=m.icount, events=sum(self.kinds.values()),
+            events_by_kind=dict(self.kinds), seconds=seconds, state_hash=state_hash,
+            outputs_sha256=self.outputs.hexdigest(), outputs=self.outputs.count,
+            reason=reason, exit_code=r.exit_code, snapshots=self.snapshots,
+            stats=m.stats())
