@@ -78,7 +78,7 @@ def test_changed_event_value_is_a_divergence(recordings, tmp_path_factory, tmp_p
     assert "divergence at icount" in proc.stderr
     at = int(proc.stderr.split("divergence at icount ")[1].split(":")[0])
     # a value is only wrong once it is used: the first checksum after it catches it
-    assert target["icount"] <= at <= target["icount"] + 100_000
+    assert target["icount"] <= at <= target["icount"] + 110_000
     assert "Traceback" not in proc.stderr
 
 
