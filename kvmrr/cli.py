@@ -56,7 +56,7 @@ def _emit(args, summary: dict, human: str) -> None:
     if args.json:
         print(json.dumps(summary, sort_keys=True))
     else:
-        print(human, file=sys.stderr if not sys.stdout.isatty() else sys.stdout)
+        print(human, file=sys.stderr)   # stdout is the guest's console
 
 
 def cmd_run(args, record_to: Path | None = None) -> int:
