@@ -10,11 +10,12 @@ from pathlib import Path
 from libkvmrr import KvmrrError, resolve_counter
 from kvmrr.guests import load_guest
 from kvmrr.logurl import FileLog, LogUrlError, parse_log_url
+from recorder.archive_sink import ArchiveSink
 from recorder.loadgen import KvLoad
 from recorder.session import RecordSession
 from replayer.errors import DivergenceError, ReplayError
 from replayer.session import replay_records
-from schemas import ArchiveWriter, LogFormatError, read_archive
+from schemas import LogFormatError, read_archive
 
 EXIT_DIVERGED = 1
 EXIT_BAD_INPUT = 2
@@ -73,7 +74,7 @@ def cmd_run(args, record_to: Path | None = None) -> int:
         result = session.run()
         log_bytes = 0
     else:
-        session = RecordSession(guest, _LazyArchive(record_to, args.compression),
+        session = RecordSession(guest, ArchiveSink(record_to, args.compression),
                                 **session_kwargs)
         try:
             result = session.run()
@@ -99,23 +100,6 @@ def cmd_run(args, record_to: Path | None = None) -> int:
 class _NoSink:
     def write(self, record: dict) -> None:
         pass
-
-
-class _LazyArchive:
-    """Opens the archive on the LogHeader, the first record a RecordSession writes."""
-
-    def __init__(self, path: Path, codec: str):
-        self.path, self.codec, self.writer = path, codec, None
-
-    def write(self, record: dict) -> None:
-        if self.writer is None:
-            self.writer = ArchiveWriter(self.path, record, codec=self.codec)
-        else:
-            self.writer.write(record)
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
 
 
 def cmd_record(args) -> int:

@@ -9,10 +9,11 @@ from pathlib import Path
 
 from libkvmrr import best_counter
 from kvmrr.guests import load_guest
+from recorder.archive_sink import ArchiveSink
 from recorder.loadgen import KvLoad
 from recorder.session import RecordSession
 from replayer.session import replay_records
-from schemas import ArchiveWriter, read_archive
+from schemas import read_archive
 
 
 def run_demo(args) -> int:
@@ -31,21 +32,12 @@ def run_demo(args) -> int:
     print("recording kvstore for 3,000,000 instructions under a 200 requests/s client...",
           flush=True)
 
-    class Sink:
-        writer = None
-
-        def write(self, record):
-            if self.writer is None:
-                self.writer = ArchiveWriter(archive, record)
-            else:
-                self.writer.write(record)
-
-    sink = Sink()
+    sink = ArchiveSink(archive)
     rec = RecordSession(guest, sink, counter=counter, vm_id="demo",
                         max_instructions=3_000_000, load=KvLoad(seed=7, rate_hz=200),
                         snapshot_every=1_000_000, on_output=on_output)
     result = rec.run()
-    sink.writer.close()
+    sink.close()
     print(f"  recorded {result.instructions} instructions in {result.seconds:.2f}s: "
           f"{result.events} events {result.events_by_kind}, {len(responses)} responses, "
           f"{archive.stat().st_size} bytes of log", flush=True)

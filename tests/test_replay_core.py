@@ -50,29 +50,29 @@ def test_two_recordings_differ_and_each_replays(recordings, tmp_path_factory):
         assert rep["state_hash"] == rec["state_hash"]
 
 
-def _rewrite(src, dst, mutate):
+def _tamper_first(src, dst, kind, after_icount, change):
+    """Copy archive src to dst with change() applied to the first `kind` event past
+    after_icount; returns that event (as changed)."""
     header, records = read_archive(src)
+    changed = {}
     with ArchiveWriter(dst, header) as w:
         for rec in records:
-            w.write(mutate(rec))
+            if rec["kind"] == "EventBatch" and not changed:
+                for ev in rec["events"]:
+                    if ev["kind"] == kind and ev["icount"] > after_icount:
+                        change(ev)
+                        changed.update(ev)
+                        break
+            w.write(rec)
+    assert changed, f"no {kind} event after icount {after_icount} to tamper with"
+    return changed
 
 
 def test_changed_event_value_is_a_divergence(recordings, tmp_path_factory, tmp_path):
     path, rec = record(recordings, tmp_path_factory, "ticks", "fast", TICKS_FAST)
-    target = {}
-
-    def mutate(r):
-        if r["kind"] == "EventBatch" and not target:
-            for ev in r["events"]:
-                if ev["kind"] == "PortIn" and ev["icount"] > 200_000:
-                    ev["value"] ^= 1
-                    target["icount"] = ev["icount"]
-                    break
-        return r
-
     bad = tmp_path / "tampered.avro"
-    _rewrite(path, bad, mutate)
-    assert target, "no PortIn to tamper with"
+    target = _tamper_first(path, bad, "PortIn", 200_000,
+                           lambda ev: ev.update(value=ev["value"] ^ 1))
     proc = kvmrr("replay", "--log", f"file:{bad}", "--mode", "fast", check=False)
     assert proc.returncode == 1
     assert "divergence at icount" in proc.stderr
@@ -84,19 +84,9 @@ def test_changed_event_value_is_a_divergence(recordings, tmp_path_factory, tmp_p
 
 def test_shifted_interrupt_is_reported_at_its_icount(recordings, tmp_path_factory, tmp_path):
     path, rec = record(recordings, tmp_path_factory, "ticks", "fast", TICKS_FAST)
-    target = {}
-
-    def mutate(r):
-        if r["kind"] == "EventBatch" and not target:
-            for ev in r["events"]:
-                if ev["kind"] == "Interrupt" and ev["icount"] > 100_000:
-                    ev["icount"] += 1
-                    target["icount"] = ev["icount"]
-                    break
-        return r
-
     bad = tmp_path / "shifted.avro"
-    _rewrite(path, bad, mutate)
+    target = _tamper_first(path, bad, "Interrupt", 100_000,
+                           lambda ev: ev.update(icount=ev["icount"] + 1))
     proc = kvmrr("replay", "--log", f"file:{bad}", "--mode", "step", check=False)
     assert proc.returncode == 1
     assert f"divergence at icount {target['icount']}" in proc.stderr

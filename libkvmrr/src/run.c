@@ -323,18 +323,6 @@ static uint64_t host_random64(void)
     return v;
 }
 
-/* An instruction executed here ends the STI / MOV SS interrupt shadow, as it would have
- * in the CPU; KVM did not see it, so tell it. */
-static void end_interrupt_shadow(struct kvmrr_vm *vm)
-{
-    struct kvm_vcpu_events ev;
-    if (ioctl(vm->vcpu_fd, KVM_GET_VCPU_EVENTS, &ev) < 0 || !ev.interrupt.shadow)
-        return;
-    ev.interrupt.shadow = 0;
-    ev.flags = KVM_VCPUEVENT_VALID_SHADOW;
-    (void)ioctl(vm->vcpu_fd, KVM_SET_VCPU_EVENTS, &ev);
-}
-
 /* Execute IRETQ (64-bit, same privilege) from the guest stack: identity-mapped RAM. */
 static int exec_iretq(struct kvmrr_vm *vm, struct kvm_regs *r)
 {
@@ -386,7 +374,6 @@ static int exec_special(struct kvmrr_vm *vm, bool intercept_time, struct kvmrr_r
             r.rip += len;
         }
         vm_set_regs(vm, &r);
-        end_interrupt_shadow(vm);
         emulated_retired(vm, 1);
         return 1;
     }
@@ -424,7 +411,6 @@ static int exec_special(struct kvmrr_vm *vm, bool intercept_time, struct kvmrr_r
         record(vm, KVMRR_EV_INSN, opcode, rax, rdx, rcx, NULL, 0);
     r.rip += len;
     vm_set_regs(vm, &r);
-    end_interrupt_shadow(vm);
     emulated_retired(vm, 1);
     return 1;
 }

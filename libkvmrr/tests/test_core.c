@@ -1407,6 +1407,29 @@ static void test_outputs(void)
     }
 }
 
+/* Each of the two recordings (by counter) replays with each counter to its final icount,
+ * with the recorder's registers and state hash. */
+static void check_cross_replays(const struct guest *g, struct recording rec[2])
+{
+    for (int rc = 0; rc <= 1; rc++) {
+        for (int pc = 0; pc <= 1; pc++) {
+            struct recording *r = &rec[rc];
+            char why[512];
+            struct replay_out o;
+            CHECKF(replay_guest(g, pc, r, r->evs.ev, r->evs.n, r->res.icount, &o, why, sizeof(why)) == 0,
+                   "%s", why);
+            CHECKF(o.res.stop == KVMRR_STOP_ICOUNT && o.res.icount == r->res.icount && o.pending == 0,
+                   "record %s replay %s: %s at %lld (%s)", counter_name(rc), counter_name(pc),
+                   stop_name(o.res.stop), (long long)o.res.icount, o.res.message);
+            int d = regs_diff(r->regs, o.regs);
+            CHECKF(d < 0, "record %s replay %s: %s 0x%llx vs 0x%llx", counter_name(rc), counter_name(pc),
+                   reg_names[d], (unsigned long long)r->regs[d], (unsigned long long)o.regs[d]);
+            CHECKF(o.hash == r->hash, "record %s replay %s: state hash differs", counter_name(rc),
+                   counter_name(pc));
+        }
+    }
+}
+
 static void test_nic_rx(void)
 {
     struct guest g;
@@ -1459,23 +1482,7 @@ static void test_nic_rx(void)
                (unsigned long long)r->regs[KVMRR_REG_R15], (unsigned long long)r->regs[KVMRR_REG_R13],
                (unsigned long long)r->regs[KVMRR_REG_R12]);
     }
-    for (int rc = 0; rc <= 1; rc++) {
-        for (int pc = 0; pc <= 1; pc++) {
-            struct recording *r = &rec[rc];
-            char why[512];
-            struct replay_out o;
-            CHECKF(replay_guest(&g, pc, r, r->evs.ev, r->evs.n, r->res.icount, &o, why, sizeof(why)) == 0,
-                   "%s", why);
-            CHECKF(o.res.stop == KVMRR_STOP_ICOUNT && o.res.icount == r->res.icount && o.pending == 0,
-                   "record %s replay %s: %s at %lld (%s)", counter_name(rc), counter_name(pc),
-                   stop_name(o.res.stop), (long long)o.res.icount, o.res.message);
-            int d = regs_diff(r->regs, o.regs);
-            CHECKF(d < 0, "record %s replay %s: %s 0x%llx vs 0x%llx", counter_name(rc), counter_name(pc),
-                   reg_names[d], (unsigned long long)r->regs[d], (unsigned long long)o.regs[d]);
-            CHECKF(o.hash == r->hash, "record %s replay %s: state hash differs", counter_name(rc),
-                   counter_name(pc));
-        }
-    }
+    check_cross_replays(&g, rec);
     recording_free(&rec[0]);
     recording_free(&rec[1]);
 }
@@ -1799,23 +1806,7 @@ static void test_hlt_timer(void)
                    (unsigned long long)r15, (unsigned long long)rip);
         }
     }
-    for (int rc = 0; rc <= 1; rc++) {
-        for (int pc = 0; pc <= 1; pc++) {
-            struct recording *r = &rec[rc];
-            char why[512];
-            struct replay_out o;
-            CHECKF(replay_guest(&g, pc, r, r->evs.ev, r->evs.n, r->res.icount, &o, why, sizeof(why)) == 0,
-                   "%s", why);
-            CHECKF(o.res.stop == KVMRR_STOP_ICOUNT && o.res.icount == r->res.icount && o.pending == 0,
-                   "record %s replay %s: %s at %lld (%s)", counter_name(rc), counter_name(pc),
-                   stop_name(o.res.stop), (long long)o.res.icount, o.res.message);
-            int d = regs_diff(r->regs, o.regs);
-            CHECKF(d < 0, "record %s replay %s: %s 0x%llx vs 0x%llx", counter_name(rc), counter_name(pc),
-                   reg_names[d], (unsigned long long)r->regs[d], (unsigned long long)o.regs[d]);
-            CHECKF(o.hash == r->hash, "record %s replay %s: state hash differs", counter_name(rc),
-                   counter_name(pc));
-        }
-    }
+    check_cross_replays(&g, rec);
     recording_free(&rec[0]);
     recording_free(&rec[1]);
 }
