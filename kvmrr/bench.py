@@ -28,6 +28,9 @@ class MemorySink:
         if record["kind"] == "EventBatch":
             self.encoded_bytes += len(value)
 
+    def commit(self):
+        pass
+
 
 def _rate(n, seconds):
     return round(n / seconds) if seconds > 0 else None

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from libkvmrr import KvmrrError, resolve_counter
 from kvmrr.guests import load_guest
+from kvmrr.kafkalog import KafkaLogError
 from kvmrr.logurl import FileLog, LogUrlError, parse_log_url
 from recorder.archive_sink import ArchiveSink
 from recorder.loadgen import KvLoad
@@ -60,7 +61,14 @@ def _emit(args, summary: dict, human: str) -> None:
         print(human, file=sys.stderr)   # stdout is the guest's console
 
 
-def cmd_run(args, record_to: Path | None = None) -> int:
+def _percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def cmd_run(args, log=None) -> int:
     _default_load(args)
     guest = load_guest(args.guest)
     counter, why = resolve_counter(args.mode)
@@ -69,18 +77,33 @@ def cmd_run(args, record_to: Path | None = None) -> int:
                           checksum_every=args.checksum_every,
                           snapshot_every=args.snapshot_every, load=_load(args),
                           on_output=_console(args.quiet, args.json))
-    if record_to is None:
-        session = RecordSession(guest, _NoSink(), mode="run", **session_kwargs)
-        result = session.run()
-        log_bytes = 0
+    extra = {}
+    if log is None:
+        sink = _NoSink()
+        session = RecordSession(guest, sink, mode="run", **session_kwargs)
+    elif isinstance(log, FileLog):
+        sink = ArchiveSink(log.path, args.compression)
+        session = RecordSession(guest, sink, **session_kwargs)
     else:
-        session = RecordSession(guest, ArchiveSink(record_to, args.compression),
+        from recorder.kafka_sink import KafkaSink
+        sink = KafkaSink(log.bootstrap, log.vm_id)
+        session_kwargs["vm_id"] = log.vm_id
+        session = RecordSession(guest, sink, heartbeat_every_ns=args.heartbeat_ms * 1_000_000,
                                 **session_kwargs)
-        try:
-            result = session.run()
-        finally:
-            session.sink.close()
-        log_bytes = record_to.stat().st_size
+    try:
+        result = session.run()
+    finally:
+        sink.close()
+    if isinstance(log, FileLog):
+        log_bytes = log.path.stat().st_size
+    elif log is not None:
+        log_bytes = sink.bytes_published
+        lat = sink.commit_latencies
+        extra = {"commit_p50_ms": round(_percentile(lat, 0.5) * 1e3, 2) if lat else None,
+                 "commit_p99_ms": round(_percentile(lat, 0.99) * 1e3, 2) if lat else None,
+                 "transactions": len(lat)}
+    else:
+        log_bytes = 0
     summary = {
         "mode": counter, "guest": guest.name, "instructions": result.instructions,
         "events": result.events, "events_by_kind": result.events_by_kind,
@@ -88,9 +111,9 @@ def cmd_run(args, record_to: Path | None = None) -> int:
         "instructions_per_second": round(result.instructions / max(result.seconds, 1e-9)),
         "state_hash": result.state_hash, "outputs_sha256": result.outputs_sha256,
         "outputs": result.outputs, "reason": result.reason, "exit_code": result.exit_code,
-        "snapshots": result.snapshots, "counter_why": why,
+        "snapshots": result.snapshots, "counter_why": why, **extra,
     }
-    verb = "recorded" if record_to else "ran"
+    verb = "recorded" if log else "ran"
     _emit(args, summary, f"kvmrr: {verb} {guest.name}: {result.instructions} instructions "
           f"({result.reason}) in {result.seconds:.2f}s with counter {counter}, "
           f"{result.events} events, state {result.state_hash}")
@@ -101,24 +124,19 @@ class _NoSink:
     def write(self, record: dict) -> None:
         pass
 
+    def commit(self) -> None:
+        pass
+
 
 def cmd_record(args) -> int:
-    log = _file_only(args.log)
-    return cmd_run(args, record_to=log.path)
+    return cmd_run(args, log=parse_log_url(args.log))
 
 
-def cmd_replay(args) -> int:
-    log = _file_only(args.log)
-    counter, why = resolve_counter(args.mode)
-    guest = load_guest(args.guest) if args.guest else None
-    header, records = read_archive(log.path)
-    result = replay_records(header, records, counter=counter, guest=guest,
-                            until=args.until, start=args.start,
-                            on_output=_console(args.quiet, args.json))
-    summary = {
+def _replay_summary(counter, header, result, log_bytes) -> dict:
+    return {
         "mode": counter, "guest": header["guest_name"], "instructions": result.icount,
         "start_icount": result.start_icount, "events": result.events,
-        "events_by_kind": result.events_by_kind, "log_bytes": log.path.stat().st_size,
+        "events_by_kind": result.events_by_kind, "log_bytes": log_bytes,
         "seconds": round(result.seconds, 3),
         "instructions_per_second": round((result.icount - result.start_icount)
                                          / max(result.seconds, 1e-9)),
@@ -126,15 +144,69 @@ def cmd_replay(args) -> int:
         "outputs": result.outputs, "verified": result.finished,
         "outputs_verified": result.verified_outputs, "stopped_at": result.icount,
     }
-    if args.dump == "regs":
+
+
+def _report_replay(args, counter, header, result, log_bytes, verb="replayed") -> int:
+    summary = _replay_summary(counter, header, result, log_bytes)
+    if getattr(args, "dump", None) == "regs":
         summary["regs"] = {k: f"{v:#018x}" for k, v in result.regs.items()}
         if not args.json:
             print(f"registers at icount {result.icount}:")
             for k, v in result.regs.items():
                 print(f"  {k:<7} {v:#018x}")
-    what = "verified against the record" if result.finished else f"stopped at icount {result.icount}"
-    _emit(args, summary, f"kvmrr: replayed {header['guest_name']} with counter {counter}: "
+    what = ("verified against the record" if result.finished
+            else f"stopped at icount {result.icount}")
+    _emit(args, summary, f"kvmrr: {verb} {header['guest_name']} with counter {counter}: "
           f"{result.icount} instructions, {what}; state {result.state_hash}")
+    return 0
+
+
+def cmd_replay(args) -> int:
+    log = parse_log_url(args.log)
+    counter, why = resolve_counter(args.mode)
+    guest = load_guest(args.guest) if args.guest else None
+    on_output = _console(args.quiet, args.json)
+    if isinstance(log, FileLog):
+        header, records = read_archive(log.path)
+        result = replay_records(header, records, counter=counter, guest=guest,
+                                until=args.until, start=args.start, on_output=on_output)
+        return _report_replay(args, counter, header, result, log.path.stat().st_size)
+    from replayer.follow import Follower
+    f = Follower(log.bootstrap, log.vm_id, counter=counter, backup_id=None,
+                 start=args.start, until=args.until, guest=guest, on_output=on_output)
+    result = f.run(finished_log=True, idle_timeout=None)
+    return _report_replay(args, counter, f.header, result, 0)
+
+
+def cmd_follow(args) -> int:
+    log = parse_log_url(args.log)
+    if isinstance(log, FileLog):
+        raise UsageError("follow reads a live log: --log kafka://HOST:PORT/VM")
+    from kvmrr.logsetup import configure
+    from replayer import metrics
+    from replayer.follow import Follower
+    configure()
+    if args.metrics_port:
+        metrics.serve(args.metrics_port)
+    counter, why = resolve_counter(args.mode)
+    f = Follower(log.bootstrap, log.vm_id, counter=counter, backup_id=args.backup_id,
+                 start=args.start, guest=load_guest(args.guest) if args.guest else None,
+                 on_output=_console(args.quiet, args.json), wait=args.idle_timeout)
+    result = f.run(finished_log=False, idle_timeout=args.idle_timeout)
+    return _report_replay(args, counter, f.header, result, 0, verb="followed")
+
+
+def cmd_archive(args) -> int:
+    log = parse_log_url(args.log)
+    if isinstance(log, FileLog):
+        raise UsageError("archive exports a log on Kafka: --log kafka://HOST:PORT/VM")
+    from replayer.archive import export_archive
+    info = export_archive(log.bootstrap, log.vm_id, Path(args.output), start=args.start)
+    if args.json:
+        print(json.dumps(info, sort_keys=True))
+    else:
+        print(f"kvmrr: archived {info['batches']} batches ({info['events']} events) from "
+              f"icount {info['start_icount']} to {args.output}", file=sys.stderr)
     return 0
 
 
@@ -202,6 +274,8 @@ def _guest_opts(p: argparse.ArgumentParser) -> None:
     p.add_argument("--snapshot-every", type=int, default=0, metavar="N",
                    help="also snapshot every N instructions")
     p.add_argument("--compression", default="deflate", choices=("deflate", "null"))
+    p.add_argument("--heartbeat-ms", type=int, default=100,
+                   help="kafka logs: a heartbeat every this many ms")
     p.add_argument("--json", action="store_true", help="print one JSON object at the end")
     p.add_argument("--quiet", action="store_true", help="do not show the guest console")
 
@@ -215,11 +289,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_run)
     p = sub.add_parser("record", help="run a guest and record its log")
     p.add_argument("guest")
-    p.add_argument("--log", required=True, help="file:PATH.avro")
+    p.add_argument("--log", required=True, help="file:PATH.avro or kafka://HOST:PORT/VM")
     _guest_opts(p)
     p.set_defaults(fn=cmd_record)
     p = sub.add_parser("replay", help="replay a log and verify it against the record")
-    p.add_argument("--log", required=True, help="file:PATH.avro")
+    p.add_argument("--log", required=True, help="file:PATH.avro or kafka://HOST:PORT/VM")
     p.add_argument("--mode", default="auto", choices=("auto", "fast", "step"))
     p.add_argument("--until", type=int, default=None, metavar="ICOUNT",
                    help="stop exactly at this instruction count")
@@ -230,6 +304,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(fn=cmd_replay)
+    p = sub.add_parser("follow", help="a backup: follow a live log on Kafka and replay it")
+    p.add_argument("--log", required=True, help="kafka://HOST:PORT/VM")
+    p.add_argument("--backup-id", required=True)
+    p.add_argument("--mode", default="auto", choices=("auto", "fast", "step"))
+    p.add_argument("--start", choices=("first", "latest"), default="latest")
+    p.add_argument("--idle-timeout", type=float, default=30.0, metavar="S",
+                   help="give up after S seconds without a new record")
+    p.add_argument("--metrics-port", type=int, default=0, help="Prometheus on 127.0.0.1:PORT")
+    p.add_argument("--guest", default=None)
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(fn=cmd_follow)
+    p = sub.add_parser("archive", help="export a log on Kafka to an Avro archive")
+    p.add_argument("--log", required=True, help="kafka://HOST:PORT/VM")
+    p.add_argument("-o", "--output", required=True, help="PATH.avro")
+    p.add_argument("--start", choices=("first", "latest"), default="first")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_archive)
     p = sub.add_parser("inspect", help="show a log's header and event counts")
     p.add_argument("log", help="file:PATH.avro")
     p.add_argument("--events", action="store_true", help="list the events themselves")
@@ -255,7 +347,8 @@ def main(argv: list[str] | None = None) -> int:
         print(exc.report, file=sys.stderr)
         print(f"kvmrr: {exc}", file=sys.stderr)
         return EXIT_DIVERGED
-    except (KvmrrError, ReplayError, LogFormatError, LogUrlError, UsageError, OSError) as exc:
+    except (KvmrrError, ReplayError, LogFormatError, LogUrlError, UsageError, KafkaLogError,
+            OSError) as exc:
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         print(f"kvmrr: error: {msg}", file=sys.stderr)
         return EXIT_BAD_INPUT

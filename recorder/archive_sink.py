@@ -18,6 +18,9 @@ class ArchiveSink:
         else:
             self.writer.write(record)
 
+    def commit(self) -> None:
+        pass   # the archive is made durable (fsync) on close
+
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()

@@ -24,6 +24,9 @@ SLICE_NS = 10_000_000        # the vCPU comes back this often to publish what it
 class LogSink(Protocol):
     def write(self, record: dict) -> None: ...
 
+    def commit(self) -> None:
+        """The records written so far form a unit (a slice of the run): make it durable."""
+
 
 @dataclass
 class RecordResult:
@@ -51,7 +54,7 @@ class RecordSession:
                  checksum_every: int = 1_000_000, snapshot_every: int = 0,
                  load: KvLoad | None = None, mem_size: int = DEFAULT_MEM_SIZE,
                  on_output: Callable[[dict], None] | None = None,
-                 mode: str = "record"):
+                 mode: str = "record", heartbeat_every_ns: int = 0):
         self.guest = guest
         self.sink = sink
         self.counter = counter
@@ -62,6 +65,7 @@ class RecordSession:
         self.snapshot_every = snapshot_every
         self.load = load
         self.on_output = on_output
+        self.heartbeat_every_ns = heartbeat_every_ns
         self.recording = mode == "record"
         self.machine = Machine(guest.elf, mode=mode, counter=counter, bootargs=bootargs,
                                mem_size=mem_size,
@@ -89,6 +93,14 @@ class RecordSession:
                          "state_hash": self.machine.state_hash()})
         self.snapshots += 1
 
+    def _heartbeat(self, events: list[dict], now: int) -> None:
+        """A Heartbeat at the current icount: silence means failure, and it tells backups
+        the log holds nothing more before this icount."""
+        if self.heartbeat_every_ns and now - self._last_heartbeat >= self.heartbeat_every_ns:
+            events.append({"kind": "Heartbeat", "icount": self.machine.icount,
+                           "wall_ns": time.time_ns()})
+            self._last_heartbeat = now
+
     def _publish(self, events: list[dict]) -> None:
         for ev in events:
             if ev["kind"] == "Output":
@@ -107,6 +119,7 @@ class RecordSession:
             self.sink.write(self.header())
             self.snapshot()
         last_snapshot = 0
+        self._last_heartbeat = 0
         started = time.monotonic()
         while True:
             t = now_ns()
@@ -116,7 +129,10 @@ class RecordSession:
                     m.nic_push(request)
                 deadline = min(deadline, self.load.next_due_ns(t))
             r = m.run(stop_icount=self.max_instructions, deadline_ns=deadline)
-            self._publish(m.take_events())
+            events = m.take_events()
+            if self.recording and r.stop not in ("exited", "icount", "error"):
+                self._heartbeat(events, now_ns())
+            self._publish(events)
             if r.stop == "error":
                 raise GuestError(r.message)
             if r.stop in ("exited", "icount"):
@@ -125,6 +141,8 @@ class RecordSession:
                     and m.icount - last_snapshot >= self.snapshot_every):
                 self.snapshot()
                 last_snapshot = m.icount
+            if self.recording:
+                self.sink.commit()
         seconds = time.monotonic() - started
         state_hash = m.state_hash()
         reason = "exited" if r.stop == "exited" else "budget"
@@ -137,6 +155,7 @@ class RecordSession:
             self.sink.write({"kind": "EventBatch", "first_seq": self.next_seq,
                              "events": [end]})
             self.next_seq += 1
+            self.sink.commit()
         return RecordResult(
             counter=self.counter, instructions=m.icount, events=sum(self.kinds.values()),
             events_by_kind=dict(self.kinds), seconds=seconds, state_hash=state_hash,

@@ -77,6 +77,8 @@ class ReplaySession:
         self.last_checksum: dict | None = None
         self.end: dict | None = None
         self.stopped_at_until = False
+        self.received_icount = 0
+        self.heartbeats: list[tuple[int, int]] = []   # (icount, primary wall ns), for lag
         self._started = 0.0
 
     # -- feeding ------------------------------------------------------------------
@@ -93,7 +95,7 @@ class ReplaySession:
             raise ReplayError(f"snapshot at icount {snapshot['icount']} does not restore "
                               "to its recorded state hash")
         self.expected_seq = snapshot["next_seq"]
-        self.start_icount = snapshot["icount"]
+        self.start_icount = self.received_icount = snapshot["icount"]
         if self.until is not None and self.until < self.start_icount:
             raise ReplayError(f"--until {self.until} lies before the snapshot the replay "
                               f"starts from (icount {self.start_icount})")
@@ -112,9 +114,13 @@ class ReplaySession:
                               f"next batch starts at {first}")
         events = events[self.expected_seq - first:]
         to_core = []
+        horizon = None
         for ev in events:
             self.kinds[ev["kind"]] += 1
+            self.received_icount = ev["icount"]
             if ev["kind"] == "Heartbeat":
+                horizon = ev["icount"]
+                self.heartbeats.append((ev["icount"], ev["wall_ns"]))
                 continue
             if ev["kind"] == "End":
                 self.end = ev
@@ -124,6 +130,8 @@ class ReplaySession:
             to_core.append(ev)
         self.expected_seq += len(events)
         self.machine.feed(to_core)
+        if horizon is not None:
+            self.machine.set_horizon(horizon)
         self._run_until_starved()
         if self.stopped_at_until:
             return False
@@ -131,6 +139,19 @@ class ReplaySession:
             self._finish()
             return False
         return True
+
+    @property
+    def icount(self) -> int:
+        return self.machine.icount if self.machine else 0
+
+    def lag_seconds(self) -> float:
+        """How far behind the primary's wall clock the replay is: the age of the newest
+        heartbeat the replay has reached."""
+        reached = [wall for icount, wall in self.heartbeats if icount <= self.icount]
+        if not reached:
+            return 0.0
+        del self.heartbeats[:len(reached) - 1]
+        return max(0.0, (time.time_ns() - reached[-1]) / 1e9)
 
     # -- running --------------------------------------------------------------------
     def _drain(self) -> None:

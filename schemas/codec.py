@@ -48,8 +48,8 @@ FORMAT_VERSION = 1
 #: CRC-64-AVRO, as in Avro's single-object encoding).
 SCHEMA_HEADER = "kvmrr-schema"
 
-MESSAGE_KINDS = ("LogHeader", "Snapshot", "EventBatch")
-ARCHIVE_KINDS = MESSAGE_KINDS + ("ArchiveEnd",)
+MESSAGE_KINDS = ("LogHeader", "Snapshot", "EventBatch", "Ack")
+ARCHIVE_KINDS = ("LogHeader", "Snapshot", "EventBatch", "ArchiveEnd")
 ARCHIVE_CODECS = ("null", "deflate")
 
 _AVRO_MAGIC = b"Obj\x01"

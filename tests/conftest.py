@@ -1,4 +1,5 @@
 import json
+import time
 import subprocess
 import sys
 from pathlib import Path
@@ -27,3 +28,35 @@ def kvmrr_json(*args, **kw):
 def recordings(tmp_path_factory):
     """Recordings shared by the core tests: {(guest, counter, n): (path, summary)}."""
     return {}
+
+
+@pytest.fixture(scope="session")
+def kafka_jars():
+    """The broker jars from Maven Central (cached); seconds it took."""
+    from brokers import kafkactl, require_java
+    require_java()
+    t0 = time.monotonic()
+    kafkactl("fetch", timeout=900)
+    return time.monotonic() - t0
+
+
+@pytest.fixture(scope="session")
+def kafka(kafka_jars):
+    """One single-node broker for the whole session: its bootstrap string."""
+    from brokers import KAFKA_NAME as name
+    from brokers import kafkactl, start_cluster
+    try:
+        yield start_cluster(1, name)
+    finally:
+        kafkactl("stop", "--name", name, check=False)
+
+
+@pytest.fixture(scope="session")
+def kafka_cluster(kafka_jars):
+    """A 3-node KRaft cluster for the session: (name, bootstrap)."""
+    from brokers import CLUSTER_NAME as name
+    from brokers import kafkactl, start_cluster
+    try:
+        yield name, start_cluster(3, name)
+    finally:
+        kafkactl("stop", "--name", name, check=False)

@@ -9,16 +9,9 @@ producing that survives the loss of one of three brokers.
 
 from __future__ import annotations
 
-import os
-import random
-import shutil
-import socket
 import struct
-import subprocess
-import sys
 import time
 import uuid
-from pathlib import Path
 
 import pytest
 
@@ -28,81 +21,7 @@ from confluent_kafka.admin import AdminClient, NewTopic  # noqa: E402
 
 pytestmark = pytest.mark.kafka
 
-REPO = Path(__file__).resolve().parents[1]
-KAFKACTL = REPO / "compose" / "kafka" / "kafkactl"
-CONTROLLER_OFFSET = 100  # kafkactl puts node i's controller on port + 100 + i
-
-if shutil.which("java") is None and not os.environ.get("JAVA_HOME"):
-    pytest.skip("java is not installed: no Kafka broker can run", allow_module_level=True)
-
-
-def kafkactl(*args: str, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, str(KAFKACTL), *args], capture_output=True,
-                          text=True, timeout=timeout)
-    if check and proc.returncode != 0:
-        pytest.fail(f"kafkactl {' '.join(args)} exited {proc.returncode}:\n"
-                    f"{proc.stdout}\n{proc.stderr}")
-    return proc
-
-
-def _free(port: int) -> bool:
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(("127.0.0.1", port))
-            return True
-        except OSError:
-            return False
-
-
-def free_base_port(nodes: int) -> int:
-    """A port P with P..P+nodes-1 and P+100..P+100+nodes-1 all free."""
-    rnd = random.Random(os.getpid() ^ time.monotonic_ns())
-    for _ in range(200):
-        p = rnd.randrange(20000, 40000)
-        ports = [p + i for i in range(nodes)] + [p + CONTROLLER_OFFSET + i for i in range(nodes)]
-        if all(_free(q) for q in ports):
-            return p
-    raise RuntimeError("no free ports")
-
-
-def start_cluster(nodes: int, name: str) -> str:
-    for _ in range(3):  # a port may be grabbed between the check and the start
-        port = free_base_port(nodes)
-        proc = kafkactl("start", "--nodes", str(nodes), "--port", str(port), "--name", name,
-                        check=False)
-        if proc.returncode == 0:
-            boot = proc.stdout.strip().splitlines()[-1]
-            assert boot == ",".join(f"127.0.0.1:{port + i}" for i in range(nodes))
-            return boot
-        if "already in use" not in proc.stderr:
-            break
-    pytest.fail(f"kafkactl start --nodes {nodes} failed ({proc.returncode}):\n{proc.stderr}")
-
-
-@pytest.fixture(scope="module")
-def fetched():
-    t0 = time.monotonic()
-    kafkactl("fetch", timeout=900)
-    return time.monotonic() - t0
-
-
-@pytest.fixture
-def single_node(fetched):
-    name = f"pytest-{os.getpid()}-single"
-    try:
-        yield start_cluster(1, name)
-    finally:
-        kafkactl("stop", "--name", name, check=False)
-
-
-@pytest.fixture
-def cluster3(fetched):
-    name = f"pytest-{os.getpid()}-cluster"
-    try:
-        yield name, start_cluster(3, name)
-    finally:
-        kafkactl("stop", "--name", name, check=False)
+from brokers import KAFKA_NAME, kafkactl  # noqa: E402
 
 
 def create_topic(boot: str, topic: str, rf: int, **config: str) -> None:
@@ -142,9 +61,9 @@ def consume_all(boot: str, topic: str, expect: int, timeout: float = 30.0) -> li
     return msgs
 
 
-def test_single_node_transactions(single_node):
-    boot = single_node
-    assert kafkactl("status", "--name", f"pytest-{os.getpid()}-single").returncode == 0
+def test_single_node_transactions(kafka):
+    boot = kafka
+    assert kafkactl("status", "--name", KAFKA_NAME).returncode == 0
     topic = "kvmrr.test.log"
     create_topic(boot, topic, rf=1)
 
@@ -222,8 +141,8 @@ def _produce_acks_all(boot: str, topic: str, values: list[bytes]) -> None:
 
 @pytest.mark.cluster
 @pytest.mark.slow
-def test_cluster_survives_one_broker(cluster3):
-    name, boot = cluster3
+def test_cluster_survives_one_broker(kafka_cluster):
+    name, boot = kafka_cluster
     assert len(boot.split(",")) == 3
     topic = "kvmrr.test3.log"
     create_topic(boot, topic, rf=3)

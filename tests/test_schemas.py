@@ -84,7 +84,7 @@ def header(**changes):
 def snapshot(blob=b"\x7fKVMRR-SNAPSHOT" + bytes(range(256)) * 40):
     return {"kind": "Snapshot", "icount": 999_999_000, "next_seq": 0,
             "guest_sha256": "0123456789abcdef" * 4, "chunk": 0, "chunks": 1, "blob": blob,
-            "state_hash": "00ff" * 4}
+            "state_hash": "00ff" * 4, "log_offset": 42}
 
 
 def batch(first_seq, events):

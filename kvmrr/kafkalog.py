@@ -1,0 +1,78 @@
+"""The log on Kafka (DESIGN §4): topic names, the cluster check, topic creation, and the
+client settings the recorder and the backups share."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from confluent_kafka import KafkaException
+from confluent_kafka.admin import AdminClient, NewTopic
+
+WRITER_HEADER = "kvmrr-writer"   # the recorder's transactional.id on every log message
+CONNECT_TIMEOUT_S = 8.0
+SNAPSHOT_CHUNK_BYTES = 512 * 1024
+
+
+class KafkaLogError(Exception):
+    """The log on Kafka cannot be used; one line naming topic and offset where known."""
+
+
+@dataclass(frozen=True)
+class Topics:
+    log: str
+    snapshots: str
+    acks: str
+
+
+def topics(vm: str) -> Topics:
+    return Topics(f"kvmrr.{vm}.log", f"kvmrr.{vm}.snapshots", f"kvmrr.{vm}.acks")
+
+
+def transactional_id(vm: str) -> str:
+    """From the VM alone: a new recorder of the same VM fences the old one."""
+    return f"kvmrr.{vm}.recorder"
+
+
+def client_conf(bootstrap: str) -> dict:
+    return {"bootstrap.servers": bootstrap, "client.id": "kvmrr",
+            "socket.connection.setup.timeout.ms": 5000, "log_level": 3}
+
+
+def admin_client(bootstrap: str) -> AdminClient:
+    return AdminClient(client_conf(bootstrap))
+
+
+def cluster_size(admin: AdminClient, bootstrap: str) -> int:
+    """Number of brokers, or a clear error if none answers within CONNECT_TIMEOUT_S."""
+    try:
+        md = admin.list_topics(timeout=CONNECT_TIMEOUT_S)
+    except KafkaException as exc:
+        raise KafkaLogError(f"no Kafka broker answers at {bootstrap} within "
+                            f"{CONNECT_TIMEOUT_S:.0f} s ({exc.args[0].str()})") from None
+    return len(md.brokers)
+
+
+def ensure_topics(bootstrap: str, vm: str) -> Topics:
+    """Create the VM's topics if missing: one partition for the log (total order);
+    replication 3 and min ISR 2 on a cluster of three or more, 1 and 1 on a single node."""
+    admin = admin_client(bootstrap)
+    brokers = cluster_size(admin, bootstrap)
+    rf = min(3, brokers)
+    min_isr = 2 if rf >= 3 else 1
+    t = topics(vm)
+    existing = set(admin.list_topics(timeout=CONNECT_TIMEOUT_S).topics)
+    common = {"min.insync.replicas": str(min_isr), "retention.ms": "-1",
+              "retention.bytes": "-1", "unclean.leader.election.enable": "false"}
+    wanted = [
+        NewTopic(t.log, 1, rf, config=common),
+        NewTopic(t.snapshots, 1, rf, config=dict(common, **{"max.message.bytes": str(2 << 20)})),
+        NewTopic(t.acks, 1, rf, config=common),
+    ]
+    missing = [nt for nt in wanted if nt.topic not in existing]
+    if missing:
+        for name, fut in admin.create_topics(missing, operation_timeout=20).items():
+            try:
+                fut.result()
+            except KafkaException as exc:
+                if exc.args[0].name() != "TOPIC_ALREADY_EXISTS":
+                    raise KafkaLogError(f"cannot create topic {name}: {exc.args[0].str()}") from None
+    return t

@@ -1,0 +1,131 @@
+"""A backup following the log on Kafka live (or replaying a finished one).
+
+It starts from a committed snapshot (the latest by default, so a late backup does not
+replay from icount 0), seeks the log to the offset the snapshot names, and feeds every
+committed batch to a ReplaySession, which verifies as it goes.  It publishes what it has
+received and replayed to kvmrr.<vm>.acks and reports its lag as log lines and metrics.
+"""
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import structlog
+from confluent_kafka import OFFSET_BEGINNING, Producer
+
+from libkvmrr import KvmrrError
+from kvmrr.guests import GuestImage
+from kvmrr.kafkalog import KafkaLogError, client_conf, topics
+from replayer import metrics
+from replayer.errors import DivergenceError, ReplayError
+from replayer.kafka_source import LogTopicReader, read_header, read_snapshots
+from replayer.session import ReplayResult, ReplaySession
+from schemas import encode_message
+
+ACK_EVERY_S = 0.05
+LAG_LOG_EVERY_S = 1.0
+
+
+def choose_snapshot(snaps: list[dict], start: str, until: int | None) -> dict:
+    usable = [s for s in snaps if until is None or s["icount"] <= until]
+    if not usable:
+        raise ReplayError("no committed snapshot to start from" +
+                          (f" at or before icount {until}" if until is not None else ""))
+    return usable[0] if start == "first" else usable[-1]
+
+
+class Follower:
+    def __init__(self, bootstrap: str, vm: str, *, counter: str, backup_id: str | None,
+                 start: str = "latest", until: int | None = None,
+                 guest: GuestImage | None = None,
+                 on_output: Callable[[dict], None] | None = None, wait: float = 0.0):
+        """wait: a backup may start before its primary; wait this long for the log's
+        header and first snapshot to be committed."""
+        self.bootstrap, self.vm, self.backup_id = bootstrap, vm, backup_id
+        self.topics = topics(vm)
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                self.header = read_header(bootstrap, vm)
+                snapshot = choose_snapshot(read_snapshots(bootstrap, vm), start, until)
+                break
+            except (KafkaLogError, ReplayError):
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.5)
+        try:
+            self.session = ReplaySession(self.header, counter=counter, guest=guest,
+                                         until=until, on_output=on_output)
+        except ReplayError as exc:
+            raise ReplayError(f"{self.topics.log} offset 0: {exc}") from None
+        self.session.start(snapshot)
+        self.snapshot = snapshot
+        self.offset = snapshot["log_offset"] if snapshot.get("log_offset", -1) >= 0 \
+            else OFFSET_BEGINNING
+        self.log = structlog.get_logger().bind(vm_id=vm, role="backup",
+                                               backup=backup_id or "-")
+        self.acks = Producer(dict(client_conf(bootstrap), acks="all")) if backup_id else None
+        self._last_ack = self._last_lag_log = 0.0
+        self.lag_samples: list[tuple[float, int, float]] = []   # (t, lag instr, lag s)
+
+    def _ack(self, force: bool = False) -> None:
+        now = time.monotonic()
+        s = self.session
+        lag_i = max(0, s.received_icount - s.icount)
+        lag_s = s.lag_seconds()
+        if self.backup_id:
+            labels = (self.vm, self.backup_id)
+            metrics.LAG_INSTRUCTIONS.labels(*labels).set(lag_i)
+            metrics.LAG_SECONDS.labels(*labels).set(lag_s)
+            metrics.REPLAYED.labels(*labels).set(s.icount)
+        if self.acks and (force or now - self._last_ack >= ACK_EVERY_S):
+            value, headers = encode_message({
+                "kind": "Ack", "backup_id": self.backup_id,
+                "received_icount": s.received_icount, "received_seq": s.expected_seq,
+                "replayed_icount": s.icount, "wall_ns": time.time_ns()})
+            self.acks.produce(self.topics.acks, value, self.backup_id.encode(), headers=headers)
+            self.acks.poll(0)
+            self._last_ack = now
+        if self.backup_id and now - self._last_lag_log >= LAG_LOG_EVERY_S:
+            self.lag_samples.append((now, lag_i, lag_s))
+            self.log.info("following", icount=s.icount, lag_instructions=lag_i,
+                          lag_ms=round(lag_s * 1000, 1))
+            self._last_lag_log = now
+
+    def run(self, *, finished_log: bool, idle_timeout: float | None) -> ReplayResult:
+        """finished_log: the log must already hold its End (replay of a finished log);
+        otherwise follow it live until its End, giving up after idle_timeout s of silence."""
+        reader = LogTopicReader(self.bootstrap, self.vm, self.topics.log, self.offset)
+        if self.backup_id:
+            self.log.info("start", snapshot_icount=self.snapshot["icount"], offset=self.offset)
+        running = True
+        try:
+            for record, offset in reader.records(0 if finished_log else idle_timeout):
+                if record["kind"] == "LogHeader":
+                    continue
+                if record["kind"] != "EventBatch":
+                    raise KafkaLogError(f"{self.topics.log} offset {offset}: a "
+                                        f"{record['kind']} on the log topic")
+                try:
+                    running = self.session.feed_batch(record)
+                except DivergenceError:
+                    raise
+                except (ReplayError, KvmrrError) as exc:
+                    raise ReplayError(f"{self.topics.log} offset {offset}: {exc}") from None
+                self._ack()
+                if not running:
+                    break
+        finally:
+            reader.close()
+        if running:
+            s = self.session
+            what = "the log ends" if finished_log else f"no new record for {idle_timeout} s"
+            raise ReplayError(f"{self.topics.log} offset {reader.offset}: {what} without an "
+                              f"End record (last event seq {s.expected_seq - 1}, icount "
+                              f"{s.received_icount}); replayed to icount {s.icount}")
+        self._ack(force=True)
+        if self.acks:
+            self.acks.flush(5)
+        if self.backup_id:
+            self.log.info("done", icount=self.session.icount)
+        return self.session.result()

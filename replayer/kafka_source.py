@@ -1,0 +1,143 @@
+"""Reading the log on Kafka: the header, the snapshots, and the events from an offset.
+
+Every consumer reads committed data only (isolation.level=read_committed).  Every record
+must carry the recorder's writer header; anything else (a stranger's record, an
+undecodable value, an unknown schema) stops the reader with an error that names the topic
+and the offset, before the record reaches the replay.
+"""
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Iterator
+
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
+
+from kvmrr.kafkalog import (CONNECT_TIMEOUT_S, WRITER_HEADER, KafkaLogError, admin_client,
+                            client_conf, cluster_size, topics, transactional_id)
+from schemas import LogFormatError, decode_message, join_snapshot
+
+
+class EndOfLog(Exception):
+    """The reader reached the end of what is committed so far."""
+
+
+class LogTopicReader:
+    """One partition of one topic, read in order from an offset."""
+
+    def __init__(self, bootstrap: str, vm: str, topic: str, offset: int = OFFSET_BEGINNING):
+        self.topic = topic
+        self.writer = transactional_id(vm).encode()
+        conf = dict(client_conf(bootstrap), **{
+            "group.id": f"kvmrr-reader-{uuid.uuid4().hex[:8]}", "enable.auto.commit": False,
+            "isolation.level": "read_committed", "enable.partition.eof": True,
+            "auto.offset.reset": "earliest", "fetch.wait.max.ms": 20,
+        })
+        self.consumer = Consumer(conf)
+        self.consumer.assign([TopicPartition(topic, 0, offset)])
+        self.offset = offset
+
+    def close(self) -> None:
+        self.consumer.close()
+
+    def next(self, timeout: float) -> tuple[dict, int] | None:
+        """(record, offset), None on timeout; raises EndOfLog at the committed end."""
+        msg = self.consumer.poll(timeout)
+        if msg is None:
+            return None
+        err = msg.error()
+        if err is not None:
+            if err.code() == KafkaError._PARTITION_EOF:
+                raise EndOfLog()
+            raise KafkaLogError(f"{self.topic}: {err.str()}")
+        offset = msg.offset()
+        headers = dict(msg.headers() or [])
+        if headers.get(WRITER_HEADER) != self.writer:
+            raise KafkaLogError(f"{self.topic} offset {offset}: record not written by this "
+                                f"VM's recorder (no {WRITER_HEADER} header of "
+                                f"{self.writer.decode()}): refusing it")
+        try:
+            record = decode_message(msg.value() or b"", msg.headers() or [])
+        except LogFormatError as exc:
+            raise KafkaLogError(f"{self.topic} offset {offset}: {exc}") from None
+        self.offset = offset + 1
+        return record, offset
+
+    def records(self, idle_timeout: float | None) -> Iterator[tuple[dict, int]]:
+        """Records up to the committed end (idle_timeout None: follow forever)."""
+        idle_since = time.monotonic()
+        while True:
+            try:
+                got = self.next(0.2)
+            except EndOfLog:
+                if idle_timeout is not None and idle_timeout <= 0:
+                    return
+                got = None
+            if got is None:
+                if idle_timeout is not None and time.monotonic() - idle_since > idle_timeout:
+                    return
+                continue
+            idle_since = time.monotonic()
+            yield got
+
+
+def check_log_exists(bootstrap: str, vm: str) -> None:
+    admin = admin_client(bootstrap)
+    cluster_size(admin, bootstrap)
+    if topics(vm).log not in admin.list_topics(timeout=CONNECT_TIMEOUT_S).topics:
+        raise KafkaLogError(f"no log for VM {vm!r} at {bootstrap} (topic {topics(vm).log} "
+                            "does not exist)")
+
+
+def read_header(bootstrap: str, vm: str, timeout: float = 15.0) -> dict:
+    check_log_exists(bootstrap, vm)
+    reader = LogTopicReader(bootstrap, vm, topics(vm).log)
+    try:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                got = reader.next(0.5)
+            except EndOfLog:
+                got = None
+            if got:
+                record, offset = got
+                if record["kind"] != "LogHeader":
+                    raise KafkaLogError(f"{reader.topic} offset {offset}: the log does not "
+                                        f"start with a LogHeader but a {record['kind']}")
+                return record
+        raise KafkaLogError(f"{reader.topic}: no committed LogHeader within {timeout:.0f} s")
+    finally:
+        reader.close()
+
+
+def read_snapshots(bootstrap: str, vm: str, timeout: float = 15.0) -> list[dict]:
+    """Every complete snapshot committed so far, joined, in log order."""
+    reader = LogTopicReader(bootstrap, vm, topics(vm).snapshots)
+    snaps, chunks = [], []
+    try:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                got = reader.next(0.5)
+            except EndOfLog:
+                break
+            if got is None:
+                continue
+            record, offset = got
+            if record["kind"] != "Snapshot":
+                raise KafkaLogError(f"{reader.topic} offset {offset}: a {record['kind']} on "
+                                    "the snapshot topic")
+            if record["chunk"] == 0:
+                chunks = []
+            chunks.append(record)
+            if len(chunks) == record["chunks"]:
+                try:
+                    snaps.append(join_snapshot(chunks))
+                except LogFormatError as exc:
+                    raise KafkaLogError(f"{reader.topic} offset {offset}: {exc}") from None
+                chunks = []
+    except KafkaException as exc:
+        raise KafkaLogError(f"{reader.topic}: {exc.args[0].str()}") from None
+    finally:
+        reader.close()
+    return snaps
