@@ -121,10 +121,15 @@ def cmd_run(args, log=None) -> int:
 
 
 class _NoSink:
+    """A plain run records nothing."""
+
     def write(self, record: dict) -> None:
         pass
 
     def commit(self) -> None:
+        pass
+
+    def close(self) -> None:
         pass
 
 
