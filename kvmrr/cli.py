@@ -197,8 +197,22 @@ def cmd_follow(args) -> int:
     f = Follower(log.bootstrap, log.vm_id, counter=counter, backup_id=args.backup_id,
                  start=args.start, guest=load_guest(args.guest) if args.guest else None,
                  on_output=_console(args.quiet, args.json), wait=args.idle_timeout)
-    result = f.run(finished_log=False, idle_timeout=args.idle_timeout)
-    return _report_replay(args, counter, f.header, result, 0, verb="followed")
+    if not args.failover_timeout:
+        result = f.run(finished_log=False, idle_timeout=args.idle_timeout)
+        return _report_replay(args, counter, f.header, result, 0, verb="followed")
+    result, primary = f.follow_or_take_over(
+        failover_timeout=args.failover_timeout, max_instructions=args.max_instructions,
+        checksum_every=args.checksum_every, snapshot_every=args.snapshot_every,
+        heartbeat_every_ns=args.heartbeat_ms * 1_000_000)
+    if primary is None:
+        return _report_replay(args, counter, f.header, result, 0, verb="followed")
+    summary = {"took_over": True, "takeover_icount": result.icount,
+               "instructions": primary.instructions, "state_hash": primary.state_hash,
+               "outputs_sha256": primary.outputs_sha256, "reason": primary.reason,
+               "events": primary.events, "mode": counter, "seconds": round(primary.seconds, 3)}
+    _emit(args, summary, f"kvmrr: backup {args.backup_id} took over at icount {result.icount} "
+          f"and recorded to {primary.instructions}; state {primary.state_hash}")
+    return 0
 
 
 def cmd_archive(args) -> int:
@@ -263,7 +277,8 @@ def cmd_demo(args) -> int:
 
 def cmd_bench(args) -> int:
     from kvmrr.bench import main as bench_main
-    return bench_main([args.suite, "--out", args.out] + (["--quick"] if args.quick else []))
+    out = args.out or f"bench/{args.suite}.json"
+    return bench_main([args.suite, "--out", out] + (["--quick"] if args.quick else []))
 
 
 def _guest_opts(p: argparse.ArgumentParser) -> None:
@@ -317,6 +332,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--idle-timeout", type=float, default=30.0, metavar="S",
                    help="give up after S seconds without a new record")
     p.add_argument("--metrics-port", type=int, default=0, help="Prometheus on 127.0.0.1:PORT")
+    p.add_argument("--failover-timeout", type=float, default=0.0, metavar="S",
+                   help="take over when the primary is silent for S seconds (0: never)")
+    p.add_argument("--max-instructions", type=int, default=None, metavar="N",
+                   help="as the new primary: stop at N")
+    p.add_argument("--checksum-every", type=int, default=1_000_000, metavar="N")
+    p.add_argument("--snapshot-every", type=int, default=0, metavar="N")
+    p.add_argument("--heartbeat-ms", type=int, default=100)
     p.add_argument("--guest", default=None)
     p.add_argument("--json", action="store_true")
     p.add_argument("--quiet", action="store_true")
@@ -337,8 +359,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", default="build/demo")
     p.set_defaults(fn=cmd_demo)
     p = sub.add_parser("bench", help="benchmarks")
-    p.add_argument("suite", choices=("core",))
-    p.add_argument("--out", default="bench/core.json")
+    p.add_argument("suite", choices=("core", "log"),
+                   help="core: instructions/s, log bytes; log: the log on real Kafka")
+    p.add_argument("--out", default=None, help="default bench/SUITE.json")
     p.add_argument("--quick", action="store_true")
     p.set_defaults(fn=cmd_bench)
     return ap

@@ -197,6 +197,11 @@ class VmHandle:
         if lib.kvmrr_vm_feed_events(self._vm, arr, len(events), err, _ERR_LEN) < 0:
             raise KvmrrError(_str(err))
 
+    def go_live(self, checksum_every: int) -> None:
+        err = _err_buf()
+        if lib.kvmrr_vm_go_live(self._vm, checksum_every, err, _ERR_LEN) < 0:
+            raise KvmrrError(_str(err))
+
     def set_horizon(self, icount: int) -> None:
         lib.kvmrr_vm_set_horizon(self._vm, icount)
 

@@ -61,6 +61,11 @@ class Machine:
     def feed(self, events: list[dict]) -> None:
         self._vm.feed_events(events)
 
+    def go_live(self, checksum_every: int = 0) -> None:
+        """Takeover: stop replaying and record from the current instruction on."""
+        self._vm.go_live(checksum_every)
+        self.mode = "record"
+
     def set_horizon(self, icount: int) -> None:
         """Replay: no events before icount beyond those fed; the replay may run to it."""
         self._vm.set_horizon(icount)

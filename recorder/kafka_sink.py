@@ -14,7 +14,7 @@ import queue
 import threading
 import time
 
-from confluent_kafka import KafkaException, Producer
+from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
 
 from kvmrr.kafkalog import (SNAPSHOT_CHUNK_BYTES, WRITER_HEADER, KafkaLogError, client_conf,
                             ensure_topics, transactional_id)
@@ -40,17 +40,31 @@ class KafkaSink:
         except KafkaException as exc:
             raise KafkaLogError(f"cannot start the transactional producer {self.txn_id} at "
                                 f"{bootstrap}: {exc.args[0].str()}") from None
+        # A takeover appends to a log that already has messages: learn where it ends.
+        self.next_log_offset = self._log_end()
         self._slice: list[dict] = []
         self._units: queue.Queue = queue.Queue(maxsize=max_pending)
         self.error: Exception | None = None
-        self.next_log_offset = 0           # where the next log message will land (known
-        self._last_log_offset = -1         # exactly once the previous transaction commits)
+        self._last_log_offset = -1   # where the next log message lands is known exactly
+                                     # once the previous transaction has committed
         self.commit_latencies: list[float] = []   # seconds, slice handed over -> committed
         self.bytes_published = 0
         self.messages = 0
         self._thread = threading.Thread(target=self._publish_loop, name="kvmrr-publisher",
                                          daemon=True)
         self._thread.start()
+
+    def _log_end(self) -> int:
+        c = Consumer(dict(client_conf(self.bootstrap), **{"group.id": "kvmrr-recorder-probe",
+                                                          "enable.auto.commit": False}))
+        try:
+            _, high = c.get_watermark_offsets(TopicPartition(self.topics.log, 0), timeout=10)
+        except KafkaException as exc:
+            raise KafkaLogError(f"cannot read the end of {self.topics.log}: "
+                                f"{exc.args[0].str()}") from None
+        finally:
+            c.close()
+        return max(high, 0)
 
     # -- vCPU thread ------------------------------------------------------------------
     def write(self, record: dict) -> None:

@@ -54,7 +54,11 @@ class RecordSession:
                  checksum_every: int = 1_000_000, snapshot_every: int = 0,
                  load: KvLoad | None = None, mem_size: int = DEFAULT_MEM_SIZE,
                  on_output: Callable[[dict], None] | None = None,
-                 mode: str = "record", heartbeat_every_ns: int = 0):
+                 mode: str = "record", heartbeat_every_ns: int = 0,
+                 continue_from: "Machine | None" = None, next_seq: int = 0,
+                 outputs: OutputDigest | None = None, outputs_complete: bool = True):
+        """continue_from: a machine that replayed this log up to its end and went live
+        (a takeover); the session then appends to the log from next_seq on."""
         self.guest = guest
         self.sink = sink
         self.counter = counter
@@ -67,12 +71,16 @@ class RecordSession:
         self.on_output = on_output
         self.heartbeat_every_ns = heartbeat_every_ns
         self.recording = mode == "record"
-        self.machine = Machine(guest.elf, mode=mode, counter=counter, bootargs=bootargs,
-                               mem_size=mem_size,
-                               checksum_every=checksum_every if self.recording else 0)
-        self.next_seq = 0
+        self.continuing = continue_from is not None
+        self.machine = continue_from or Machine(
+            guest.elf, mode=mode, counter=counter, bootargs=bootargs, mem_size=mem_size,
+            checksum_every=checksum_every if self.recording else 0)
+        self.next_seq = next_seq
         self.kinds: Counter[str] = Counter()
-        self.outputs = OutputDigest()
+        self.outputs = outputs or OutputDigest()
+        # A takeover that started from a mid-log snapshot has not seen the early outputs:
+        # its End then leaves outputs_sha256 empty rather than state a partial digest.
+        self.outputs_complete = outputs_complete
         self.snapshots = 0
 
     def header(self) -> dict:
@@ -115,10 +123,11 @@ class RecordSession:
 
     def run(self) -> RecordResult:
         m = self.machine
-        if self.recording:
+        if self.recording and not self.continuing:
             self.sink.write(self.header())
-            self.snapshot()
-        last_snapshot = 0
+        if self.recording:
+            self.snapshot()     # a takeover's too: late backups start from the new primary
+        last_snapshot = m.icount
         self._last_heartbeat = 0
         started = time.monotonic()
         while True:
@@ -150,7 +159,7 @@ class RecordSession:
             regs = m.regs()
             end = {"kind": "End", "icount": m.icount, "rip": regs["rip"], "reason": reason,
                    "exit_code": r.exit_code, "state_hash": state_hash,
-                   "outputs_sha256": self.outputs.hexdigest()}
+                   "outputs_sha256": self.outputs.hexdigest() if self.outputs_complete else ""}
             self.kinds["End"] += 1
             self.sink.write({"kind": "EventBatch", "first_seq": self.next_seq,
                              "events": [end]})

@@ -92,12 +92,40 @@ class Follower:
                           lag_ms=round(lag_s * 1000, 1))
             self._last_lag_log = now
 
+    def _last_ack_before_stop(self) -> None:
+        """A backup stopped by a bad record or a divergence still says how far it got."""
+        if self.acks:
+            try:
+                self._ack(force=True)
+                self.acks.flush(5)
+            except Exception:
+                pass
+
     def run(self, *, finished_log: bool, idle_timeout: float | None) -> ReplayResult:
         """finished_log: the log must already hold its End (replay of a finished log);
         otherwise follow it live until its End, giving up after idle_timeout s of silence."""
+        if not self._follow(finished_log, idle_timeout):
+            self._last_ack_before_stop()
+            s = self.session
+            what = "the log ends" if finished_log else f"no new record for {idle_timeout} s"
+            raise ReplayError(f"{self.topics.log} offset {self.offset}: {what} without an "
+                              f"End record (last event seq {s.expected_seq - 1}, icount "
+                              f"{s.received_icount}); replayed to icount {s.icount}")
+        return self._done()
+
+    def _done(self) -> ReplayResult:
+        self._ack(force=True)
+        if self.acks:
+            self.acks.flush(5)
+        if self.backup_id:
+            self.log.info("done", icount=self.session.icount)
+        return self.session.result()
+
+    def _follow(self, finished_log: bool, idle_timeout: float | None) -> bool:
+        """Feed committed batches from self.offset on; True once the End is replayed."""
         reader = LogTopicReader(self.bootstrap, self.vm, self.topics.log, self.offset)
         if self.backup_id:
-            self.log.info("start", snapshot_icount=self.snapshot["icount"], offset=self.offset)
+            self.log.info("reading", snapshot_icount=self.snapshot["icount"], offset=self.offset)
         running = True
         try:
             for record, offset in reader.records(0 if finished_log else idle_timeout):
@@ -115,17 +143,39 @@ class Follower:
                 self._ack()
                 if not running:
                     break
+        except BaseException:
+            self._last_ack_before_stop()
+            raise
         finally:
+            self.offset = reader.offset
             reader.close()
-        if running:
+        return not running
+
+    def follow_or_take_over(self, *, failover_timeout: float, **record_opts):
+        """Follow the live log; if the primary falls silent for failover_timeout s, take
+        over: fence it, replay whatever it committed before the fence, and continue the
+        same log as the new primary.  Returns (ReplayResult, RecordResult | None)."""
+        if self._follow(False, failover_timeout):
+            return self._done(), None
+        self.log.warning("primary silent, taking over", silent_s=failover_timeout,
+                         icount=self.session.icount)
+        from recorder.kafka_sink import KafkaSink
+        from recorder.session import RecordSession
+        sink = KafkaSink(self.bootstrap, self.vm)      # fences the old primary
+        try:
+            if self._follow(True, 0):                  # it had finished after all
+                return self._done(), None
             s = self.session
-            what = "the log ends" if finished_log else f"no new record for {idle_timeout} s"
-            raise ReplayError(f"{self.topics.log} offset {reader.offset}: {what} without an "
-                              f"End record (last event seq {s.expected_seq - 1}, icount "
-                              f"{s.received_icount}); replayed to icount {s.icount}")
-        self._ack(force=True)
-        if self.acks:
-            self.acks.flush(5)
-        if self.backup_id:
-            self.log.info("done", icount=self.session.icount)
-        return self.session.result()
+            replayed = s.result()
+            s.machine.go_live(record_opts.pop("checksum_every"))
+            self.log.warning("live", icount=s.icount, next_seq=s.expected_seq)
+            rec = RecordSession(s.image, sink, counter=s.counter, vm_id=self.vm,
+                                bootargs=self.header["bootargs"], continue_from=s.machine,
+                                next_seq=s.expected_seq, outputs=s.outputs,
+                                outputs_complete=s.start_icount == 0,
+                                on_output=s.on_output, **record_opts)
+            result = rec.run()
+        finally:
+            sink.close()
+        self.log.info("done as primary", icount=result.instructions)
+        return replayed, result

@@ -135,6 +135,9 @@ int kvmrr_vm_pending_events(struct kvmrr_vm *vm);
 /* Replay: the log is known to hold no events before icount other than those fed (an End
  * record, a heartbeat), so the replay may run up to it once the fed events are applied. */
 void kvmrr_vm_set_horizon(struct kvmrr_vm *vm, kvmrr_icount_t icount);
+/* Takeover: a replaying VM whose fed events are all applied switches to record mode and
+ * continues the same run (same icount, same devices), recording from here on. */
+int kvmrr_vm_go_live(struct kvmrr_vm *vm, int64_t checksum_every, char *err, size_t err_len);
 /* Record: a packet arrives on the NIC (thread-safe: wakes the vCPU).  0 or -1 if full. */
 int kvmrr_vm_nic_push(struct kvmrr_vm *vm, const uint8_t *packet, size_t len);
 /* Record: stop the vCPU soon from another thread (run returns STOP_DEADLINE). */

@@ -771,9 +771,17 @@ static const char *kind_name(int kind)
     return kind >= 0 && kind <= KVMRR_EV_CHECKSUM ? names[kind] : "?";
 }
 
+static void complete_pending_in(struct kvmrr_vm *vm);
+
 /* Apply an asynchronous event at exactly its icount.  EXIT_AGAIN, or stop. */
 static int replay_async(struct kvmrr_vm *vm, struct kvmrr_event *ev, struct kvmrr_result *res)
 {
+    /* An IN that exited at this icount is finished (RAX written, RIP past it) by the next
+     * KVM_RUN, which on record may have been cut short by a kick right after finishing
+     * it: then the event was taken at the same icount with RIP after the IN.  Finish the
+     * IN the same way (it retires nothing more) before comparing. */
+    if (vm->in_pending && ev->rip != cur_rip(vm))
+        complete_pending_in(vm);
     if (ev->rip != cur_rip(vm))
         return diverge(vm, res, ev, 0, "RIP differs at the logged icount");
     switch (ev->kind) {
@@ -1011,6 +1019,21 @@ int kvmrr_vm_feed_events(struct kvmrr_vm *vm, const struct kvmrr_event *events, 
 }
 
 int kvmrr_vm_pending_events(struct kvmrr_vm *vm) { return vm->replay.count; }
+
+int kvmrr_vm_go_live(struct kvmrr_vm *vm, int64_t checksum_every, char *err, size_t err_len)
+{
+    if (vm->cfg.mode != KVMRR_MODE_REPLAY)
+        return ERRF(err, err_len, "only a replaying VM can go live");
+    if (vm->replay.count)
+        return ERRF(err, err_len, "%d logged events are not applied yet", vm->replay.count);
+    /* From here the devices take their inputs from the host; the guest cannot tell. */
+    vm->cfg.mode = KVMRR_MODE_RECORD;
+    vm->cfg.checksum_every = checksum_every;
+    vm->timer_pending = false;
+    vm->next_tick_ns = 0;           /* live_run arms the guest's timer afresh */
+    vm->last_checksum = vm->icount;
+    return 0;
+}
 
 void kvmrr_vm_set_horizon(struct kvmrr_vm *vm, kvmrr_icount_t icount)
 {
