@@ -10,7 +10,7 @@ KAFKA_PORT  ?= 19092
 CORE_SRC    := $(wildcard libkvmrr/src/*.c libkvmrr/src/*.h libkvmrr/include/*.h)
 CORE_CFLAGS := -O2 -g -Wall -Wextra -Werror -Wno-unused-parameter -std=gnu11 -Ilibkvmrr/include -Ilibkvmrr/src
 
-.PHONY: all build guests run test test-c test-py bench bench-core kafka kafka-cluster \
+.PHONY: all build guests run test test-c test-py bench bench-core bench-log kafka kafka-cluster \
         kafka-down clean distclean
 
 all: build
@@ -56,7 +56,11 @@ test: build
 bench-core: build
 	$(PY) -m kvmrr.bench core --out bench/core.json $(if $(QUICK),--quick)
 
-bench: bench-core
+# starts its own single node and 3-node cluster (kafkactl, free loopback ports), stops them
+bench-log: build
+	$(PY) -m kvmrr.bench log --out bench/log.json $(if $(QUICK),--quick)
+
+bench: bench-core bench-log
 
 # ---- Kafka (real Apache Kafka from Maven Central, KRaft, loopback) --------------------
 kafka:

@@ -1,13 +1,23 @@
-"""Benchmarks that write their figures (make bench-core -> bench/core.json).
+"""Benchmarks that write their figures (make bench-core -> bench/core.json,
+make bench-log -> bench/log.json).
 
 Every ratio is measured in one run on this (shared, noisy) machine.
 """
 from __future__ import annotations
 
 import argparse
+import bisect
 import json
+import os
 import platform
+import random
+import signal
+import socket
+import subprocess
+import sys
+import threading
 import time
+from collections import Counter
 from pathlib import Path
 
 from libkvmrr import Machine, best_counter, hash64
@@ -109,13 +119,482 @@ def bench_core(quick: bool) -> dict:
     return out
 
 
+# ---- the log suite (make bench-log -> bench/log.json) -------------------------------------
+REPO = Path(__file__).resolve().parent.parent
+KAFKACTL = REPO / "compose" / "kafka" / "kafkactl"
+CONTROLLER_OFFSET = 100       # kafkactl puts node i's controller on port + 100 + i
+COMMIT_P99_FLOOR_MS = 20.0
+
+
+class BenchError(RuntimeError):
+    pass
+
+
+def _kafkactl(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(KAFKACTL), *args], capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
+def _free_base_port(nodes: int) -> int:
+    """A port P with P..P+nodes-1 and P+100..P+100+nodes-1 all free on loopback."""
+    rnd = random.Random(os.getpid() ^ time.monotonic_ns())
+    for _ in range(200):
+        p = rnd.randrange(20000, 40000)
+        ports = [p + i for i in range(nodes)] + [p + CONTROLLER_OFFSET + i for i in range(nodes)]
+        if all(_port_free(q) for q in ports):
+            return p
+    raise BenchError("no free loopback ports for a broker")
+
+
+class Brokers:
+    """A kafkactl cluster of its own (unique name, free ports), stopped on exit."""
+
+    def __init__(self, nodes: int, tag: str):
+        self.nodes = nodes
+        self.name = f"bench-{os.getpid()}-{tag}"
+        self.bootstrap = ""
+        self.started_s = None
+
+    def __enter__(self) -> "Brokers":
+        t0 = time.monotonic()
+        for _ in range(3):   # a port may be taken between the check and the start
+            port = _free_base_port(self.nodes)
+            proc = _kafkactl("start", "--nodes", str(self.nodes), "--port", str(port),
+                             "--name", self.name)
+            if proc.returncode == 0:
+                self.bootstrap = proc.stdout.strip().splitlines()[-1]
+                self.started_s = round(time.monotonic() - t0, 1)
+                print(f"bench: {self.nodes}-node Kafka '{self.name}' at {self.bootstrap} "
+                      f"({self.started_s} s)", file=sys.stderr, flush=True)
+                return self
+            if "already in use" not in proc.stderr:
+                break
+        self._stop()
+        raise BenchError(f"kafkactl start --nodes {self.nodes} failed ({proc.returncode}): "
+                         f"{proc.stderr.strip()[-2000:]}")
+
+    def _stop(self) -> None:
+        proc = _kafkactl("stop", "--name", self.name, timeout=120)
+        if proc.returncode != 0 and "not running" not in proc.stderr + proc.stdout:
+            print(f"bench: kafkactl stop --name {self.name}: {proc.stderr.strip()}",
+                  file=sys.stderr)
+
+    def __exit__(self, *exc) -> None:
+        self._stop()
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1e3, 2)
+
+
+def _pct(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def _dist_ms(values: list[float]) -> dict:
+    return {"n": len(values), "p50_ms": _ms(_pct(values, 0.5)),
+            "p90_ms": _ms(_pct(values, 0.9)), "p99_ms": _ms(_pct(values, 0.99)),
+            "max_ms": _ms(max(values) if values else None)}
+
+
+def _instrumented_sink():
+    """A KafkaSink that also times what its publisher does (the bench's profile)."""
+    from recorder.kafka_sink import KafkaSink
+
+    class InstrumentedSink(KafkaSink):
+        def __init__(self, bootstrap: str, vm: str, **kw):
+            self.topic_bytes: Counter[str] = Counter()
+            self.handed: list[float] = []             # when each slice was handed over
+            self.groups: list[tuple[float, float, int]] = []   # group commit: start, end, slices
+            self.txns: list[tuple[str, float, float, int]] = []   # kind, start, end, bytes
+            self._txn_kind, self._txn_bytes = "log", 0
+            self.stop_at: float | None = None         # wall budget: end the record here
+            self.session = None
+            self.primary: list[tuple[float, int]] = []   # (t, icount) at every slice
+            super().__init__(bootstrap, vm, **kw)
+
+        def commit(self) -> None:
+            if self._slice:
+                self.handed.append(time.monotonic())
+            super().commit()
+            s = self.session
+            if s is not None:
+                self.primary.append((time.monotonic(), s.machine.icount))
+            if self.stop_at is not None and s is not None and time.monotonic() >= self.stop_at:
+                s.max_instructions = s.machine.icount + 1   # the vCPU thread: safe
+                self.stop_at = None
+
+        def _produce(self, topic, record, key) -> None:
+            before = self.bytes_published
+            super()._produce(topic, record, key)
+            n = self.bytes_published - before
+            self.topic_bytes[topic] += n
+            self._txn_bytes += n
+            if topic == self.topics.snapshots:
+                self._txn_kind = "snapshot"
+
+        def _transaction(self, produce_all) -> None:
+            self._txn_kind, self._txn_bytes = "log", 0
+            t = time.monotonic()
+            super()._transaction(produce_all)
+            self.txns.append((self._txn_kind, t, time.monotonic(), self._txn_bytes))
+
+        def _publish_unit(self, records) -> None:
+            t = time.monotonic()
+            n = len(self.commit_latencies)
+            super()._publish_unit(records)
+            self.groups.append((t, time.monotonic(), n))
+
+    return InstrumentedSink
+
+
+def _profile(sink) -> dict:
+    """Split each slice's commit latency into queueing (handed over -> its group commit
+    starts) and the group commit itself, and time the transactions by kind."""
+    lat = sink.commit_latencies
+    groups = sink.groups
+    waits, in_txn = [], []
+    snap_spans = [(a, b) for kind, a, b, _ in sink.txns if kind == "snapshot"]
+    for gi, (start, end, first) in enumerate(groups):
+        last = groups[gi + 1][2] if gi + 1 < len(groups) else len(lat)
+        for k in range(first, min(last, len(sink.handed))):
+            waits.append(max(0.0, start - sink.handed[k]))
+            in_txn.append(end - start)
+    behind_snapshot = sum(1 for h, l in zip(sink.handed, lat)
+                          if any(h < b and h + l > a for a, b in snap_spans))
+    slices_per_group = [((groups[i + 1][2] if i + 1 < len(groups) else len(lat)) - g[2])
+                        for i, g in enumerate(groups)]
+    busy = sum(end - start for start, end, _ in groups)
+    span = (groups[-1][1] - groups[0][0]) if groups else 0.0
+    out = {"queue_wait": _dist_ms(waits), "group_commit": _dist_ms(in_txn),
+           "publisher_busy_fraction": round(busy / span, 3) if span > 0 else None,
+           "slices_per_group_commit": {"mean": round(sum(slices_per_group)
+                                                     / max(len(slices_per_group), 1), 2),
+                                       "max": max(slices_per_group, default=0)},
+           "slices_that_waited_for_a_snapshot": behind_snapshot}
+    for kind in ("log", "snapshot"):
+        durs = [b - a for k, a, b, _ in sink.txns if k == kind]
+        if durs:
+            out[f"{kind}_transactions"] = dict(_dist_ms(durs), bytes=sum(
+                n for k, _, _, n in sink.txns if k == kind))
+    # steady state: the slices handed over after the first snapshot's transaction ended
+    if snap_spans:
+        after = snap_spans[0][1]
+        steady = [l for h, l in zip(sink.handed, lat) if h >= after]
+        out["commit_after_first_snapshot"] = _dist_ms(steady)
+    return out
+
+
+def _record(bootstrap: str, vm: str, guest_name: str, *, bootargs: str = "",
+            load: float = 0.0, max_instructions: int | None = None,
+            wall_s: float | None = None) -> tuple[dict, object]:
+    from recorder.loadgen import KvLoad
+    guest = load_guest(guest_name)
+    counter, _ = best_counter()
+    sink = _instrumented_sink()(bootstrap, vm)
+    session = RecordSession(guest, sink, counter=counter, vm_id=vm, bootargs=bootargs,
+                            max_instructions=max_instructions, checksum_every=1_000_000,
+                            load=KvLoad(seed=1, rate_hz=load) if load else None,
+                            heartbeat_every_ns=100_000_000)
+    sink.session = session
+    t0 = time.monotonic()
+    if wall_s is not None:
+        sink.stop_at = t0 + wall_s
+    try:
+        result = session.run()
+    finally:
+        try:
+            sink.close()
+        finally:
+            sink.session = None               # no cycle: the producer goes with the sink
+    wall = time.monotonic() - t0          # to the last transaction committed
+    lat = sink.commit_latencies
+    log_bytes = sink.topic_bytes[sink.topics.log]
+    out = {
+        "guest": guest_name, "bootargs": bootargs, "load_requests_per_s": load or None,
+        "counter": counter, "instructions": result.instructions, "events": result.events,
+        "events_by_kind": result.events_by_kind, "seconds": round(wall, 3),
+        "record_seconds": round(result.seconds, 3),
+        "instructions_per_second": _rate(result.instructions, result.seconds),
+        "bytes_published": sink.bytes_published, "log_topic_bytes": log_bytes,
+        "snapshot_topic_bytes": sink.topic_bytes[sink.topics.snapshots],
+        "messages": sink.messages, "slices": len(lat),
+        "events_per_s": _rate(result.events, wall),
+        "mb_per_s": round(sink.bytes_published / wall / 1e6, 3),
+        "log_mb_per_s": round(log_bytes / wall / 1e6, 4),
+        "commit_p50_ms": _ms(_pct(lat, 0.5)), "commit_p99_ms": _ms(_pct(lat, 0.99)),
+        "commit_max_ms": _ms(max(lat) if lat else None),
+        "profile": _profile(sink), "state_hash": result.state_hash,
+    }
+    return out, (result, sink.primary)
+
+
+def _bare_transactions(bootstrap: str, n: int) -> dict:
+    """The transaction protocol alone: n transactions of one small log message, one every
+    10 ms (the recorder's slice), with the recorder's producer settings and no guest.
+    librdkafka's eos debug log is counted for AddPartitionsToTxn answered
+    CONCURRENT_TRANSACTIONS (the previous transaction's markers not yet complete), which
+    librdkafka retries after a fixed 20 ms."""
+    import logging
+    from confluent_kafka import Producer
+    from kvmrr.kafkalog import client_conf, ensure_topics
+
+    class Count(logging.Handler):
+        concurrent = 0
+
+        def emit(self, record):
+            if "concurrent operation" in record.getMessage():
+                Count.concurrent += 1
+
+    log = logging.getLogger(f"kvmrr.bench.txn.{time.monotonic_ns()}")
+    log.propagate = False
+    log.setLevel(logging.DEBUG)
+    log.addHandler(Count())
+    vm = f"bench-txn-{os.getpid()}-{time.time_ns() % 10**9}"
+    t = ensure_topics(bootstrap, vm)
+    conf = dict(client_conf(bootstrap), **{   # as recorder/kafka_sink.py
+        "transactional.id": f"kvmrr.{vm}.probe", "enable.idempotence": True, "acks": "all",
+        "linger.ms": 1, "transaction.timeout.ms": 60000, "compression.type": "lz4",
+        "debug": "eos", "log_level": 7, "logger": log})
+    p = Producer(conf)
+    p.init_transactions(10)
+    for _ in range(5):   # warm up: metadata, leaders, the coordinator
+        p.begin_transaction()
+        p.produce(t.log, b"x" * 200, b"k")
+        p.commit_transaction(30)
+    p.poll(0)
+    Count.concurrent = 0
+    produce, commit, total = [], [], []
+    for _ in range(n):
+        t0 = time.monotonic()
+        p.begin_transaction()
+        p.produce(t.log, b"x" * 200, b"k")
+        p.flush(30)                  # AddPartitionsToTxn (with its retries), then Produce
+        t1 = time.monotonic()
+        p.commit_transaction(30)     # EndTxn
+        t2 = time.monotonic()
+        produce.append(t1 - t0)
+        commit.append(t2 - t1)
+        total.append(t2 - t0)
+        p.poll(0)
+        time.sleep(0.01)
+    p.flush(5)
+    p.poll(0)
+    del p
+    return {"transactions": n, "add_partitions_and_produce": _dist_ms(produce),
+            "end_txn": _dist_ms(commit), "whole": _dist_ms(total),
+            "concurrent_transactions_retries": Count.concurrent}
+
+
+def _throughput(bootstrap: str, tag: str, quick: bool) -> dict:
+    budget = 1_000_000 if quick else 3_000_000
+    runs = {}
+    for name, guest, bootargs, load in (("kvstore_load2000", "kvstore", "", 2000.0),
+                                        ("ticks_1000hz", "ticks", "timer_hz=1000", 0.0)):
+        vm = f"bench-{tag}-{name}-{os.getpid()}-{time.time_ns() % 10**9}"
+        runs[name], _ = _record(bootstrap, vm, guest, bootargs=bootargs, load=load,
+                                max_instructions=budget)
+        r = runs[name]
+        print(f"bench: {tag} {name}: {r['events_per_s']} events/s, {r['mb_per_s']} MB/s, "
+              f"commit p50 {r['commit_p50_ms']} ms p99 {r['commit_p99_ms']} ms",
+              file=sys.stderr, flush=True)
+    return runs
+
+
+def _follower_lag(bootstrap: str, tag: str, quick: bool) -> dict:
+    """Record ticks at 100 Hz for a wall budget while `kvmrr follow` follows it live."""
+    wall = 10.0 if quick else 60.0
+    vm = f"bench-{tag}-lag-{os.getpid()}-{time.time_ns() % 10**9}"
+    cmd = [sys.executable, "-m", "kvmrr.cli", "follow", "--log", f"kafka://{bootstrap}/{vm}",
+           "--backup-id", "bench", "--json", "--quiet", "--idle-timeout", "30"]
+    follower = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)
+    samples: list[dict] = []
+    stderr_tail: list[str] = []
+
+    def read_stderr() -> None:
+        for line in follower.stderr:
+            try:
+                ev = json.loads(line)
+            except ValueError:
+                if line.strip():
+                    stderr_tail.append(line)
+                continue
+            if ev.get("event") == "following":
+                samples.append({"t": time.monotonic(), "icount": ev["icount"],
+                                "lag_instructions": ev["lag_instructions"],
+                                "lag_ms": ev["lag_ms"]})
+            elif ev.get("level") in ("error", "warning"):
+                stderr_tail.append(line)
+
+    reader = threading.Thread(target=read_stderr, daemon=True)
+    reader.start()
+    try:
+        rec, (result, primary) = _record(bootstrap, vm, "ticks", bootargs="timer_hz=100",
+                                         wall_s=wall)
+        # it ends at the log's End record; a follower that fell behind gets a bounded time
+        # to catch up (its lag while the primary ran is what is measured)
+        catch_up_s = 8.0 if quick else 15.0
+        stopped = False
+        try:
+            follower.wait(timeout=catch_up_s)
+        except subprocess.TimeoutExpired:
+            stopped = True
+            follower.terminate()
+            try:
+                follower.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                follower.kill()
+                follower.wait()
+        out = follower.stdout.read()        # the one JSON summary (stderr: the thread)
+    finally:
+        if follower.poll() is None:
+            follower.kill()
+            follower.wait()
+    reader.join(5)
+    summary = json.loads(out.strip().splitlines()[-1]) if out.strip() else {}
+    # how far the follower is behind the primary itself: the primary's icount at the same
+    # moment (its last slice before the sample) minus the icount the follower replayed to
+    times = [t for t, _ in primary]
+    for smp in samples:
+        i = bisect.bisect_right(times, smp["t"]) - 1
+        if i >= 0:
+            smp["behind_primary_instructions"] = max(0, primary[i][1] - smp["icount"])
+    recorded_until = primary[-1][0] if primary else 0.0
+    for smp in samples:
+        smp["primary_running"] = smp["t"] <= recorded_until
+    t0 = samples[0]["t"] if samples else 0.0
+    series = [dict(s, t=round(s["t"] - t0, 2)) for s in samples]
+    # the verdict looks at the samples taken while the primary ran: after its End the
+    # heartbeat age only grows and the follower catches up with nothing new coming in
+    live = [s for s in series if s["primary_running"]]
+    third = len(live) // 3
+    verdict: dict = {"samples": len(series), "samples_while_primary_ran": len(live)}
+    if third >= 1:
+        first = [s["lag_ms"] for s in live[:third]]
+        last = [s["lag_ms"] for s in live[-third:]]
+        first_i = [s["lag_instructions"] for s in live[:third]]
+        last_i = [s["lag_instructions"] for s in live[-third:]]
+        m_first, m_last = sum(first) / len(first), sum(last) / len(last)
+        tolerance = max(50.0, 0.5 * m_first)
+        xs = [s["t"] for s in live]
+        ys = [s["lag_ms"] for s in live]
+        mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+        sxx = sum((x - mx) ** 2 for x in xs)
+        slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx if sxx else 0.0
+        b_first = [s.get("behind_primary_instructions", 0) for s in live[:third]]
+        b_last = [s.get("behind_primary_instructions", 0) for s in live[-third:]]
+        verdict.update({
+            "first_third_mean_behind_primary_instructions": round(sum(b_first) / len(b_first)),
+            "last_third_mean_behind_primary_instructions": round(sum(b_last) / len(b_last)),
+            "first_third_mean_lag_ms": round(m_first, 1),
+            "last_third_mean_lag_ms": round(m_last, 1),
+            "first_third_mean_lag_instructions": round(sum(first_i) / len(first_i)),
+            "last_third_mean_lag_instructions": round(sum(last_i) / len(last_i)),
+            "max_lag_ms": max(ys), "slope_ms_per_s": round(slope, 2),
+            "tolerance_ms": round(tolerance, 1),
+            "rule": "while the primary runs: the last third's mean lag_ms <= the first "
+                    "third's + max(50 ms, 50% of it)",
+        })
+        verdict["lag_not_growing"] = m_last <= m_first + tolerance
+    else:
+        verdict["lag_not_growing"] = False
+    return {
+        "guest": "ticks", "bootargs": "timer_hz=100", "wall_budget_s": wall,
+        "record": rec,
+        "follower": {"command": " ".join(["kvmrr"] + cmd[3:]),
+                     # null: stopped before reaching the End (no verdict either way)
+                     "verified": summary.get("verified") if summary else None,
+                     "finished": bool(summary),
+                     "stopped_after_catch_up_s": catch_up_s if stopped else None,
+                     "exit_code": follower.returncode,
+                     "state_hash_matches": (summary.get("state_hash") == result.state_hash
+                                            if summary else None),
+                     "replayed_instructions": summary.get("instructions"),
+                     "replay_instructions_per_second": summary.get("instructions_per_second"),
+                     "errors": [l.strip() for l in stderr_tail[-5:]]},
+        "lag_series": series, **verdict,
+    }
+
+
+def bench_log(quick: bool) -> dict:
+    proc = _kafkactl("fetch", timeout=900)
+    if proc.returncode != 0:
+        raise BenchError(f"kafkactl fetch failed: {proc.stderr.strip()[-2000:]}")
+    out = {"machine": platform.node(), "quick": quick, "cpus": os.cpu_count(),
+           "note": "real Apache Kafka (KRaft) on loopback, started by kafkactl on this "
+                   "shared machine; the recorder, the follower and every broker share its "
+                   "CPUs (loadavg_* shows how busy it was). events/s: recorded events "
+                   "over the wall time to the last commit; mb_per_s: Avro bytes handed to "
+                   "the producer (before lz4, the initial 8.4 MB snapshot included) over "
+                   "that time, log_mb_per_s the log topic alone; commit latency: a slice "
+                   "handed to the publisher thread -> its transaction committed",
+           "clusters": {}}
+    out["loadavg_at_start"] = [round(x, 2) for x in os.getloadavg()]
+    t_start = time.monotonic()
+    for nodes, tag in ((1, "single"), (3, "cluster3")):
+        with Brokers(nodes, tag) as b:
+            entry = {"nodes": nodes, "bootstrap": b.bootstrap, "startup_s": b.started_s,
+                     "bare_transactions": _bare_transactions(b.bootstrap,
+                                                             100 if quick else 200),
+                     "throughput": _throughput(b.bootstrap, tag, quick)}
+            bt = entry["bare_transactions"]
+            print(f"bench: {tag} bare transactions: p50 {bt['whole']['p50_ms']} ms p99 "
+                  f"{bt['whole']['p99_ms']} ms, {bt['concurrent_transactions_retries']} "
+                  f"CONCURRENT_TRANSACTIONS retries", file=sys.stderr, flush=True)
+            if nodes == 3:   # the deployment's shape (replication 3, min ISR 2)
+                entry["follower_lag"] = lag = _follower_lag(b.bootstrap, tag, quick)
+                print(f"bench: {tag} follower lag: first third "
+                      f"{lag.get('first_third_mean_lag_ms')} ms, last third "
+                      f"{lag.get('last_third_mean_lag_ms')} ms, not growing: "
+                      f"{lag['lag_not_growing']}", file=sys.stderr, flush=True)
+            out["clusters"][tag] = entry
+    out["seconds"] = round(time.monotonic() - t_start, 1)
+    out["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    c3 = out["clusters"]["cluster3"]
+    p99s = [r["commit_p99_ms"] for r in c3["throughput"].values()]
+    p99s.append(c3["follower_lag"]["record"]["commit_p99_ms"])
+    worst_p99 = max((p for p in p99s if p is not None), default=None)
+    out["cluster3_worst_commit_p99_ms"] = worst_p99
+    lag = c3["follower_lag"]
+    out["floors"] = {
+        "follower_keeps_up(lag_not_growing)": bool(lag["lag_not_growing"]
+                                                   and lag["follower"]["verified"] is True),
+        "cluster3_commit_p99<=20ms": worst_p99 is not None and worst_p99 <= COMMIT_P99_FLOOR_MS,
+    }
+    return out
+
+
+SUITES = {"core": bench_core, "log": bench_log}
+
+
+def _interrupted(signum, frame):
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="kvmrr bench")
-    ap.add_argument("suite", choices=("core",))
-    ap.add_argument("--out", default="bench/core.json")
+    ap.add_argument("suite", choices=tuple(SUITES))
+    ap.add_argument("--out", default=None, help="default bench/SUITE.json")
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args(argv)
-    result = bench_core(args.quick)
+    args.out = args.out or f"bench/{args.suite}.json"
+    # a SIGTERM unwinds like ^C, so the suite's brokers and follower are stopped
+    signal.signal(signal.SIGTERM, _interrupted)
+    result = SUITES[args.suite](args.quick)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
     print(json.dumps(result, indent=2, sort_keys=True))
