@@ -2,13 +2,15 @@
 client settings the recorder and the backups share."""
 from __future__ import annotations
 
+import logging
+import os
 from dataclasses import dataclass
 
 from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient, NewTopic
 
 WRITER_HEADER = "kvmrr-writer"   # the recorder's transactional.id on every log message
-CONNECT_TIMEOUT_S = 8.0
+CONNECT_TIMEOUT_S = 6.0
 SNAPSHOT_CHUNK_BYTES = 512 * 1024
 
 
@@ -32,9 +34,21 @@ def transactional_id(vm: str) -> str:
     return f"kvmrr.{vm}.recorder"
 
 
+# librdkafka's own log lines (a "Connection refused" every 50 ms while a broker is down)
+# would flood stderr, which carries the one-line errors and the backups' JSON logs: they go
+# to this logger instead, silent unless KVMRR_KAFKA_LOG=1 (or a handler is configured).
+CLIENT_LOG = logging.getLogger("kvmrr.kafka")
+if os.environ.get("KVMRR_KAFKA_LOG"):
+    CLIENT_LOG.addHandler(logging.StreamHandler())
+else:
+    CLIENT_LOG.addHandler(logging.NullHandler())
+    CLIENT_LOG.propagate = False
+
+
 def client_conf(bootstrap: str) -> dict:
     return {"bootstrap.servers": bootstrap, "client.id": "kvmrr",
-            "socket.connection.setup.timeout.ms": 5000, "log_level": 3}
+            "socket.connection.setup.timeout.ms": 5000, "log_level": 3,
+            "logger": CLIENT_LOG}
 
 
 def admin_client(bootstrap: str) -> AdminClient:

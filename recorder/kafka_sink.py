@@ -102,14 +102,34 @@ class KafkaSink:
             except BufferError:
                 self.producer.poll(0.05)
 
+    def _fail(self, err) -> KafkaLogError:
+        fenced = " (fenced by a newer recorder of this VM)" if "FENCED" in err.name() else ""
+        return KafkaLogError(f"the recorder's producer {self.txn_id} failed: {err.str()}{fenced}")
+
+    def _commit(self, deadline: float) -> None:
+        """commit_transaction, retried as librdkafka asks: a retriable error means the
+        outcome is not known yet, so the same commit is called again (never aborted)."""
+        while True:
+            try:
+                self.producer.commit_transaction(TXN_RETRY_S)
+                return
+            except KafkaException as exc:
+                err = exc.args[0]
+                if err.retriable() and not err.txn_requires_abort() \
+                        and time.monotonic() < deadline:
+                    time.sleep(0.1)
+                    continue
+                raise
+
     def _transaction(self, produce_all) -> None:
-        """One transaction, retried (aborted and redone) while the errors are not fatal."""
+        """One transaction; aborted and redone when the producer says it must be, until
+        TXN_RETRY_S has passed; a fatal error (fenced) ends the recording."""
         deadline = time.monotonic() + TXN_RETRY_S
         while True:
             try:
                 self.producer.begin_transaction()
                 produce_all()
-                self.producer.commit_transaction(TXN_RETRY_S)
+                self._commit(deadline)
                 if self._last_log_offset >= 0:
                     # the commit marker follows the last message
                     self.next_log_offset = self._last_log_offset + 2
@@ -117,21 +137,11 @@ class KafkaSink:
             except KafkaException as exc:
                 err = exc.args[0]
                 if err.fatal() or time.monotonic() > deadline:
-                    raise KafkaLogError(f"the recorder's producer {self.txn_id} failed: "
-                                        f"{err.str()}" + (" (fenced by a newer recorder of "
-                                        "this VM)" if "FENCED" in err.name() else "")) from None
+                    raise self._fail(err) from None
                 if err.txn_requires_abort():
                     self.producer.abort_transaction(TXN_RETRY_S)
                     continue
-                if err.retriable():
-                    time.sleep(0.1)
-                    try:
-                        self.producer.abort_transaction(TXN_RETRY_S)
-                    except KafkaException:
-                        pass
-                    continue
-                raise KafkaLogError(f"the recorder's producer {self.txn_id} failed: "
-                                    f"{err.str()}") from None
+                raise self._fail(err) from None
 
     def _publish_unit(self, records: list[dict]) -> None:
         pending: list[dict] = []

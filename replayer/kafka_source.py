@@ -18,6 +18,9 @@ from kvmrr.kafkalog import (CONNECT_TIMEOUT_S, WRITER_HEADER, KafkaLogError, adm
 from schemas import LogFormatError, decode_message, join_snapshot
 
 
+FETCH_TIMEOUT_S = 15.0
+
+
 class EndOfLog(Exception):
     """The reader reached the end of what is committed so far."""
 
@@ -64,17 +67,25 @@ class LogTopicReader:
         return record, offset
 
     def records(self, idle_timeout: float | None) -> Iterator[tuple[dict, int]]:
-        """Records up to the committed end (idle_timeout None: follow forever)."""
+        """Records in order.  idle_timeout 0: up to the committed end (the broker must say
+        where that is within FETCH_TIMEOUT_S); S > 0: until S seconds pass without a new
+        record; None: forever."""
         idle_since = time.monotonic()
+        to_end = idle_timeout is not None and idle_timeout <= 0
         while True:
             try:
                 got = self.next(0.2)
             except EndOfLog:
-                if idle_timeout is not None and idle_timeout <= 0:
+                if to_end:
                     return
                 got = None
             if got is None:
-                if idle_timeout is not None and time.monotonic() - idle_since > idle_timeout:
+                quiet = time.monotonic() - idle_since
+                if to_end and quiet > FETCH_TIMEOUT_S:
+                    raise KafkaLogError(f"{self.topic} offset {self.offset}: the broker sent "
+                                        f"neither records nor the end within "
+                                        f"{FETCH_TIMEOUT_S:.0f} s")
+                if not to_end and idle_timeout is not None and quiet > idle_timeout:
                     return
                 continue
             idle_since = time.monotonic()
