@@ -10,9 +10,7 @@ import bisect
 import json
 import os
 import platform
-import random
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -22,6 +20,7 @@ from pathlib import Path
 
 from libkvmrr import Machine, best_counter, hash64
 from kvmrr.guests import load_guest
+from kvmrr.localkafka import LocalKafka, LocalKafkaError, kafkactl
 from recorder.session import RecordSession
 from replayer.session import replay_records
 from schemas import encode_message
@@ -121,8 +120,6 @@ def bench_core(quick: bool) -> dict:
 
 # ---- the log suite (make bench-log -> bench/log.json) -------------------------------------
 REPO = Path(__file__).resolve().parent.parent
-KAFKACTL = REPO / "compose" / "kafka" / "kafkactl"
-CONTROLLER_OFFSET = 100       # kafkactl puts node i's controller on port + 100 + i
 COMMIT_P99_FLOOR_MS = 20.0
 
 
@@ -130,67 +127,18 @@ class BenchError(RuntimeError):
     pass
 
 
-def _kafkactl(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(KAFKACTL), *args], capture_output=True,
-                          text=True, timeout=timeout)
-
-
-def _port_free(port: int) -> bool:
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(("127.0.0.1", port))
-            return True
-        except OSError:
-            return False
-
-
-def _free_base_port(nodes: int) -> int:
-    """A port P with P..P+nodes-1 and P+100..P+100+nodes-1 all free on loopback."""
-    rnd = random.Random(os.getpid() ^ time.monotonic_ns())
-    for _ in range(200):
-        p = rnd.randrange(20000, 40000)
-        ports = [p + i for i in range(nodes)] + [p + CONTROLLER_OFFSET + i for i in range(nodes)]
-        if all(_port_free(q) for q in ports):
-            return p
-    raise BenchError("no free loopback ports for a broker")
-
-
-class Brokers:
+class Brokers(LocalKafka):
     """A kafkactl cluster of its own (unique name, free ports), stopped on exit."""
 
     def __init__(self, nodes: int, tag: str):
-        self.nodes = nodes
-        self.name = f"bench-{os.getpid()}-{tag}"
-        self.bootstrap = ""
-        self.started_s = None
+        super().__init__(nodes, f"bench-{os.getpid()}-{tag}",
+                         say=lambda m: print(f"bench: {m}", file=sys.stderr, flush=True))
 
     def __enter__(self) -> "Brokers":
-        t0 = time.monotonic()
-        for _ in range(3):   # a port may be taken between the check and the start
-            port = _free_base_port(self.nodes)
-            proc = _kafkactl("start", "--nodes", str(self.nodes), "--port", str(port),
-                             "--name", self.name)
-            if proc.returncode == 0:
-                self.bootstrap = proc.stdout.strip().splitlines()[-1]
-                self.started_s = round(time.monotonic() - t0, 1)
-                print(f"bench: {self.nodes}-node Kafka '{self.name}' at {self.bootstrap} "
-                      f"({self.started_s} s)", file=sys.stderr, flush=True)
-                return self
-            if "already in use" not in proc.stderr:
-                break
-        self._stop()
-        raise BenchError(f"kafkactl start --nodes {self.nodes} failed ({proc.returncode}): "
-                         f"{proc.stderr.strip()[-2000:]}")
-
-    def _stop(self) -> None:
-        proc = _kafkactl("stop", "--name", self.name, timeout=120)
-        if proc.returncode != 0 and "not running" not in proc.stderr + proc.stdout:
-            print(f"bench: kafkactl stop --name {self.name}: {proc.stderr.strip()}",
-                  file=sys.stderr)
-
-    def __exit__(self, *exc) -> None:
-        self._stop()
+        try:
+            return super().__enter__()
+        except LocalKafkaError as exc:
+            raise BenchError(str(exc)) from None
 
 
 def _ms(seconds: float | None) -> float | None:
@@ -531,7 +479,7 @@ def _follower_lag(bootstrap: str, tag: str, quick: bool) -> dict:
 
 
 def bench_log(quick: bool) -> dict:
-    proc = _kafkactl("fetch", timeout=900)
+    proc = kafkactl("fetch", timeout=900)
     if proc.returncode != 0:
         raise BenchError(f"kafkactl fetch failed: {proc.stderr.strip()[-2000:]}")
     out = {"machine": platform.node(), "quick": quick, "cpus": os.cpu_count(),

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from libkvmrr import KvmrrError, resolve_counter
 from kvmrr.guests import load_guest
-from kvmrr.kafkalog import KafkaLogError
+from kvmrr.kafkalog import FencedError, KafkaLogError
 from kvmrr.logurl import FileLog, LogUrlError, parse_log_url
 from recorder.archive_sink import ArchiveSink
 from recorder.loadgen import KvLoad
@@ -20,6 +20,7 @@ from schemas import LogFormatError, read_archive
 
 EXIT_DIVERGED = 1
 EXIT_BAD_INPUT = 2
+EXIT_FENCED = 3       # a newer primary took over: this one stopped, releasing nothing
 
 
 class UsageError(Exception):
@@ -51,7 +52,8 @@ def _load(args) -> KvLoad | None:
 
 def _default_load(args) -> None:
     if args.load is None:
-        args.load = 200.0 if args.guest == "kvstore" else 0.0
+        serving = getattr(args, "serve", False)
+        args.load = 200.0 if args.guest == "kvstore" and not serving else 0.0
 
 
 def _emit(args, summary: dict, human: str) -> None:
@@ -78,6 +80,7 @@ def cmd_run(args, log=None) -> int:
                           snapshot_every=args.snapshot_every, load=_load(args),
                           on_output=_console(args.quiet, args.json))
     extra = {}
+    inputs = None
     if log is None:
         sink = _NoSink()
         session = RecordSession(guest, sink, mode="run", **session_kwargs)
@@ -86,22 +89,30 @@ def cmd_run(args, log=None) -> int:
         session = RecordSession(guest, sink, **session_kwargs)
     else:
         from recorder.kafka_sink import KafkaSink
-        sink = KafkaSink(log.bootstrap, log.vm_id)
+        from recorder.service import KafkaInputs
+        sink = KafkaSink(log.bootstrap, log.vm_id, serve=args.serve,
+                         policy=_policy(args.commit))
+        if args.serve:
+            inputs = KafkaInputs(log.bootstrap, log.vm_id)
+            sink.serve_inputs(inputs)
         session_kwargs["vm_id"] = log.vm_id
         session = RecordSession(guest, sink, heartbeat_every_ns=args.heartbeat_ms * 1_000_000,
-                                **session_kwargs)
+                                inputs=inputs, **session_kwargs)
+        if args.serve:
+            _progress_lines(sink, inputs)
     try:
         result = session.run()
     finally:
+        if inputs:
+            inputs.close()
         sink.close()
     if isinstance(log, FileLog):
         log_bytes = log.path.stat().st_size
     elif log is not None:
         log_bytes = sink.bytes_published
         lat = sink.commit_latencies
-        extra = {"commit_p50_ms": round(_percentile(lat, 0.5) * 1e3, 2) if lat else None,
-                 "commit_p99_ms": round(_percentile(lat, 0.99) * 1e3, 2) if lat else None,
-                 "transactions": len(lat)}
+        extra = {"commit_p50_ms": _ms(lat, 0.5), "commit_p99_ms": _ms(lat, 0.99),
+                 "transactions": len(lat), **_release_stats(sink)}
     else:
         log_bytes = 0
     summary = {
@@ -118,6 +129,43 @@ def cmd_run(args, log=None) -> int:
           f"({result.reason}) in {result.seconds:.2f}s with counter {counter}, "
           f"{result.events} events, state {result.state_hash}")
     return 0
+
+
+def _ms(values: list[float], q: float) -> float | None:
+    p = _percentile(values, q)
+    return None if p is None else round(p * 1e3, 2)
+
+
+def _release_stats(sink) -> dict:
+    """Output commit (DESIGN §5): responses released and how long each was held."""
+    if not sink.serving:
+        return {}
+    lat = sink.output_latencies
+    return {"commit_policy": str(sink.policy), "responses_released": sink.outputs_released,
+            "output_commit_p50_ms": _ms(lat, 0.5), "output_commit_p99_ms": _ms(lat, 0.99)}
+
+
+def _progress_lines(sink, inputs, every_s: float = 1.0) -> None:
+    """A serving primary says every second, as a JSON line on stderr, what it released:
+    an operator (or `make run`) sees it even if the process is killed later."""
+    import threading
+    import time
+
+    def loop() -> None:
+        while True:
+            time.sleep(every_s)
+            line = {"event": "serving", "inputs_consumed": inputs.consumed,
+                    "next_input_offset": inputs.next_offset, **_release_stats(sink)}
+            print(json.dumps(line, sort_keys=True), file=sys.stderr, flush=True)
+    threading.Thread(target=loop, name="kvmrr-progress", daemon=True).start()
+
+
+def _policy(text: str):
+    from recorder.service import CommitPolicy
+    try:
+        return CommitPolicy.parse(text)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
 
 
 class _NoSink:
@@ -201,7 +249,9 @@ def cmd_follow(args) -> int:
         result = f.run(finished_log=False, idle_timeout=args.idle_timeout)
         return _report_replay(args, counter, f.header, result, 0, verb="followed")
     result, primary = f.follow_or_take_over(
-        failover_timeout=args.failover_timeout, max_instructions=args.max_instructions,
+        failover_timeout=args.failover_timeout, give_up_after=args.idle_timeout,
+        serve=args.serve, policy=_policy(args.commit),
+        max_instructions=args.max_instructions,
         checksum_every=args.checksum_every, snapshot_every=args.snapshot_every,
         heartbeat_every_ns=args.heartbeat_ms * 1_000_000)
     if primary is None:
@@ -209,9 +259,33 @@ def cmd_follow(args) -> int:
     summary = {"took_over": True, "takeover_icount": result.icount,
                "instructions": primary.instructions, "state_hash": primary.state_hash,
                "outputs_sha256": primary.outputs_sha256, "reason": primary.reason,
-               "events": primary.events, "mode": counter, "seconds": round(primary.seconds, 3)}
+               "events": primary.events, "mode": counter, "seconds": round(primary.seconds, 3),
+               **_release_stats(f.primary.sink)}
     _emit(args, summary, f"kvmrr: backup {args.backup_id} took over at icount {result.icount} "
           f"and recorded to {primary.instructions}; state {primary.state_hash}")
+    return 0
+
+
+def cmd_gateway(args) -> int:
+    import asyncio
+
+    from kvmrr.gateway import Gateway
+    from kvmrr.logsetup import configure
+    log = parse_log_url(args.log)
+    if isinstance(log, FileLog):
+        raise UsageError("the gateway serves a VM on Kafka: --log kafka://HOST:PORT/VM")
+    host, _, port = args.listen.rpartition(":")
+    if not host or not port.isdigit():
+        raise UsageError(f"--listen {args.listen!r}: use HOST:PORT")
+    configure()
+    gw = Gateway(log.bootstrap, log.vm_id)
+
+    def ready(bound: int) -> None:
+        print(f"kvmrr gateway: listening on {host}:{bound} for VM {log.vm_id}", flush=True)
+    try:
+        asyncio.run(gw.serve(host, int(port), ready))
+    except KeyboardInterrupt:
+        pass
     return 0
 
 
@@ -296,8 +370,18 @@ def _guest_opts(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compression", default="deflate", choices=("deflate", "null"))
     p.add_argument("--heartbeat-ms", type=int, default=100,
                    help="kafka logs: a heartbeat every this many ms")
+    _service_opts(p)
     p.add_argument("--json", action="store_true", help="print one JSON object at the end")
     p.add_argument("--quiet", action="store_true", help="do not show the guest console")
+
+
+def _service_opts(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--serve", action="store_true",
+                   help="kafka logs: take requests from kvmrr.<vm>.in and release responses "
+                        "to kvmrr.<vm>.out (as the new primary, for a backup)")
+    p.add_argument("--commit", default="log", metavar="POLICY",
+                   help="when a response may leave: 'log' (its log is committed) or "
+                        "'backups:N' (and N backups acked receiving it)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -339,10 +423,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checksum-every", type=int, default=1_000_000, metavar="N")
     p.add_argument("--snapshot-every", type=int, default=0, metavar="N")
     p.add_argument("--heartbeat-ms", type=int, default=100)
+    _service_opts(p)
     p.add_argument("--guest", default=None)
     p.add_argument("--json", action="store_true")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(fn=cmd_follow)
+    p = sub.add_parser("gateway", help="TCP clients in front of a served VM: one request "
+                                       "per line, one response per request")
+    p.add_argument("--log", required=True, help="kafka://HOST:PORT/VM")
+    p.add_argument("--listen", default="127.0.0.1:7070", help="HOST:PORT (port 0: any)")
+    p.set_defaults(fn=cmd_gateway)
     p = sub.add_parser("archive", help="export a log on Kafka to an Avro archive")
     p.add_argument("--log", required=True, help="kafka://HOST:PORT/VM")
     p.add_argument("-o", "--output", required=True, help="PATH.avro")
@@ -371,6 +461,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
+    except FencedError as exc:
+        print(f"kvmrr: {exc}", file=sys.stderr)
+        return EXIT_FENCED
     except DivergenceError as exc:
         print(exc.report, file=sys.stderr)
         print(f"kvmrr: {exc}", file=sys.stderr)

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from dataclasses import dataclass
 
-from confluent_kafka import KafkaException
+from typing import Iterator
+
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
 WRITER_HEADER = "kvmrr-writer"   # the recorder's transactional.id on every log message
@@ -18,15 +21,30 @@ class KafkaLogError(Exception):
     """The log on Kafka cannot be used; one line naming topic and offset where known."""
 
 
+class FencedError(KafkaLogError):
+    """A newer primary of this VM took over: this recorder must release nothing more."""
+
+
 @dataclass(frozen=True)
 class Topics:
     log: str
     snapshots: str
     acks: str
+    inputs: str        # the service's requests (from the gateway), consumed by the primary
+    outputs: str       # its released responses, one per output seq (DESIGN §5)
+    succession: str    # no messages: its one partition, held in a consumer group, names
+                       # the backup that takes over (DESIGN §6)
 
 
 def topics(vm: str) -> Topics:
-    return Topics(f"kvmrr.{vm}.log", f"kvmrr.{vm}.snapshots", f"kvmrr.{vm}.acks")
+    return Topics(f"kvmrr.{vm}.log", f"kvmrr.{vm}.snapshots", f"kvmrr.{vm}.acks",
+                  f"kvmrr.{vm}.in", f"kvmrr.{vm}.out", f"kvmrr.{vm}.succession")
+
+
+def input_group(vm: str) -> str:
+    """The consumer group whose committed offset on .in is the next input the VM has not
+    consumed: committed in the same transaction as the log that holds the inputs before."""
+    return f"kvmrr.{vm}.inputs"
 
 
 def transactional_id(vm: str) -> str:
@@ -80,6 +98,9 @@ def ensure_topics(bootstrap: str, vm: str) -> Topics:
         NewTopic(t.log, 1, rf, config=common),
         NewTopic(t.snapshots, 1, rf, config=dict(common, **{"max.message.bytes": str(2 << 20)})),
         NewTopic(t.acks, 1, rf, config=common),
+        NewTopic(t.inputs, 1, rf, config=common),
+        NewTopic(t.outputs, 1, rf, config=common),
+        NewTopic(t.succession, 1, rf, config=common),
     ]
     missing = [nt for nt in wanted if nt.topic not in existing]
     if missing:
@@ -90,3 +111,30 @@ def ensure_topics(bootstrap: str, vm: str) -> Topics:
                 if exc.args[0].name() != "TOPIC_ALREADY_EXISTS":
                     raise KafkaLogError(f"cannot create topic {name}: {exc.args[0].str()}") from None
     return t
+
+
+def scan_topic(bootstrap: str, topic: str, *, start: int = OFFSET_BEGINNING,
+               committed: bool = True, timeout: float = 30.0) -> Iterator:
+    """Every message of a one-partition topic from start to its current end (raw
+    confluent_kafka messages), or a clear error if the broker does not say where that is."""
+    c = Consumer(dict(client_conf(bootstrap), **{
+        "group.id": "kvmrr-scan", "enable.auto.commit": False, "enable.partition.eof": True,
+        "isolation.level": "read_committed" if committed else "read_uncommitted"}))
+    c.assign([TopicPartition(topic, 0, start)])
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            msg = c.poll(0.5)
+            if msg is None:
+                if time.monotonic() > deadline:
+                    raise KafkaLogError(f"{topic}: the broker sent neither records nor the "
+                                        f"end within {timeout:.0f} s")
+                continue
+            if msg.error():
+                if msg.error().code() == KafkaError._PARTITION_EOF:
+                    return
+                raise KafkaLogError(f"{topic}: {msg.error().str()}")
+            deadline = time.monotonic() + timeout
+            yield msg
+    finally:
+        c.close()

@@ -7,6 +7,11 @@ recorder fences an old one).  A Snapshot goes in a transaction of its own, chunk
 carries the log offset where the events after it start, so a late backup can seek there.
 A fatal error (fenced, or the broker unreachable past the timeout) is raised by the next
 commit() on the vCPU thread.
+
+Serving (DESIGN §5), the same transactions also carry the service boundary: the offset of
+the next unconsumed request on .in (send_offsets_to_transaction) and the responses the
+commit policy releases to .out.  A response is therefore visible to read_committed clients
+exactly when the log up to it is committed, and never from a fenced primary.
 """
 from __future__ import annotations
 
@@ -14,17 +19,21 @@ import queue
 import threading
 import time
 
-from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 
-from kvmrr.kafkalog import (SNAPSHOT_CHUNK_BYTES, WRITER_HEADER, KafkaLogError, client_conf,
-                            ensure_topics, transactional_id)
+from kvmrr.kafkalog import (SNAPSHOT_CHUNK_BYTES, WRITER_HEADER, FencedError, KafkaLogError,
+                            client_conf, ensure_topics, transactional_id)
+from recorder.service import AckWatch, CommitPolicy, KafkaInputs, released_seq
 from schemas import encode_message, icount_key, split_snapshot
 
 TXN_RETRY_S = 30.0
+RELEASE_POLL_S = 0.005     # backups:N: how often held responses look at the acks
+NIC = 1                    # the output channel of responses
 
 
 class KafkaSink:
-    def __init__(self, bootstrap: str, vm: str, *, max_pending: int = 2000):
+    def __init__(self, bootstrap: str, vm: str, *, max_pending: int = 2000,
+                 serve: bool = False, policy: CommitPolicy = CommitPolicy()):
         self.bootstrap = bootstrap
         self.vm = vm
         self.topics = ensure_topics(bootstrap, vm)
@@ -42,6 +51,17 @@ class KafkaSink:
                                 f"{bootstrap}: {exc.args[0].str()}") from None
         # A takeover appends to a log that already has messages: learn where it ends.
         self.next_log_offset = self._log_end()
+        self.serving = serve
+        self.policy = policy
+        self.inputs: KafkaInputs | None = None
+        self._committed_input = -1
+        self._held: list[tuple[float, dict]] = []   # (handed, Output) not released yet
+        # after the fence above nothing more reaches .out behind our back: what is there
+        # is released for good and must never be released again (DESIGN §6)
+        self.released_seq = released_seq(bootstrap, vm) if serve else -1
+        self.acks = AckWatch(bootstrap, vm) if serve and policy.backups else None
+        self.output_latencies: list[float] = []     # s, slice handed over -> released
+        self.outputs_released = 0
         self._slice: list[dict] = []
         self._units: queue.Queue = queue.Queue(maxsize=max_pending)
         self.error: Exception | None = None
@@ -70,17 +90,32 @@ class KafkaSink:
     def write(self, record: dict) -> None:
         self._slice.append(record)
 
+    def serve_inputs(self, inputs: KafkaInputs) -> None:
+        """Commit this consumer's position on .in with the log from now on."""
+        self.inputs = inputs
+        self._committed_input = inputs.start_offset
+
+    def hold(self, outputs: list[dict]) -> None:
+        """Responses already in the log but not released (a takeover found them while
+        catching up): they leave under this sink's policy, before any new one."""
+        now = time.monotonic()
+        self._held.extend((now, o) for o in outputs
+                          if o["channel"] == NIC and o["seq"] > self.released_seq)
+
     def commit(self) -> None:
         if self.error:
             raise self.error
         if self._slice:
-            self._units.put((time.monotonic(), self._slice))
+            position = self.inputs.next_offset if self.inputs else -1
+            self._units.put((time.monotonic(), self._slice, position))
             self._slice = []
 
     def close(self) -> None:
         self.commit()
         self._units.put(None)
         self._thread.join()
+        if self.acks:
+            self.acks.close()
         if self.error:
             raise self.error
 
@@ -103,8 +138,11 @@ class KafkaSink:
                 self.producer.poll(0.05)
 
     def _fail(self, err) -> KafkaLogError:
-        fenced = " (fenced by a newer recorder of this VM)" if "FENCED" in err.name() else ""
-        return KafkaLogError(f"the recorder's producer {self.txn_id} failed: {err.str()}{fenced}")
+        if "FENCED" in err.name() or err.code() == KafkaError.INVALID_PRODUCER_EPOCH:
+            return FencedError(f"fenced: a newer primary of VM {self.vm} took over "
+                               f"({self.txn_id}: {err.str()}); this recorder stops and "
+                               "releases nothing more")
+        return KafkaLogError(f"the recorder's producer {self.txn_id} failed: {err.str()}")
 
     def _commit(self, deadline: float) -> None:
         """commit_transaction, retried as librdkafka asks: a retriable error means the
@@ -143,13 +181,58 @@ class KafkaSink:
                     continue
                 raise self._fail(err) from None
 
-    def _publish_unit(self, records: list[dict]) -> None:
-        pending: list[dict] = []
+    def _releasable(self) -> list[tuple[float, dict]]:
+        """The held responses the policy lets go now, a prefix in seq order."""
+        if not self._held:
+            return []
+        if not self.policy.backups:
+            return list(self._held)    # their log is in this very transaction
+        self.acks.poll()
+        acked = self.acks.acked_icount(self.policy.backups)
+        n = 0
+        while n < len(self._held) and self._held[n][1]["icount"] <= acked:
+            n += 1
+        return self._held[:n]
 
-        def flush_log():
+    def _produce_boundary(self, releasing: list[tuple[float, dict]], position: int) -> None:
+        """Inside a transaction: the responses it releases and the input position."""
+        for _, out in releasing:
+            self._produce(self.topics.outputs, out, str(out["seq"]).encode())
+        if self.inputs and position > self._committed_input:
+            self.producer.send_offsets_to_transaction(
+                [TopicPartition(self.topics.inputs, 0, position)],
+                self.inputs.group_metadata(), TXN_RETRY_S)
+
+    def _released(self, releasing: list[tuple[float, dict]], position: int) -> None:
+        """After the commit: the responses are out, the inputs consumed."""
+        if releasing:
+            now = time.monotonic()
+            del self._held[:len(releasing)]
+            self.released_seq = releasing[-1][1]["seq"]
+            self.outputs_released += len(releasing)
+            self.output_latencies.extend(now - handed for handed, _ in releasing)
+        if position > self._committed_input:
+            self._committed_input = position
+
+    def _publish_unit(self, units: list) -> None:
+        pending: list[dict] = []
+        records = [rec for _, recs, _ in units for rec in recs]
+        position = units[-1][2] if units else -1
+        if self.serving:
+            for handed, recs, _ in units:
+                for rec in recs:
+                    if rec["kind"] == "EventBatch":
+                        self._held.extend(
+                            (handed, dict(ev, kind="Output")) for ev in rec["events"]
+                            if ev["kind"] == "Output" and ev["channel"] == NIC
+                            and ev["seq"] > self.released_seq)
+
+        def flush_log(releasing=None):
             for rec in pending:
                 first = rec["events"][0]["icount"] if rec["kind"] == "EventBatch" else 0
                 self._produce(self.topics.log, rec, icount_key(first))
+            if releasing is not None:
+                self._produce_boundary(releasing, position)
 
         for rec in records:
             if rec["kind"] == "Snapshot":
@@ -163,28 +246,61 @@ class KafkaSink:
                                            for c in chunks])
             else:
                 pending.append(rec)
-        if pending:
-            self._transaction(flush_log)
+        releasing = self._releasable() if self.serving else None
+        if pending or releasing or (self.serving and position > self._committed_input):
+            self._transaction(lambda: flush_log(releasing))
+            if self.serving:
+                self._released(releasing, position)
+
+    def _release_waiting(self) -> None:
+        """backups:N with no new slice: let out what the acks allow now."""
+        releasing = self._releasable()
+        if releasing:
+            self._transaction(lambda: self._produce_boundary(releasing, -1))
+            self._released(releasing, -1)
+
+    def _next_units(self) -> list:
+        waiting = self.acks is not None and bool(self._held)
+        try:
+            units = [self._units.get(timeout=RELEASE_POLL_S if waiting else None)]
+        except queue.Empty:
+            return []
+        while True:
+            try:
+                units.append(self._units.get_nowait())
+            except queue.Empty:
+                return units
 
     def _publish_loop(self) -> None:
         """Group commit: every slice waiting when a transaction starts goes into it, so a
         slow commit does not leave the publisher behind the vCPU."""
         done = False
         while not done:
-            units = [self._units.get()]
-            while True:
-                try:
-                    units.append(self._units.get_nowait())
-                except queue.Empty:
-                    break
-            if units[-1] is None:
+            units = self._next_units()
+            if units and units[-1] is None:
                 done = True
                 units.pop()
-            if self.error or not units:
+            if self.error:
                 continue
             try:
-                self._publish_unit([rec for _, records in units for rec in records])
-                now = time.monotonic()
-                self.commit_latencies.extend(now - handed for handed, _ in units)
+                if units:
+                    self._publish_unit(units)
+                    now = time.monotonic()
+                    self.commit_latencies.extend(now - handed for handed, _, _ in units)
+                elif self.acks is not None:
+                    self._release_waiting()
+                if done:
+                    self._drain_held()
             except Exception as exc:   # surfaced on the vCPU thread by commit()
                 self.error = exc
+
+    def _drain_held(self) -> None:
+        """The recording ended: responses still held wait for their acks, for a while."""
+        deadline = time.monotonic() + TXN_RETRY_S
+        while self._held and self.acks is not None:
+            self._release_waiting()
+            if time.monotonic() > deadline:
+                raise KafkaLogError(f"{len(self._held)} responses never released: fewer than "
+                                    f"{self.policy.backups} backups acked their log within "
+                                    f"{TXN_RETRY_S:.0f} s")
+            time.sleep(RELEASE_POLL_S)

@@ -35,14 +35,16 @@ class KvLoad:
 
     def _request(self) -> bytes:
         self.sent += 1
-        rid = f"r{self.sent}"
+        return f"r{self.sent} {self.command()}".encode()
+
+    def command(self) -> str:
+        """The next seeded request, without its id."""
         key = f"k{self._rng.randrange(self._keys)}"
         op = self._rng.random()
         if op < 0.45:
-            value = f"v{self._rng.getrandbits(32):08x}"
-            return f"{rid} PUT {key} {value}".encode()
+            return f"PUT {key} v{self._rng.getrandbits(32):08x}"
         if op < 0.85:
-            return f"{rid} GET {key}".encode()
+            return f"GET {key}"
         if op < 0.95:
-            return f"{rid} DEL {key}".encode()
-        return f"{rid} STAT".encode()
+            return f"DEL {key}"
+        return "STAT"

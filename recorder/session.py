@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from typing import TYPE_CHECKING, Callable, Protocol
 
 from libkvmrr import DEFAULT_MEM_SIZE, GuestError, Machine
 from kvmrr import __version__
@@ -17,6 +17,9 @@ from kvmrr.guests import GuestImage
 from kvmrr.verify import ICOUNT_SEMANTICS, OutputDigest
 from recorder.loadgen import KvLoad
 from schemas import FORMAT_VERSION
+
+if TYPE_CHECKING:
+    from recorder.service import KafkaInputs
 
 SLICE_NS = 10_000_000        # the vCPU comes back this often to publish what it logged
 
@@ -56,9 +59,12 @@ class RecordSession:
                  on_output: Callable[[dict], None] | None = None,
                  mode: str = "record", heartbeat_every_ns: int = 0,
                  continue_from: "Machine | None" = None, next_seq: int = 0,
-                 outputs: OutputDigest | None = None, outputs_complete: bool = True):
+                 outputs: OutputDigest | None = None, outputs_complete: bool = True,
+                 inputs: "KafkaInputs | None" = None):
         """continue_from: a machine that replayed this log up to its end and went live
-        (a takeover); the session then appends to the log from next_seq on."""
+        (a takeover); the session then appends to the log from next_seq on.
+        inputs: requests pushed into the NIC from outside (the service's .in topic); the
+        session tells it which were delivered, so the sink commits the right position."""
         self.guest = guest
         self.sink = sink
         self.counter = counter
@@ -82,6 +88,7 @@ class RecordSession:
         # its End then leaves outputs_sha256 empty rather than state a partial digest.
         self.outputs_complete = outputs_complete
         self.snapshots = 0
+        self.inputs = inputs
 
     def header(self) -> dict:
         return {
@@ -129,6 +136,8 @@ class RecordSession:
             self.snapshot()     # a takeover's too: late backups start from the new primary
         last_snapshot = m.icount
         self._last_heartbeat = 0
+        if self.inputs:
+            self.inputs.start(m)
         started = time.monotonic()
         while True:
             t = now_ns()
@@ -139,6 +148,8 @@ class RecordSession:
                 deadline = min(deadline, self.load.next_due_ns(t))
             r = m.run(stop_icount=self.max_instructions, deadline_ns=deadline)
             events = m.take_events()
+            if self.inputs:
+                self.inputs.delivered(events)
             if self.recording and r.stop not in ("exited", "icount", "error"):
                 self._heartbeat(events, now_ns())
             self._publish(events)

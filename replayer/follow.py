@@ -8,6 +8,7 @@ received and replayed to kvmrr.<vm>.acks and reports its lag as log lines and me
 from __future__ import annotations
 
 import time
+from collections import deque
 from typing import Callable
 
 import structlog
@@ -24,6 +25,7 @@ from schemas import encode_message
 
 ACK_EVERY_S = 0.05
 LAG_LOG_EVERY_S = 1.0
+RECENT_OUTPUTS = 100_000   # replayed responses kept, to find those a takeover must release
 
 
 def choose_snapshot(snaps: list[dict], start: str, until: int | None) -> dict:
@@ -55,7 +57,7 @@ class Follower:
                 time.sleep(0.5)
         try:
             self.session = ReplaySession(self.header, counter=counter, guest=guest,
-                                         until=until, on_output=on_output)
+                                         until=until, on_output=self._on_output)
         except ReplayError as exc:
             raise ReplayError(f"{self.topics.log} offset 0: {exc}") from None
         self.session.start(snapshot)
@@ -67,8 +69,19 @@ class Follower:
         self.acks = Producer(dict(client_conf(bootstrap), acks="all")) if backup_id else None
         self._last_ack = self._last_lag_log = 0.0
         self.lag_samples: list[tuple[float, int, float]] = []   # (t, lag instr, lag s)
+        self.on_output = on_output
+        self.recent_outputs: deque[dict] = deque(maxlen=RECENT_OUTPUTS)
+        self._succession = None
+
+    def _on_output(self, ev: dict) -> None:
+        if ev["channel"] == 1:
+            self.recent_outputs.append(ev)
+        if self.on_output:
+            self.on_output(ev)
 
     def _ack(self, force: bool = False) -> None:
+        if self._succession is not None:
+            self._succession.poll()
         now = time.monotonic()
         s = self.session
         lag_i = max(0, s.received_icount - s.icount)
@@ -121,14 +134,16 @@ class Follower:
             self.log.info("done", icount=self.session.icount)
         return self.session.result()
 
-    def _follow(self, finished_log: bool, idle_timeout: float | None) -> bool:
+    def _follow(self, finished_log: bool, idle_timeout: float | None,
+                stop_when: Callable[[float], bool] | None = None) -> bool:
         """Feed committed batches from self.offset on; True once the End is replayed."""
         reader = LogTopicReader(self.bootstrap, self.vm, self.topics.log, self.offset)
         if self.backup_id:
             self.log.info("reading", snapshot_icount=self.snapshot["icount"], offset=self.offset)
         running = True
         try:
-            for record, offset in reader.records(0 if finished_log else idle_timeout):
+            for record, offset in reader.records(0 if finished_log else idle_timeout,
+                                                 stop_when):
                 if record["kind"] == "LogHeader":
                     continue
                 if record["kind"] != "EventBatch":
@@ -151,31 +166,85 @@ class Follower:
             reader.close()
         return not running
 
-    def follow_or_take_over(self, *, failover_timeout: float, **record_opts):
-        """Follow the live log; if the primary falls silent for failover_timeout s, take
-        over: fence it, replay whatever it committed before the fence, and continue the
-        same log as the new primary.  Returns (ReplayResult, RecordResult | None)."""
-        if self._follow(False, failover_timeout):
-            return self._done(), None
-        self.log.warning("primary silent, taking over", silent_s=failover_timeout,
-                         icount=self.session.icount)
+    def follow_or_take_over(self, *, failover_timeout: float, give_up_after: float | None,
+                            serve: bool = False, policy=None, **record_opts):
+        """Follow the live log; if the primary falls silent for failover_timeout s and this
+        backup is the designated successor (replayer.succession), take over: fence it,
+        replay whatever it committed before the fence, and continue the same log as the
+        new primary.  A backup that is not designated keeps following whoever continues
+        the log, and gives up after give_up_after s of silence.
+        Returns (ReplayResult, RecordResult | None)."""
+        from replayer.succession import Succession
+        succession = self._succession = Succession(self.bootstrap, self.vm,
+                                                   self.backup_id or "backup")
+        chosen = False
+
+        def primary_gone(quiet: float) -> bool:
+            nonlocal chosen
+            chosen = quiet >= failover_timeout and \
+                succession.designated_for() >= failover_timeout
+            return chosen
+
+        try:
+            if self._follow(False, give_up_after, primary_gone):
+                return self._done(), None
+            if not chosen:
+                raise ReplayError(f"{self.topics.log} offset {self.offset}: no new record for "
+                                  f"{give_up_after} s and this backup was not chosen to take "
+                                  f"over (replayed to icount {self.session.icount})")
+            self.log.warning("primary silent, taking over", silent_s=failover_timeout,
+                             icount=self.session.icount)
+            return self._take_over(serve, policy, record_opts)
+        finally:
+            self._leave_succession()
+
+    def _leave_succession(self) -> None:
+        if self._succession is not None:
+            self._succession.close()
+            self._succession = None
+
+    def _take_over(self, serve: bool, policy, record_opts: dict):
         from recorder.kafka_sink import KafkaSink
+        from recorder.service import CommitPolicy, KafkaInputs
         from recorder.session import RecordSession
-        sink = KafkaSink(self.bootstrap, self.vm)      # fences the old primary
+        t0 = time.monotonic()
+        sink = KafkaSink(self.bootstrap, self.vm, serve=serve,
+                         policy=policy or CommitPolicy())       # fences the old primary
+        inputs = None
         try:
             if self._follow(True, 0):                  # it had finished after all
                 return self._done(), None
             s = self.session
             replayed = s.result()
+            if serve:
+                self._hold_unreleased(sink)
+                inputs = KafkaInputs(self.bootstrap, self.vm)
+                sink.serve_inputs(inputs)
             s.machine.go_live(record_opts.pop("checksum_every"))
-            self.log.warning("live", icount=s.icount, next_seq=s.expected_seq)
+            self._leave_succession()     # the next backup in line takes the role
+            self.log.warning("live", icount=s.icount, next_seq=s.expected_seq,
+                             released_seq=sink.released_seq,
+                             next_input_offset=inputs.start_offset if inputs else None,
+                             takeover_ms=round((time.monotonic() - t0) * 1000, 1))
             rec = RecordSession(s.image, sink, counter=s.counter, vm_id=self.vm,
                                 bootargs=self.header["bootargs"], continue_from=s.machine,
                                 next_seq=s.expected_seq, outputs=s.outputs,
                                 outputs_complete=s.start_icount == 0,
-                                on_output=s.on_output, **record_opts)
+                                on_output=self.on_output, inputs=inputs, **record_opts)
+            self.primary = rec
             result = rec.run()
         finally:
+            if inputs:
+                inputs.close()
             sink.close()
         self.log.info("done as primary", icount=result.instructions)
         return replayed, result
+
+    def _hold_unreleased(self, sink) -> None:
+        """Responses the replay regenerated that never left: the new primary releases them
+        (under its policy); those already on .out never leave twice."""
+        recent = self.recent_outputs
+        if (len(recent) == recent.maxlen and recent[0]["seq"] > sink.released_seq + 1):
+            raise ReplayError(f"cannot take over: responses after seq {sink.released_seq} "
+                              f"were replayed too long ago to be released now")
+        sink.hold([o for o in recent if o["seq"] > sink.released_seq])

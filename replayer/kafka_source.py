@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Iterator
+from typing import Callable, Iterator
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
 
@@ -66,10 +66,13 @@ class LogTopicReader:
         self.offset = offset + 1
         return record, offset
 
-    def records(self, idle_timeout: float | None) -> Iterator[tuple[dict, int]]:
+    def records(self, idle_timeout: float | None,
+                stop_when: Callable[[float], bool] | None = None
+                ) -> Iterator[tuple[dict, int]]:
         """Records in order.  idle_timeout 0: up to the committed end (the broker must say
         where that is within FETCH_TIMEOUT_S); S > 0: until S seconds pass without a new
-        record; None: forever."""
+        record; None: forever.  stop_when(quiet seconds), asked while nothing comes, may
+        end it earlier."""
         idle_since = time.monotonic()
         to_end = idle_timeout is not None and idle_timeout <= 0
         while True:
@@ -86,6 +89,8 @@ class LogTopicReader:
                                         f"neither records nor the end within "
                                         f"{FETCH_TIMEOUT_S:.0f} s")
                 if not to_end and idle_timeout is not None and quiet > idle_timeout:
+                    return
+                if stop_when is not None and stop_when(quiet):
                     return
                 continue
             idle_since = time.monotonic()

@@ -48,7 +48,7 @@ FORMAT_VERSION = 1
 #: CRC-64-AVRO, as in Avro's single-object encoding).
 SCHEMA_HEADER = "kvmrr-schema"
 
-MESSAGE_KINDS = ("LogHeader", "Snapshot", "EventBatch", "Ack")
+MESSAGE_KINDS = ("LogHeader", "Snapshot", "EventBatch", "Ack", "Output")
 ARCHIVE_KINDS = ("LogHeader", "Snapshot", "EventBatch", "ArchiveEnd")
 ARCHIVE_CODECS = ("null", "deflate")
 

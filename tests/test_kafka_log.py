@@ -18,8 +18,8 @@ from uuid import uuid4
 
 import pytest
 
-from brokers import REPO, kafkactl, start_cluster
-from conftest import kvmrr, kvmrr_json
+from brokers import kafkactl, start_cluster
+from conftest import REPO, kvmrr, kvmrr_json
 
 ck = pytest.importorskip("confluent_kafka")
 from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition  # noqa: E402

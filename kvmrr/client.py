@@ -1,0 +1,236 @@
+"""A kvstore client over the gateway that never gives up on a request, and checks what it
+got: used by `make run`, the fault-tolerance tests and the benchmark.
+
+Requests are seeded (recorder.loadgen.KvLoad), with ids `<name>-<n>`.  When the
+connection breaks it reconnects and sends every unanswered request again, with its id: the
+gateway answers each id once.  It counts what a user would: answered, lost (never
+answered), duplicated (answered twice), and at the end checks that the store holds the
+last acknowledged write of every key it wrote.
+"""
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from dataclasses import dataclass
+
+from recorder.loadgen import KvLoad
+
+RECONNECT_S = 0.1
+
+
+@dataclass
+class ClientReport:
+    requests: int
+    answered: int
+    lost: int
+    duplicated: int
+    errors: int
+    latency_p50_ms: float | None
+    latency_p99_ms: float | None
+    reconnects: int
+    store_checked: int = 0
+    store_mismatches: int = 0
+
+
+class KvClient:
+    def __init__(self, host: str, port: int, *, name: str = "c", seed: int = 1,
+                 keys: int = 32):
+        self.addr = (host, port)
+        self.name = name
+        self._gen = KvLoad(seed=seed, rate_hz=1.0, keys=keys)
+        self._lock = threading.Lock()
+        self._sock: socket.socket | None = None
+        self.pending: dict[str, tuple[bytes, float]] = {}   # id -> (line, first sent)
+        self.answers: dict[str, bytes] = {}
+        self.order: list[str] = []                          # ids in the order sent
+        self.lines: dict[str, bytes] = {}
+        self.latencies: list[float] = []
+        self.duplicated = 0
+        self.errors = 0
+        self.reconnects = 0
+        self.answered_at: dict[str, tuple[float, float]] = {}   # id -> (sent, answered)
+        self._closed = False
+        self._reader: threading.Thread | None = None
+
+    # -- connection ------------------------------------------------------------------------
+    def _connect(self) -> socket.socket | None:
+        with self._lock:
+            if self._sock is not None:
+                return self._sock
+        try:
+            s = socket.create_connection(self.addr, timeout=2)
+        except OSError:
+            return None
+        s.settimeout(None)
+        with self._lock:
+            self._sock = s
+            resend = [self.pending[i][0] for i in self.order if i in self.pending]
+        self._reader = threading.Thread(target=self._read, args=(s,), daemon=True)
+        self._reader.start()
+        if resend:
+            self.reconnects += 1
+            self._write(s, b"".join(line + b"\n" for line in resend))
+        return s
+
+    def _drop(self, s: socket.socket) -> None:
+        with self._lock:
+            if self._sock is s:
+                self._sock = None
+        try:
+            s.close()
+        except OSError:
+            pass
+
+    def _write(self, s: socket.socket, data: bytes) -> None:
+        try:
+            s.sendall(data)
+        except OSError:
+            self._drop(s)
+
+    def _read(self, s: socket.socket) -> None:
+        buf = b""
+        while True:
+            try:
+                chunk = s.recv(65536)
+            except OSError:
+                chunk = b""
+            if not chunk:
+                self._drop(s)
+                return
+            buf += chunk
+            *lines, buf = buf.split(b"\n")
+            for line in lines:
+                self._answer(line)
+
+    def _answer(self, line: bytes) -> None:
+        rid = line.split(b" ", 1)[0].decode("ascii", "replace")
+        now = time.monotonic()
+        with self._lock:
+            if rid in self.answers:
+                self.duplicated += 1
+                return
+            if rid not in self.pending:
+                self.errors += 1          # an answer to nothing this client asked
+                return
+            _, sent = self.pending.pop(rid)
+            self.answers[rid] = line
+            self.latencies.append(now - sent)
+            self.answered_at[rid] = (sent, now)
+            if b" ERR " in line:
+                self.errors += 1
+
+    # -- requests --------------------------------------------------------------------------
+    def send(self, body: str) -> str:
+        """Send `<id> body`; the id."""
+        with self._lock:
+            rid = f"{self.name}-{len(self.order) + 1}"
+            line = f"{rid} {body}".encode()
+            self.order.append(rid)
+            self.lines[rid] = line
+            self.pending[rid] = (line, time.monotonic())
+        s = self._connect()
+        if s is not None:
+            self._write(s, line + b"\n")
+        return rid
+
+    def send_random(self) -> str:
+        return self.send(self._gen.command())
+
+    def run(self, rate_hz: float, seconds: float, stop: threading.Event | None = None,
+            on_tick=None) -> None:
+        """Send at rate_hz for seconds (or until stop), reconnecting as needed."""
+        interval = 1.0 / rate_hz
+        t_end = time.monotonic() + seconds
+        next_t = time.monotonic()
+        while time.monotonic() < t_end and not (stop and stop.is_set()):
+            now = time.monotonic()
+            if now >= next_t:
+                self.send_random()
+                next_t += interval
+                if next_t < now - 1:       # far behind (a stall): do not burst
+                    next_t = now
+            if self._sock is None:
+                self._connect()
+            if on_tick:
+                on_tick()
+            time.sleep(min(max(0.0, next_t - time.monotonic()), 0.01))
+
+    def drain(self, timeout: float) -> bool:
+        """Wait until every request is answered; False if some never were."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._lock:
+                if not self.pending:
+                    return True
+            if self._sock is None:
+                self._connect()
+            time.sleep(0.02)
+        return not self.pending
+
+    def first_answer_sent_after(self, t: float) -> float | None:
+        """When the first answer to a request sent at or after monotonic time t came: after
+        a primary is killed at t, the first response from its successor."""
+        with self._lock:
+            later = [a for s, a in self.answered_at.values() if s >= t]
+        return min(later) if later else None
+
+    def request(self, body: str, timeout: float = 30.0) -> bytes:
+        rid = self.send(body)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._lock:
+                if rid in self.answers:
+                    return self.answers[rid]
+            if self._sock is None:
+                self._connect()
+            time.sleep(0.005)
+        raise TimeoutError(f"no answer to {rid} {body} within {timeout} s")
+
+    # -- checks ----------------------------------------------------------------------------
+    def expected_store(self) -> dict[str, str | None]:
+        """The last acknowledged write of every key, in the order the requests were sent
+        (one connection: the gateway puts them on .in in that order)."""
+        model: dict[str, str | None] = {}
+        for rid in self.order:
+            parts = self.lines[rid].decode().split(" ")
+            answer = self.answers.get(rid, b"")
+            if parts[1] == "PUT" and b" OK" in answer:
+                model[parts[2]] = parts[3]
+            elif parts[1] == "DEL" and (b" OK" in answer or b" NOTFOUND" in answer):
+                model[parts[2]] = None
+        return model
+
+    def check_store(self, timeout: float = 30.0) -> tuple[int, list[str]]:
+        """GET every key written; (keys checked, mismatches described)."""
+        bad = []
+        model = self.expected_store()
+        for key, value in sorted(model.items()):
+            got = self.request(f"GET {key}", timeout).decode().split(" ")
+            if value is None:
+                if got[1] != "NOTFOUND":
+                    bad.append(f"{key}: expected deleted, got {' '.join(got[1:])}")
+            elif got[1] != "OK" or got[-1] != value:
+                bad.append(f"{key}: expected {value}, got {' '.join(got[1:])}")
+        return len(model), bad
+
+    def report(self) -> ClientReport:
+        with self._lock:
+            lat = sorted(self.latencies)
+
+            def pct(q):
+                return round(lat[min(len(lat) - 1, int(q * len(lat)))] * 1e3, 2) if lat else None
+            return ClientReport(
+                requests=len(self.order), answered=len(self.answers), lost=len(self.pending),
+                duplicated=self.duplicated, errors=self.errors, latency_p50_ms=pct(0.5),
+                latency_p99_ms=pct(0.99), reconnects=self.reconnects)
+
+    def close(self) -> None:
+        with self._lock:
+            s, self._sock = self._sock, None
+        if s:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+                s.close()
+            except OSError:
+                pass

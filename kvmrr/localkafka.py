@@ -1,0 +1,94 @@
+"""Real Kafka brokers of our own on loopback (compose/kafka/kafkactl): free ports, a unique
+name, stopped on exit.  Used by `make run`, the benchmarks and the tests."""
+from __future__ import annotations
+
+import os
+import random
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+KAFKACTL = REPO / "compose" / "kafka" / "kafkactl"
+CONTROLLER_OFFSET = 100       # kafkactl puts node i's controller on port + 100 + i
+
+
+class LocalKafkaError(RuntimeError):
+    pass
+
+
+def kafkactl(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(KAFKACTL), *args], capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def port_free(port: int) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
+def free_base_port(nodes: int) -> int:
+    """A port P with P..P+nodes-1 and P+100..P+100+nodes-1 all free on loopback."""
+    rnd = random.Random(os.getpid() ^ time.monotonic_ns())
+    for _ in range(200):
+        p = rnd.randrange(20000, 40000)
+        ports = [p + i for i in range(nodes)] + [p + CONTROLLER_OFFSET + i for i in range(nodes)]
+        if all(port_free(q) for q in ports):
+            return p
+    raise LocalKafkaError("no free loopback ports for a broker")
+
+
+def start(nodes: int, name: str) -> tuple[str, int]:
+    """Start a kafkactl cluster; (bootstrap, base port)."""
+    for _ in range(3):   # a port may be taken between the check and the start
+        port = free_base_port(nodes)
+        proc = kafkactl("start", "--nodes", str(nodes), "--port", str(port), "--name", name)
+        if proc.returncode == 0:
+            return proc.stdout.strip().splitlines()[-1], port
+        if "already in use" not in proc.stderr:
+            break
+    raise LocalKafkaError(f"kafkactl start --nodes {nodes} failed ({proc.returncode}): "
+                          f"{proc.stderr.strip()[-2000:]}")
+
+
+def stop(name: str) -> str | None:
+    """Stop it; an error text, or None."""
+    proc = kafkactl("stop", "--name", name, timeout=120)
+    if proc.returncode != 0 and "not running" not in proc.stderr + proc.stdout:
+        return proc.stderr.strip()
+    return None
+
+
+class LocalKafka:
+    """with LocalKafka(3, "bench-x") as k: k.bootstrap"""
+
+    def __init__(self, nodes: int, name: str, say=None):
+        self.nodes, self.name, self.say = nodes, name, say
+        self.bootstrap = ""
+        self.port = 0
+        self.started_s: float | None = None
+
+    def __enter__(self) -> "LocalKafka":
+        t0 = time.monotonic()
+        try:
+            self.bootstrap, self.port = start(self.nodes, self.name)
+        except LocalKafkaError:
+            stop(self.name)
+            raise
+        self.started_s = round(time.monotonic() - t0, 1)
+        if self.say:
+            self.say(f"{self.nodes}-node Kafka '{self.name}' at {self.bootstrap} "
+                     f"({self.started_s} s)")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        err = stop(self.name)
+        if err and self.say:
+            self.say(f"kafkactl stop --name {self.name}: {err}")

@@ -1,0 +1,181 @@
+"""The service boundary on the primary (DESIGN §5): requests from kvmrr.<vm>.in go into the
+guest's NIC; responses leave through kvmrr.<vm>.out only when the release policy allows.
+
+Inputs: a thread takes requests from .in and pushes them into the NIC queue as they come
+(nic_push wakes the vCPU), remembering each one's offset.  The core delivers queued packets
+in order, one Dma event each, so the n-th Dma event in the log is the n-th pushed offset:
+after a slice, `delivered()` turns the slice's Dma events into the next unconsumed offset,
+which the sink commits in the same transaction as the log holding those events.  A new
+primary therefore resumes exactly after the last input in the committed log.
+
+Outputs: the policy decides when a response in the log may be released (written to .out in
+a transaction): `log` with the transaction of its own log, `backups:N` once N backups have
+acked receipt of the log up to its icount.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
+
+from kvmrr.kafkalog import (WRITER_HEADER, KafkaLogError, client_conf, input_group,
+                            scan_topic, topics, transactional_id)
+from schemas import LogFormatError, decode_message
+
+NIC_MTU = 2048          # KVMRR_NIC_MTU: longer requests are cut to it, as the NIC would
+
+
+@dataclass(frozen=True)
+class CommitPolicy:
+    backups: int = 0     # 0: `log`
+
+    @classmethod
+    def parse(cls, text: str) -> "CommitPolicy":
+        if text == "log":
+            return cls(0)
+        kind, _, n = text.partition(":")
+        if kind == "backups" and n.isdigit() and int(n) > 0:
+            return cls(int(n))
+        raise ValueError(f"unknown commit policy {text!r}: use 'log' or 'backups:N' (N >= 1)")
+
+    def __str__(self) -> str:
+        return f"backups:{self.backups}" if self.backups else "log"
+
+
+class KafkaInputs:
+    """The primary's consumer of .in, in the group whose committed offset is the next
+    request the VM has not consumed."""
+
+    def __init__(self, bootstrap: str, vm: str):
+        self.topic = topics(vm).inputs
+        self.consumer = Consumer(dict(client_conf(bootstrap), **{
+            "group.id": input_group(vm), "enable.auto.commit": False,
+            "isolation.level": "read_committed", "auto.offset.reset": "earliest",
+            "fetch.wait.max.ms": 5}))
+        tp = TopicPartition(self.topic, 0)
+        try:
+            committed = self.consumer.committed([tp], timeout=15)[0].offset
+        except KafkaException as exc:
+            raise KafkaLogError(f"cannot read the committed input offset of {self.topic}: "
+                                f"{exc.args[0].str()}") from None
+        self.next_offset = max(committed, 0)    # the position to commit
+        self.consumer.assign([TopicPartition(self.topic, 0,
+                                             committed if committed >= 0 else OFFSET_BEGINNING)])
+        self._pushed: deque[int] = deque()      # pushed into the NIC, not delivered yet
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.consumed = 0
+        self.error: str | None = None
+        # taken now: asked while the feeding thread polls, librdkafka blocks; and a
+        # consumer that only assigns never changes generation
+        self._group_metadata = self.consumer.consumer_group_metadata()
+
+    @property
+    def start_offset(self) -> int:
+        return self.next_offset
+
+    def group_metadata(self):
+        return self._group_metadata
+
+    def start(self, machine) -> None:
+        self._thread = threading.Thread(target=self._feed, args=(machine,),
+                                        name="kvmrr-inputs", daemon=True)
+        self._thread.start()
+
+    def _feed(self, machine) -> None:
+        while not self._stop.is_set():
+            msg = self.consumer.poll(0.05)
+            if msg is None:
+                continue
+            if msg.error():
+                if msg.error().code() != KafkaError._PARTITION_EOF:
+                    self.error = msg.error().str()
+                continue
+            packet = (msg.value() or b"")[:NIC_MTU]
+            while not self._stop.is_set():
+                with self._lock:
+                    if machine.nic_push(packet):
+                        self._pushed.append(msg.offset())
+                        self.consumed += 1
+                        break
+                time.sleep(0.002)     # the NIC queue is full: the guest is behind
+
+    def delivered(self, events: list[dict]) -> int:
+        """Account for the Dma events of a slice; the next unconsumed offset."""
+        with self._lock:
+            for ev in events:
+                if ev["kind"] == "Dma":
+                    self.next_offset = self._pushed.popleft() + 1
+        return self.next_offset
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread:
+            self._thread.join()
+        self.consumer.close()
+
+
+class AckWatch:
+    """What each backup has acked receiving, read from .acks (for `--commit backups:N`)."""
+
+    def __init__(self, bootstrap: str, vm: str):
+        self.topic = topics(vm).acks
+        self.consumer = Consumer(dict(client_conf(bootstrap), **{
+            "group.id": f"kvmrr.{vm}.ackwatch", "enable.auto.commit": False,
+            "fetch.wait.max.ms": 5}))
+        self.consumer.assign([TopicPartition(self.topic, 0, OFFSET_BEGINNING)])
+        self.received: dict[str, int] = {}
+
+    def poll(self) -> None:
+        for msg in self.consumer.consume(500, 0):
+            if msg.error():
+                continue
+            try:
+                ack = decode_message(msg.value() or b"", msg.headers() or [])
+            except LogFormatError:
+                continue      # not ours to judge: the ack only ever holds outputs back
+            if ack.get("kind") == "Ack":
+                b = ack["backup_id"]
+                self.received[b] = max(self.received.get(b, -1), ack["received_icount"])
+
+    def acked_icount(self, n: int) -> int:
+        """The icount up to which at least n backups have received the log (-1: none)."""
+        got = sorted(self.received.values(), reverse=True)
+        return got[n - 1] if len(got) >= n else -1
+
+    def close(self) -> None:
+        self.consumer.close()
+
+
+def released_seq(bootstrap: str, vm: str, timeout: float = 15.0) -> int:
+    """The highest output seq committed to .out (-1: none).  Called by a new primary after
+    it has fenced the old one, so nothing more can be committed there behind its back."""
+    topic = topics(vm).outputs
+    writer = transactional_id(vm).encode()
+    c = Consumer(dict(client_conf(bootstrap), **{"group.id": f"kvmrr.{vm}.release-probe"}))
+    try:
+        low, high = c.get_watermark_offsets(TopicPartition(topic, 0), timeout=timeout)
+    except KafkaException as exc:
+        raise KafkaLogError(f"cannot read {topic}: {exc.args[0].str()}") from None
+    finally:
+        c.close()
+    window = 64
+    while True:
+        start = max(low, high - window)
+        best = -1
+        for msg in scan_topic(bootstrap, topic, start=start, timeout=timeout):
+            if dict(msg.headers() or []).get(WRITER_HEADER) != writer:
+                continue
+            try:
+                out = decode_message(msg.value() or b"", msg.headers() or [])
+            except LogFormatError as exc:
+                raise KafkaLogError(f"{topic} offset {msg.offset()}: {exc}") from None
+            best = max(best, out["seq"])
+        if best >= 0 or start <= low:
+            return best
+        window *= 4       # only markers and aborted records at the end: look further
+
