@@ -10,7 +10,7 @@ KAFKA_PORT  ?= 19092
 CORE_SRC    := $(wildcard libkvmrr/src/*.c libkvmrr/src/*.h libkvmrr/include/*.h)
 CORE_CFLAGS := -O2 -g -Wall -Wextra -Werror -Wno-unused-parameter -std=gnu11 -Ilibkvmrr/include -Ilibkvmrr/src
 
-.PHONY: all build guests run test test-c test-py bench bench-core bench-log kafka kafka-cluster \
+.PHONY: all build guests run test test-c test-py bench bench-core bench-log bench-ft kafka kafka-cluster \
         kafka-down clean distclean
 
 all: build
@@ -60,7 +60,12 @@ bench-core: build
 bench-log: build
 	$(PY) -m kvmrr.bench log --out bench/log.json $(if $(QUICK),--quick)
 
-bench: bench-core bench-log
+# kvstore served through the gateway on its own single-node Kafka against a plain run,
+# and failover time over 10 trials
+bench-ft: build
+	$(PY) -m kvmrr.bench ft --out bench/ft.json $(if $(QUICK),--quick)
+
+bench: bench-core bench-log bench-ft
 
 # ---- Kafka (real Apache Kafka from Maven Central, KRaft, loopback) --------------------
 kafka:

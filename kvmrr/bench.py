@@ -526,7 +526,12 @@ def bench_log(quick: bool) -> dict:
     return out
 
 
-SUITES = {"core": bench_core, "log": bench_log}
+def bench_ft(quick: bool) -> dict:
+    from kvmrr.bench_ft import run
+    return run(quick)
+
+
+SUITES = {"core": bench_core, "log": bench_log, "ft": bench_ft}
 
 
 def _interrupted(signum, frame):

@@ -75,7 +75,7 @@ def cmd_run(args, log=None) -> int:
     guest = load_guest(args.guest)
     counter, why = resolve_counter(args.mode)
     session_kwargs = dict(counter=counter, vm_id=args.vm, bootargs=args.bootargs,
-                          max_instructions=args.max_instructions,
+                          max_instructions=args.max_instructions, max_seconds=args.seconds,
                           checksum_every=args.checksum_every,
                           snapshot_every=args.snapshot_every, load=_load(args),
                           on_output=_console(args.quiet, args.json))
@@ -359,6 +359,8 @@ def _guest_opts(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mode", default="auto", choices=("auto", "fast", "step"),
                    help="instruction counter (auto: the best exact one here)")
     p.add_argument("--max-instructions", type=int, default=None, metavar="N")
+    p.add_argument("--seconds", type=float, default=None, metavar="S",
+                   help="stop after S seconds of wall-clock time")
     p.add_argument("--bootargs", default="", help="key=value ... passed to the guest")
     p.add_argument("--vm", default="vm0", help="VM id")
     p.add_argument("--load", type=float, default=None, metavar="RATE",
@@ -449,8 +451,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", default="build/demo")
     p.set_defaults(fn=cmd_demo)
     p = sub.add_parser("bench", help="benchmarks")
-    p.add_argument("suite", choices=("core", "log"),
-                   help="core: instructions/s, log bytes; log: the log on real Kafka")
+    p.add_argument("suite", choices=("core", "log", "ft"),
+                   help="core: instructions/s, log bytes; log: the log on real Kafka; "
+                        "ft: the served VM against a plain run, and failover")
     p.add_argument("--out", default=None, help="default bench/SUITE.json")
     p.add_argument("--quick", action="store_true")
     p.set_defaults(fn=cmd_bench)

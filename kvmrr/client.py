@@ -123,13 +123,13 @@ class KvClient:
     # -- requests --------------------------------------------------------------------------
     def send(self, body: str) -> str:
         """Send `<id> body`; the id."""
+        s = self._connect()
         with self._lock:
             rid = f"{self.name}-{len(self.order) + 1}"
             line = f"{rid} {body}".encode()
             self.order.append(rid)
             self.lines[rid] = line
             self.pending[rid] = (line, time.monotonic())
-        s = self._connect()
         if s is not None:
             self._write(s, line + b"\n")
         return rid

@@ -119,6 +119,7 @@ def scan_topic(bootstrap: str, topic: str, *, start: int = OFFSET_BEGINNING,
     confluent_kafka messages), or a clear error if the broker does not say where that is."""
     c = Consumer(dict(client_conf(bootstrap), **{
         "group.id": "kvmrr-scan", "enable.auto.commit": False, "enable.partition.eof": True,
+        "fetch.wait.max.ms": 10,   # the end is known when an empty fetch returns
         "isolation.level": "read_committed" if committed else "read_uncommitted"}))
     c.assign([TopicPartition(topic, 0, start)])
     deadline = time.monotonic() + timeout

@@ -42,7 +42,9 @@ class KafkaSink:
             "transactional.id": self.txn_id, "enable.idempotence": True, "acks": "all",
             "linger.ms": 1, "transaction.timeout.ms": 60000, "message.max.bytes": 2 << 20,
             "compression.type": "lz4",   # snapshots are mostly zero pages
+            "error_cb": self._client_error,
         })
+        self._fatal = None          # the error that made the producer unusable
         self.producer = Producer(conf)
         try:
             self.producer.init_transactions(10)
@@ -137,7 +139,15 @@ class KafkaSink:
             except BufferError:
                 self.producer.poll(0.05)
 
+    def _client_error(self, err) -> None:
+        if err.fatal():
+            self._fatal = err
+
     def _fail(self, err) -> KafkaLogError:
+        if err.code() == KafkaError._FATAL:
+            self.producer.poll(0)   # serves error_cb, which names the fatal error
+        if err.code() == KafkaError._FATAL and self._fatal is not None:
+            err = self._fatal       # "Local: Fatal error" from produce(): say which
         if "FENCED" in err.name() or err.code() == KafkaError.INVALID_PRODUCER_EPOCH:
             return FencedError(f"fenced: a newer primary of VM {self.vm} took over "
                                f"({self.txn_id}: {err.str()}); this recorder stops and "

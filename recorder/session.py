@@ -60,7 +60,7 @@ class RecordSession:
                  mode: str = "record", heartbeat_every_ns: int = 0,
                  continue_from: "Machine | None" = None, next_seq: int = 0,
                  outputs: OutputDigest | None = None, outputs_complete: bool = True,
-                 inputs: "KafkaInputs | None" = None):
+                 inputs: "KafkaInputs | None" = None, max_seconds: float | None = None):
         """continue_from: a machine that replayed this log up to its end and went live
         (a takeover); the session then appends to the log from next_seq on.
         inputs: requests pushed into the NIC from outside (the service's .in topic); the
@@ -89,6 +89,7 @@ class RecordSession:
         self.outputs_complete = outputs_complete
         self.snapshots = 0
         self.inputs = inputs
+        self.max_seconds = max_seconds
 
     def header(self) -> dict:
         return {
@@ -132,8 +133,10 @@ class RecordSession:
         m = self.machine
         if self.recording and not self.continuing:
             self.sink.write(self.header())
-        if self.recording:
-            self.snapshot()     # a takeover's too: late backups start from the new primary
+        if self.recording and not self.continuing:
+            # (a takeover continues the same log: the old primary's snapshots stay valid
+            # starting points, and the next periodic one follows)
+            self.snapshot()
         last_snapshot = m.icount
         self._last_heartbeat = 0
         if self.inputs:
@@ -156,6 +159,8 @@ class RecordSession:
             if r.stop == "error":
                 raise GuestError(r.message)
             if r.stop in ("exited", "icount"):
+                break
+            if self.max_seconds and time.monotonic() - started >= self.max_seconds:
                 break
             if (self.recording and self.snapshot_every
                     and m.icount - last_snapshot >= self.snapshot_every):

@@ -135,9 +135,11 @@ class Follower:
         return self.session.result()
 
     def _follow(self, finished_log: bool, idle_timeout: float | None,
-                stop_when: Callable[[float], bool] | None = None) -> bool:
-        """Feed committed batches from self.offset on; True once the End is replayed."""
-        reader = LogTopicReader(self.bootstrap, self.vm, self.topics.log, self.offset)
+                stop_when: Callable[[], bool] | None = None) -> bool:
+        """Feed committed batches from self.offset on; True once the End is replayed.
+        stop_when(), asked between batches and while idle, may stop it early (False)."""
+        reader = self._reader = LogTopicReader(self.bootstrap, self.vm, self.topics.log,
+                                               self.offset)
         if self.backup_id:
             self.log.info("reading", snapshot_icount=self.snapshot["icount"], offset=self.offset)
         running = True
@@ -157,6 +159,8 @@ class Follower:
                     raise ReplayError(f"{self.topics.log} offset {offset}: {exc}") from None
                 self._ack()
                 if not running:
+                    break
+                if stop_when is not None and stop_when():
                     break
         except BaseException:
             self._last_ack_before_stop()
@@ -179,9 +183,11 @@ class Follower:
                                                    self.backup_id or "backup")
         chosen = False
 
-        def primary_gone(quiet: float) -> bool:
+        def primary_gone() -> bool:
+            # silence of the log itself, not of this backup's replay: a backup still
+            # replaying a backlog notices a dead primary as soon as one that kept up
             nonlocal chosen
-            chosen = quiet >= failover_timeout and \
+            chosen = self._reader.silence() >= failover_timeout and \
                 succession.designated_for() >= failover_timeout
             return chosen
 
@@ -210,10 +216,12 @@ class Follower:
         t0 = time.monotonic()
         sink = KafkaSink(self.bootstrap, self.vm, serve=serve,
                          policy=policy or CommitPolicy())       # fences the old primary
+        steps = {"fence_ms": _ms_since(t0)}
         inputs = None
         try:
             if self._follow(True, 0):                  # it had finished after all
                 return self._done(), None
+            steps["catch_up_ms"] = _ms_since(t0) - steps["fence_ms"]
             s = self.session
             replayed = s.result()
             if serve:
@@ -225,7 +233,7 @@ class Follower:
             self.log.warning("live", icount=s.icount, next_seq=s.expected_seq,
                              released_seq=sink.released_seq,
                              next_input_offset=inputs.start_offset if inputs else None,
-                             takeover_ms=round((time.monotonic() - t0) * 1000, 1))
+                             takeover_ms=_ms_since(t0), **steps)
             rec = RecordSession(s.image, sink, counter=s.counter, vm_id=self.vm,
                                 bootargs=self.header["bootargs"], continue_from=s.machine,
                                 next_seq=s.expected_seq, outputs=s.outputs,
@@ -248,3 +256,7 @@ class Follower:
             raise ReplayError(f"cannot take over: responses after seq {sink.released_seq} "
                               f"were replayed too long ago to be released now")
         sink.hold([o for o in recent if o["seq"] > sink.released_seq])
+
+
+def _ms_since(t0: float) -> float:
+    return round((time.monotonic() - t0) * 1000, 1)

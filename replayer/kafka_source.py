@@ -39,6 +39,22 @@ class LogTopicReader:
         self.consumer = Consumer(conf)
         self.consumer.assign([TopicPartition(topic, 0, offset)])
         self.offset = offset
+        self._end = -1
+        self._end_moved = time.monotonic()
+
+    def silence(self) -> float:
+        """Seconds since the end of the partition last moved, as the consumer's fetches
+        see it (the committed end, read_committed): how long the writer has been silent,
+        however far behind the reading is."""
+        try:
+            _, end = self.consumer.get_watermark_offsets(TopicPartition(self.topic, 0),
+                                                         cached=True)
+        except KafkaException:
+            end = self._end
+        now = time.monotonic()
+        if end != self._end:
+            self._end, self._end_moved = end, now
+        return now - self._end_moved
 
     def close(self) -> None:
         self.consumer.close()
@@ -67,12 +83,12 @@ class LogTopicReader:
         return record, offset
 
     def records(self, idle_timeout: float | None,
-                stop_when: Callable[[float], bool] | None = None
+                stop_when: Callable[[], bool] | None = None
                 ) -> Iterator[tuple[dict, int]]:
         """Records in order.  idle_timeout 0: up to the committed end (the broker must say
         where that is within FETCH_TIMEOUT_S); S > 0: until S seconds pass without a new
-        record; None: forever.  stop_when(quiet seconds), asked while nothing comes, may
-        end it earlier."""
+        record; None: forever.  stop_when(), asked while nothing comes, may end it
+        earlier."""
         idle_since = time.monotonic()
         to_end = idle_timeout is not None and idle_timeout <= 0
         while True:
@@ -90,7 +106,7 @@ class LogTopicReader:
                                         f"{FETCH_TIMEOUT_S:.0f} s")
                 if not to_end and idle_timeout is not None and quiet > idle_timeout:
                     return
-                if stop_when is not None and stop_when(quiet):
+                if stop_when is not None and stop_when():
                     return
                 continue
             idle_since = time.monotonic()

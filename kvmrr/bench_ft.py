@@ -1,0 +1,143 @@
+"""make bench-ft -> bench/ft.json: the fault-tolerant service against a plain run, on
+kvstore under one fixed client load, all in one run on one single-node loopback Kafka.
+
+- requests/s: a plain run (no log, the built-in client pushing straight into the NIC), and
+  the served VM through the gateway with --commit log and --commit backups:1; each the
+  answered requests over the time from the first request sent to the last answer.
+- output commit latency p50/p99: the primary's own figure (response in its slice handed
+  to the publisher -> released), and the client's request latency beside it.
+- failover: SIGKILL the primary, then the time to the first response to a request sent
+  after the kill (so only the new primary can have answered it), over N trials.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from libkvmrr import best_counter
+from kvmrr.ftcluster import FtCluster
+from kvmrr.localkafka import LocalKafka, LocalKafkaError
+
+RATE_HZ = 150.0
+FAILOVER_FLOOR_S = 2.0
+THROUGHPUT_FLOOR = 0.7
+
+
+def say(msg: str) -> None:
+    print(f"bench-ft: {msg}", file=sys.stderr, flush=True)
+
+
+def _plain(seconds: float) -> dict:
+    """kvstore with the built-in client at RATE_HZ, nothing recorded."""
+    import json
+    import subprocess
+    proc = subprocess.run(
+        [sys.executable, "-m", "kvmrr.cli", "run", "kvstore", "--load", str(RATE_HZ),
+         "--seconds", str(seconds), "--json", "--quiet"],
+        capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0:
+        raise RuntimeError(f"plain run failed: {proc.stderr[-1000:]}")
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    responses = r["outputs"] - 1            # the console's "kvstore ready" line
+    return {"requests_per_s": round(responses / r["seconds"], 1), "responses": responses,
+            "seconds": r["seconds"], "instructions": r["instructions"]}
+
+
+def _served(bootstrap: str, work: Path, commit: str, seconds: float, counter: str) -> dict:
+    ft = FtCluster(bootstrap, work / commit.replace(":", ""), counter=counter, commit=commit)
+    try:
+        ft.start_primary()
+        ft.start_backup("b1")
+        ft.start_gateway()
+        ft.wait_backups_reading()
+        client = ft.client()
+        t0 = time.monotonic()
+        client.run(RATE_HZ, seconds)
+        drained = client.drain(60)
+        last = max((a for _, a in client.answered_at.values()), default=time.monotonic())
+        report = client.report()
+        client.request("QUIT", timeout=60)
+        summary = ft.primary.result() if ft.primary.wait(120) == 0 else {}
+    finally:
+        ft.stop()
+    return {"commit": commit, "requests_per_s": round(report.answered / (last - t0), 1),
+            "requests": report.requests, "answered": report.answered, "drained": drained,
+            "output_commit_p50_ms": summary.get("output_commit_p50_ms"),
+            "output_commit_p99_ms": summary.get("output_commit_p99_ms"),
+            "client_latency_p50_ms": report.latency_p50_ms,
+            "client_latency_p99_ms": report.latency_p99_ms}
+
+
+def _failover(bootstrap: str, work: Path, trial: int, counter: str) -> float | None:
+    ft = FtCluster(bootstrap, work / f"failover{trial}", counter=counter)
+    try:
+        primary = ft.start_primary()
+        ft.start_backup("b1")
+        ft.start_backup("b2")
+        ft.start_gateway()
+        ft.wait_backups_reading()
+        client = ft.client(seed=trial)
+        client.run(RATE_HZ / 2, 2.0 + 0.3 * trial)
+        t_kill = time.monotonic()
+        primary.kill()
+        client.run(RATE_HZ / 2, 4.0)
+        client.drain(30)
+        first = client.first_answer_sent_after(t_kill)
+        client.close()
+    finally:
+        ft.stop()
+    return None if first is None else round(first - t_kill, 3)
+
+
+def bench_ft(quick: bool) -> dict:
+    counter, why = best_counter()
+    seconds = 8.0 if quick else 20.0
+    trials = 3 if quick else 10
+    out = {"machine": platform.node(), "cpus": os.cpu_count(), "quick": quick,
+           "counter": counter, "offered_requests_per_s": RATE_HZ,
+           "loadavg_at_start": [round(x, 2) for x in os.getloadavg()],
+           "note": "kvstore under a fixed offered load; plain = no log, built-in client; "
+                   "served = through the gateway and a single-node loopback Kafka with one "
+                   "backup; ring-0 guest code is emulated on this host (DESIGN §8)"}
+    t_start = time.monotonic()
+    out["plain"] = _plain(seconds)
+    say(f"plain: {out['plain']['requests_per_s']} requests/s")
+    with tempfile.TemporaryDirectory(prefix="kvmrr-bench-ft-") as tmp, \
+            LocalKafka(1, f"bench-ft-{os.getpid()}", say=say) as kafka:
+        work = Path(tmp)
+        for commit in ("log", "backups:1"):
+            r = out[f"commit_{commit.replace(':', '')}"] = _served(
+                kafka.bootstrap, work, commit, seconds, counter)
+            say(f"--commit {commit}: {r['requests_per_s']} requests/s, output commit p50/p99 "
+                f"{r['output_commit_p50_ms']}/{r['output_commit_p99_ms']} ms")
+        times = []
+        for trial in range(trials):
+            t = _failover(kafka.bootstrap, work, trial, counter)
+            say(f"failover trial {trial}: {t} s")
+            times.append(t)
+    ok = [t for t in times if t is not None]
+    out["failover"] = {"trials": trials, "seconds": times,
+                       "p50_s": round(statistics.median(ok), 3) if ok else None,
+                       "max_s": max(ok) if ok else None, "no_response": trials - len(ok)}
+    plain = out["plain"]["requests_per_s"]
+    out["ratios"] = {k: round(out[k]["requests_per_s"] / plain, 3)
+                     for k in ("commit_log", "commit_backups1")}
+    out["floors"] = {
+        "ft_throughput>=0.7x_plain": all(v >= THROUGHPUT_FLOOR for v in out["ratios"].values()),
+        "failover<=2s": bool(ok) and len(ok) == trials and max(ok) <= FAILOVER_FLOOR_S,
+    }
+    out["seconds"] = round(time.monotonic() - t_start, 1)
+    out["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    return out
+
+
+def run(quick: bool) -> dict:
+    try:
+        return bench_ft(quick)
+    except LocalKafkaError as exc:
+        raise RuntimeError(str(exc)) from None

@@ -1,0 +1,213 @@
+"""A fault-tolerant kvstore service on loopback, as processes: a primary, backups, the
+gateway, and a client.  `make run`, the fault-tolerance tests and `make bench-ft` script
+their scenarios (kill the primary, stop it, kill a backup...) with it, and `finish()`
+verifies the end the same way for all: QUIT the guest, let the survivors end the log, and
+replay the whole log offline against their final states.
+"""
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+from kvmrr.client import KvClient
+from kvmrr.kafkalog import ensure_topics
+from kvmrr.logstats import log_bytes, released_seqs
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+class Node:
+    """A kvmrr process; its stderr is kept in a file and its JSON lines are watched."""
+
+    def __init__(self, name: str, args: list[str], workdir: Path, say=None, watch=(),
+                 wrap=None):
+        """wrap(cmd) -> cmd: how to start it (e.g. in a network namespace of its own)."""
+        self.name = name
+        self.args = args
+        self.stderr_path = workdir / f"{name}.stderr"
+        cmd = [sys.executable, "-m", "kvmrr.cli", *args]
+        self.proc = subprocess.Popen(wrap(cmd) if wrap else cmd, cwd=REPO,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.lines: list[dict] = []
+        self.text: list[str] = []
+        self.say, self.watch = say, watch
+        self.stdout: list[str] = []
+        self.first_stdout = threading.Event()
+        self._threads = [threading.Thread(target=self._err, daemon=True),
+                         threading.Thread(target=self._out, daemon=True)]
+        for t in self._threads:
+            t.start()
+
+    def _err(self) -> None:
+        with open(self.stderr_path, "w") as f:
+            for raw in self.proc.stderr:
+                f.write(raw)
+                f.flush()
+                try:
+                    line = json.loads(raw)
+                except ValueError:
+                    line = None
+                if not isinstance(line, dict):
+                    self.text.append(raw)
+                    if self.say and raw.startswith("kvmrr"):
+                        self.say(f"{self.name}: {raw.strip()}")
+                    continue
+                self.lines.append(line)
+                if self.say and line.get("event") in self.watch:
+                    extra = {k: v for k, v in line.items() if k not in
+                             ("event", "timestamp", "level", "vm_id", "role", "backup")}
+                    self.say(f"{self.name}: {line['event']} {extra}")
+
+    def _out(self) -> None:
+        for raw in self.proc.stdout:
+            self.stdout.append(raw)
+            self.first_stdout.set()
+
+    def last(self, event: str) -> dict | None:
+        found = [ln for ln in self.lines if ln.get("event") == event]
+        return found[-1] if found else None
+
+    def result(self) -> dict | None:
+        """The JSON summary the process printed last on stdout."""
+        for raw in reversed(self.stdout):
+            try:
+                return json.loads(raw)
+            except ValueError:
+                continue
+        return None
+
+    def wait(self, timeout: float) -> int:
+        rc = self.proc.wait(timeout)
+        for t in self._threads:
+            t.join(5)
+        return rc
+
+    def signal(self, sig: int) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+def wait_for(cond, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(0.05)
+
+
+class FtCluster:
+    def __init__(self, bootstrap: str, workdir: Path, *, counter: str = "auto",
+                 commit: str = "log", failover_timeout: float = 1.0,
+                 snapshot_every: int = 2_000_000, say=None, vm: str | None = None):
+        self.bootstrap = bootstrap
+        self.vm = vm or f"ft{uuid.uuid4().hex[:8]}"
+        self.url = f"kafka://{bootstrap}/{self.vm}"
+        self.work = Path(workdir)
+        self.work.mkdir(parents=True, exist_ok=True)
+        self.counter, self.commit = counter, commit
+        self.failover_timeout = failover_timeout
+        self.snapshot_every = snapshot_every
+        self.say = say
+        self.nodes: dict[str, Node] = {}
+        self.primary: Node | None = None
+        ensure_topics(bootstrap, self.vm)
+
+    # -- the processes ----------------------------------------------------------------------
+    def start_primary(self, wrap=None) -> Node:
+        self.primary = self._node("primary", [
+            "record", "kvstore", "--log", self.url, "--serve", "--commit", self.commit,
+            "--mode", self.counter, "--snapshot-every", str(self.snapshot_every),
+            "--json", "--quiet"], wrap=wrap)
+        return self.primary
+
+    def start_backup(self, name: str, start: str = "first") -> Node:
+        return self._node(name, [
+            "follow", "--log", self.url, "--backup-id", name, "--serve", "--commit",
+            self.commit, "--mode", self.counter, "--failover-timeout",
+            str(self.failover_timeout), "--snapshot-every", str(self.snapshot_every),
+            "--start", start, "--idle-timeout", "60", "--json", "--quiet"],
+            watch=("reading", "primary silent, taking over", "live", "done as primary"))
+
+    def start_gateway(self) -> int:
+        gw = self._node("gateway", ["gateway", "--log", self.url, "--listen", "127.0.0.1:0"])
+        wait_for(gw.first_stdout.is_set, 60, "the gateway")
+        self.gateway_port = int(gw.stdout[0].split(" on ")[1].split()[0].rsplit(":", 1)[1])
+        return self.gateway_port
+
+    def _node(self, name: str, args: list[str], watch=(), wrap=None) -> Node:
+        node = Node(name, args, self.work, say=self.say, watch=watch, wrap=wrap)
+        self.nodes[name] = node
+        return node
+
+    def backups(self) -> list[Node]:
+        return [n for name, n in self.nodes.items() if name not in ("primary", "gateway")]
+
+    def wait_backups_reading(self, timeout: float = 90) -> None:
+        wait_for(lambda: all(b.last("reading") or b.proc.poll() is not None
+                             for b in self.backups()), timeout, "the backups to start")
+
+    def client(self, name: str = "c1", seed: int = 7) -> KvClient:
+        return KvClient("127.0.0.1", self.gateway_port, name=name, seed=seed)
+
+    def live_backup(self) -> Node | None:
+        """The backup that announced it went live (took over), if any."""
+        live = [b for b in self.backups() if b.last("live")]
+        return live[-1] if live else None
+
+    # -- the end ----------------------------------------------------------------------------
+    def finish(self, client: KvClient, drain_s: float = 30.0) -> dict:
+        """Drain the client, read the store back, QUIT, and verify: a dict of figures."""
+        drained = client.drain(drain_s)
+        checked, bad = client.check_store()
+        report = client.report()
+        client.request("QUIT", timeout=60)
+        client.close()
+        ends = {}
+        for node in self.backups() + ([self.primary] if self.primary else []):
+            if node.proc.poll() is None or node.proc.returncode == 0:   # not killed
+                try:
+                    node.wait(180)
+                except subprocess.TimeoutExpired:
+                    node.kill()
+                ends[node.name] = node.result()
+        rep = subprocess.run([sys.executable, "-m", "kvmrr.cli", "replay", "--log", self.url,
+                              "--start", "first", "--mode", self.counter, "--json",
+                              "--quiet"], cwd=REPO, capture_output=True, text=True, timeout=900)
+        replay = json.loads(rep.stdout.strip().splitlines()[-1]) if rep.returncode == 0 else {}
+        hashes = {n: r.get("state_hash") for n, r in ends.items() if r}
+        seqs = released_seqs(self.bootstrap, self.vm)
+        winners = [n for n, r in ends.items() if r and r.get("took_over")]
+        new = ends[winners[0]] if winners else (ends.get("primary") or {})
+        return {
+            "vm": self.vm, "commit": self.commit, "drained": drained,
+            "requests": report.requests, "answered": report.answered, "lost": report.lost,
+            "duplicated": report.duplicated + (len(seqs) - len(set(seqs))),
+            "duplicate_releases": len(seqs) - len(set(seqs)),
+            "client_errors": report.errors, "reconnects": report.reconnects,
+            "store_checked": checked, "store_mismatches": bad,
+            "took_over": winners, "ends": ends,
+            "survivor_hashes": hashes, "replay": replay,
+            "replay_error": rep.stderr.strip()[-800:] if rep.returncode else None,
+            "state_match": bool(replay) and bool(hashes) and
+            all(h == replay.get("state_hash") for h in hashes.values()),
+            "commit_p50_ms": new.get("output_commit_p50_ms"),
+            "commit_p99_ms": new.get("output_commit_p99_ms"),
+            "latency_p50_ms": report.latency_p50_ms, "latency_p99_ms": report.latency_p99_ms,
+            "responses_released": len(seqs), "log_bytes": log_bytes(self.bootstrap, self.vm),
+        }
+
+    def stop(self) -> None:
+        for n in self.nodes.values():
+            n.kill()

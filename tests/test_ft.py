@@ -1,0 +1,216 @@
+"""Fault tolerance (issue 4) on the single-node Kafka: the service boundary, output commit,
+takeover with exactly one winner, fencing of an old primary, and backups lost and replaced.
+
+Every scenario ends with FtCluster.finish(): the client's requests all answered once, the
+store holding every acknowledged write, and every survivor's final state equal to an
+offline replay of the whole log from icount 0.
+"""
+from __future__ import annotations
+
+import random
+import signal
+import socket
+import time
+
+import pytest
+
+from kvmrr.ftcluster import FtCluster, wait_for
+from kvmrr.kafkalog import scan_topic, topics
+from kvmrr.logstats import released_seqs
+
+pytestmark = pytest.mark.kafka
+RATE = 60.0          # requests/s: well within what the emulated guest serves
+
+
+def _verified(res: dict, survivors: int) -> None:
+    assert res["drained"] and res["lost"] == 0, res
+    assert res["duplicated"] == 0 and res["duplicate_releases"] == 0, res
+    assert res["client_errors"] == 0, res
+    assert res["store_checked"] > 0 and not res["store_mismatches"], res["store_mismatches"]
+    assert res["replay"].get("verified"), res["replay_error"]
+    assert len(res["survivor_hashes"]) == survivors, res["ends"]
+    assert res["state_match"], (res["survivor_hashes"], res["replay"].get("state_hash"))
+
+
+@pytest.fixture
+def cluster(kafka, tmp_path):
+    made = []
+
+    def make(**kw) -> FtCluster:
+        ft = FtCluster(kafka.split(",")[0], tmp_path, **kw)
+        made.append(ft)
+        return ft
+    yield make
+    for ft in made:
+        ft.stop()
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_primary_killed_at_a_seeded_point(cluster, seed):
+    """SIGKILL at a seeded random moment of a client load: exactly one of two backups
+    takes over, the client loses nothing and sees nothing twice."""
+    rng = random.Random(seed)
+    ft = cluster()
+    primary = ft.start_primary()
+    ft.start_backup("b1")
+    ft.start_backup("b2")
+    ft.start_gateway()
+    ft.wait_backups_reading()
+    client = ft.client(seed=seed)
+    client.run(RATE, rng.uniform(0.2, 4.0))
+    primary.kill()
+    client.run(RATE, rng.uniform(2.0, 4.0))
+    res = ft.finish(client)
+    assert len(res["took_over"]) == 1, res["ends"]
+    _verified(res, survivors=2)
+
+
+def test_stopped_primary_is_fenced_and_stops_itself(cluster):
+    """SIGSTOP the primary until a backup has taken over; after SIGCONT its next commit is
+    fenced, it stops with a clear line, and it releases nothing more."""
+    ft = cluster()
+    primary = ft.start_primary()
+    ft.start_backup("b1")
+    ft.start_gateway()
+    ft.wait_backups_reading()
+    client = ft.client()
+    client.run(RATE, 2.0)
+    primary.signal(signal.SIGSTOP)
+    client.run(RATE, 1.0)
+    wait_for(lambda: ft.live_backup() is not None, 60, "a backup to take over")
+    client.run(RATE, 1.0)
+    primary.signal(signal.SIGCONT)
+    rc = primary.wait(60)
+    err = "".join(primary.text)
+    assert rc == 3, err[-2000:]
+    assert "fenced: a newer primary of VM" in err and "releases nothing more" in err
+    client.run(RATE, 1.0)
+    res = ft.finish(client)
+    assert res["took_over"] == ["b1"]
+    _verified(res, survivors=1)
+
+
+def test_commit_log_goes_on_when_a_backup_dies(cluster):
+    ft = cluster(commit="log")
+    ft.start_primary()
+    ft.start_backup("b1")
+    b2 = ft.start_backup("b2")
+    ft.start_gateway()
+    ft.wait_backups_reading()
+    client = ft.client()
+    client.run(RATE, 1.5)
+    b2.kill()
+    t = time.monotonic()
+    client.run(RATE, 2.0)
+    first = client.first_answer_sent_after(t)
+    assert first is not None and first - t < 1.5, "responses stalled without backup b2"
+    res = ft.finish(client)
+    assert res["took_over"] == []
+    _verified(res, survivors=2)     # b1 and the primary
+
+
+def test_commit_backups2_waits_for_a_replacement_backup(cluster):
+    """With --commit backups:2 and one of two backups dead, responses are held until a
+    replacement backup, restored from a snapshot, acks the log behind them."""
+    ft = cluster(commit="backups:2", snapshot_every=300_000)
+    ft.start_primary()
+    ft.start_backup("b1")
+    b2 = ft.start_backup("b2")
+    ft.start_gateway()
+    ft.wait_backups_reading()
+    client = ft.client()
+    client.run(RATE, 2.0)
+    assert client.report().answered > 0, "nothing released with both backups alive"
+    b2.kill()
+    t = time.monotonic()
+    client.run(RATE, 2.5)
+    held_from = t + 0.5          # what was in flight at the kill may still leave
+    late = client.first_answer_sent_after(held_from)
+    assert late is None, f"a response left {late - held_from:.2f} s after the kill"
+    b3 = ft.start_backup("b3", start="latest")
+    wait_for(lambda: b3.last("reading"), 90, "the replacement backup")
+    assert b3.last("reading")["snapshot_icount"] > 0, "b3 did not start from a snapshot"
+    assert client.drain(60), "responses still held after the replacement acked"
+    res = ft.finish(client)
+    assert res["commit"] == "backups:2"
+    _verified(res, survivors=3)     # primary, b1, b3
+
+
+def test_gateway_answers_a_retried_request_once(cluster, kafka):
+    """A client that retries a request id, on the same or a new connection, gets the one
+    answer; the request reaches the guest once."""
+    ft = cluster()
+    ft.start_primary()
+    port = ft.start_gateway()
+
+    def ask(line: bytes) -> bytes:
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+            s.sendall(line + b"\n")
+            buf = b""
+            while not buf.endswith(b"\n"):
+                chunk = s.recv(4096)
+                assert chunk, "the gateway closed the connection"
+                buf += chunk
+            return buf.rstrip(b"\n")
+    first = ask(b"x-1 PUT k1 hello")
+    assert first.startswith(b"x-1 OK t=")
+    assert ask(b"x-1 PUT k1 hello") == first          # a retry: the stored answer
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+        s.sendall(b"x-2 PUT k1 again\nx-2 PUT k1 again\n")   # the same id twice in a row
+        time.sleep(2)
+        s.settimeout(0.5)
+        got = b""
+        try:
+            while True:
+                chunk = s.recv(4096)
+                if not chunk:
+                    break
+                got += chunk
+        except TimeoutError:
+            pass
+    assert got.count(b"x-2 OK") == 1, got
+    assert ask(b"lonely").startswith(b"lonely ERR")     # an id, no command: the guest says
+    assert ask(b"x-3 GET k1").endswith(b" again")
+    ids = [m.value().split(b" ")[0] for m in scan_topic(kafka.split(",")[0],
+                                                      topics(ft.vm).inputs, committed=False)]
+    assert ids.count(b"x-1") == 1 and ids.count(b"x-2") == 1, ids
+    seqs = released_seqs(kafka.split(",")[0], ft.vm)
+    assert len(seqs) == len(set(seqs))
+
+
+def test_primary_cut_off_from_kafka_is_fenced_when_it_returns(cluster, kafka, tmp_path):
+    """The primary loses its connectivity to Kafka (its own network namespace, whose only
+    way out the test cuts): a backup takes over; when the network comes back, the old
+    primary's next commit is fenced and it stops, having released nothing more."""
+    import shutil
+
+    import netcut
+    if shutil.which("unshare") is None:
+        pytest.skip("no unshare(1): cannot give the primary a network namespace")
+    port = int(kafka.split(",")[0].rsplit(":", 1)[1])
+    bridge = netcut.Bridge(tmp_path / "kafka.sock", port).start()
+    try:
+        ft = cluster()
+        primary = ft.start_primary(wrap=lambda cmd: netcut.wrap(cmd, port, bridge.path))
+        ft.start_backup("b1")
+        ft.start_gateway()
+        ft.wait_backups_reading()
+        client = ft.client()
+        client.run(RATE, 2.0)
+        assert client.report().answered > 0, "the namespaced primary answered nothing"
+        bridge.cut()
+        client.run(RATE, 1.0)
+        wait_for(lambda: ft.live_backup() is not None, 60, "a backup to take over")
+        client.run(RATE, 1.0)
+        assert primary.proc.poll() is None, "the primary stopped before the network returned"
+        bridge.restore()
+        rc = primary.wait(90)
+        err = "".join(primary.text)
+        assert rc == 3, err[-2000:]
+        assert "fenced: a newer primary of VM" in err
+        client.run(RATE, 1.0)
+        res = ft.finish(client)
+    finally:
+        bridge.close()
+    assert res["took_over"] == ["b1"]
+    _verified(res, survivors=1)
