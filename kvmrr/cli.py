@@ -94,7 +94,6 @@ def cmd_run(args, log=None) -> int:
                          policy=_policy(args.commit))
         if args.serve:
             inputs = KafkaInputs(log.bootstrap, log.vm_id)
-            sink.serve_inputs(inputs)
         session_kwargs["vm_id"] = log.vm_id
         session = RecordSession(guest, sink, heartbeat_every_ns=args.heartbeat_ms * 1_000_000,
                                 inputs=inputs, **session_kwargs)

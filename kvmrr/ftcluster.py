@@ -17,7 +17,7 @@ from pathlib import Path
 
 from kvmrr.client import KvClient
 from kvmrr.kafkalog import ensure_topics
-from kvmrr.logstats import log_bytes, released_seqs
+from kvmrr.logstats import log_bytes, released_outputs, released_seqs
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -166,6 +166,18 @@ class FtCluster:
         live = [b for b in self.backups() if b.last("live")]
         return live[-1] if live else None
 
+    def first_new_primary_answer(self, client: KvClient, t_kill: float) -> float | None:
+        """Seconds from t_kill to the client's first answer released by the new primary: a
+        response on .out with a seq above what was released when it went live."""
+        live = self.live_backup()
+        if live is None:
+            return None
+        released = live.last("live")["released_seq"]
+        new_ids = {_request_id(o["data"]) for o in released_outputs(self.bootstrap, self.vm)
+                   if o["seq"] > released}
+        times = [a for rid, (_, a) in client.answered_at.items() if rid in new_ids]
+        return round(min(times) - t_kill, 3) if times else None
+
     # -- the end ----------------------------------------------------------------------------
     def finish(self, client: KvClient, drain_s: float = 30.0) -> dict:
         """Drain the client, read the store back, QUIT, and verify: a dict of figures."""
@@ -211,3 +223,7 @@ class FtCluster:
     def stop(self) -> None:
         for n in self.nodes.values():
             n.kill()
+
+
+def _request_id(data: bytes) -> str:
+    return data.split(b" ", 1)[0].decode("ascii", "replace")

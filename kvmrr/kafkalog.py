@@ -41,12 +41,6 @@ def topics(vm: str) -> Topics:
                   f"kvmrr.{vm}.in", f"kvmrr.{vm}.out", f"kvmrr.{vm}.succession")
 
 
-def input_group(vm: str) -> str:
-    """The consumer group whose committed offset on .in is the next input the VM has not
-    consumed: committed in the same transaction as the log that holds the inputs before."""
-    return f"kvmrr.{vm}.inputs"
-
-
 def transactional_id(vm: str) -> str:
     """From the VM alone: a new recorder of the same VM fences the old one."""
     return f"kvmrr.{vm}.recorder"

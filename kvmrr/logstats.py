@@ -5,12 +5,17 @@ from kvmrr.kafkalog import WRITER_HEADER, scan_topic, topics, transactional_id
 from schemas import decode_message
 
 
-def released_seqs(bootstrap: str, vm: str) -> list[int]:
-    """The seq of every response committed to .out, in order (a seq twice = released twice)."""
+def released_outputs(bootstrap: str, vm: str) -> list[dict]:
+    """Every response committed to .out, in order."""
     writer = transactional_id(vm).encode()
-    return [decode_message(m.value(), m.headers())["seq"]
+    return [decode_message(m.value(), m.headers())
             for m in scan_topic(bootstrap, topics(vm).outputs)
             if dict(m.headers() or []).get(WRITER_HEADER) == writer]
+
+
+def released_seqs(bootstrap: str, vm: str) -> list[int]:
+    """The seq of every response committed to .out, in order (a seq twice = released twice)."""
+    return [o["seq"] for o in released_outputs(bootstrap, vm)]
 
 
 def log_bytes(bootstrap: str, vm: str) -> int:

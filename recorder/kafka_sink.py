@@ -8,10 +8,10 @@ carries the log offset where the events after it start, so a late backup can see
 A fatal error (fenced, or the broker unreachable past the timeout) is raised by the next
 commit() on the vCPU thread.
 
-Serving (DESIGN §5), the same transactions also carry the service boundary: the offset of
-the next unconsumed request on .in (send_offsets_to_transaction) and the responses the
-commit policy releases to .out.  A response is therefore visible to read_committed clients
-exactly when the log up to it is committed, and never from a fenced primary.
+Serving (DESIGN §5), the same transactions also carry the responses the commit policy
+releases to .out (the position on .in is in the log's own batches).  A response is
+therefore visible to read_committed clients exactly when the log up to it is committed,
+and never from a fenced primary.
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, Topi
 
 from kvmrr.kafkalog import (SNAPSHOT_CHUNK_BYTES, WRITER_HEADER, FencedError, KafkaLogError,
                             client_conf, ensure_topics, transactional_id)
-from recorder.service import AckWatch, CommitPolicy, KafkaInputs, released_seq
+from recorder.service import AckWatch, CommitPolicy, released_seq
 from schemas import encode_message, icount_key, split_snapshot
 
 TXN_RETRY_S = 30.0
@@ -55,8 +55,6 @@ class KafkaSink:
         self.next_log_offset = self._log_end()
         self.serving = serve
         self.policy = policy
-        self.inputs: KafkaInputs | None = None
-        self._committed_input = -1
         self._held: list[tuple[float, dict]] = []   # (handed, Output) not released yet
         # after the fence above nothing more reaches .out behind our back: what is there
         # is released for good and must never be released again (DESIGN §6)
@@ -92,11 +90,6 @@ class KafkaSink:
     def write(self, record: dict) -> None:
         self._slice.append(record)
 
-    def serve_inputs(self, inputs: KafkaInputs) -> None:
-        """Commit this consumer's position on .in with the log from now on."""
-        self.inputs = inputs
-        self._committed_input = inputs.start_offset
-
     def hold(self, outputs: list[dict]) -> None:
         """Responses already in the log but not released (a takeover found them while
         catching up): they leave under this sink's policy, before any new one."""
@@ -108,8 +101,7 @@ class KafkaSink:
         if self.error:
             raise self.error
         if self._slice:
-            position = self.inputs.next_offset if self.inputs else -1
-            self._units.put((time.monotonic(), self._slice, position))
+            self._units.put((time.monotonic(), self._slice))
             self._slice = []
 
     def close(self) -> None:
@@ -204,32 +196,25 @@ class KafkaSink:
             n += 1
         return self._held[:n]
 
-    def _produce_boundary(self, releasing: list[tuple[float, dict]], position: int) -> None:
-        """Inside a transaction: the responses it releases and the input position."""
+    def _release(self, releasing: list[tuple[float, dict]]) -> None:
+        """Inside a transaction: the responses it releases."""
         for _, out in releasing:
             self._produce(self.topics.outputs, out, str(out["seq"]).encode())
-        if self.inputs and position > self._committed_input:
-            self.producer.send_offsets_to_transaction(
-                [TopicPartition(self.topics.inputs, 0, position)],
-                self.inputs.group_metadata(), TXN_RETRY_S)
 
-    def _released(self, releasing: list[tuple[float, dict]], position: int) -> None:
-        """After the commit: the responses are out, the inputs consumed."""
+    def _released(self, releasing: list[tuple[float, dict]]) -> None:
+        """After the commit: the responses are out."""
         if releasing:
             now = time.monotonic()
             del self._held[:len(releasing)]
             self.released_seq = releasing[-1][1]["seq"]
             self.outputs_released += len(releasing)
             self.output_latencies.extend(now - handed for handed, _ in releasing)
-        if position > self._committed_input:
-            self._committed_input = position
 
     def _publish_unit(self, units: list) -> None:
         pending: list[dict] = []
-        records = [rec for _, recs, _ in units for rec in recs]
-        position = units[-1][2] if units else -1
+        records = [rec for _, recs in units for rec in recs]
         if self.serving:
-            for handed, recs, _ in units:
+            for handed, recs in units:
                 for rec in recs:
                     if rec["kind"] == "EventBatch":
                         self._held.extend(
@@ -241,8 +226,8 @@ class KafkaSink:
             for rec in pending:
                 first = rec["events"][0]["icount"] if rec["kind"] == "EventBatch" else 0
                 self._produce(self.topics.log, rec, icount_key(first))
-            if releasing is not None:
-                self._produce_boundary(releasing, position)
+            if releasing:
+                self._release(releasing)
 
         for rec in records:
             if rec["kind"] == "Snapshot":
@@ -256,18 +241,17 @@ class KafkaSink:
                                            for c in chunks])
             else:
                 pending.append(rec)
-        releasing = self._releasable() if self.serving else None
-        if pending or releasing or (self.serving and position > self._committed_input):
+        releasing = self._releasable() if self.serving else []
+        if pending or releasing:
             self._transaction(lambda: flush_log(releasing))
-            if self.serving:
-                self._released(releasing, position)
+            self._released(releasing)
 
     def _release_waiting(self) -> None:
         """backups:N with no new slice: let out what the acks allow now."""
         releasing = self._releasable()
         if releasing:
-            self._transaction(lambda: self._produce_boundary(releasing, -1))
-            self._released(releasing, -1)
+            self._transaction(lambda: self._release(releasing))
+            self._released(releasing)
 
     def _next_units(self) -> list:
         waiting = self.acks is not None and bool(self._held)
@@ -296,7 +280,7 @@ class KafkaSink:
                 if units:
                     self._publish_unit(units)
                     now = time.monotonic()
-                    self.commit_latencies.extend(now - handed for handed, _, _ in units)
+                    self.commit_latencies.extend(now - handed for handed, _ in units)
                 elif self.acks is not None:
                     self._release_waiting()
                 if done:

@@ -64,7 +64,7 @@ class RecordSession:
         """continue_from: a machine that replayed this log up to its end and went live
         (a takeover); the session then appends to the log from next_seq on.
         inputs: requests pushed into the NIC from outside (the service's .in topic); the
-        session tells it which were delivered, so the sink commits the right position."""
+        session tells it which were delivered, and each EventBatch carries the position."""
         self.guest = guest
         self.sink = sink
         self.counter = counter
@@ -126,7 +126,8 @@ class RecordSession:
         if not self.recording or not events:
             return
         self.kinds.update(ev["kind"] for ev in events)
-        self.sink.write({"kind": "EventBatch", "first_seq": self.next_seq, "events": events})
+        self.sink.write({"kind": "EventBatch", "first_seq": self.next_seq, "events": events,
+                         "next_input_offset": self.inputs.next_offset if self.inputs else -1})
         self.next_seq += len(events)
 
     def run(self) -> RecordResult:

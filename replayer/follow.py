@@ -211,7 +211,7 @@ class Follower:
 
     def _take_over(self, serve: bool, policy, record_opts: dict):
         from recorder.kafka_sink import KafkaSink
-        from recorder.service import CommitPolicy, KafkaInputs
+        from recorder.service import CommitPolicy, KafkaInputs, input_position
         from recorder.session import RecordSession
         t0 = time.monotonic()
         sink = KafkaSink(self.bootstrap, self.vm, serve=serve,
@@ -226,8 +226,10 @@ class Follower:
             replayed = s.result()
             if serve:
                 self._hold_unreleased(sink)
-                inputs = KafkaInputs(self.bootstrap, self.vm)
-                sink.serve_inputs(inputs)
+                position = s.next_input_offset
+                if position < 0:     # no batch since our snapshot: ask the log itself
+                    position = input_position(self.bootstrap, self.vm)
+                inputs = KafkaInputs(self.bootstrap, self.vm, position)
             s.machine.go_live(record_opts.pop("checksum_every"))
             self._leave_succession()     # the next backup in line takes the role
             self.log.warning("live", icount=s.icount, next_seq=s.expected_seq,

@@ -78,6 +78,7 @@ class ReplaySession:
         self.end: dict | None = None
         self.stopped_at_until = False
         self.received_icount = 0
+        self.next_input_offset = -1   # a served VM: where its input stands in the log
         self.heartbeats: list[tuple[int, int]] = []   # (icount, primary wall ns), for lag
         self._started = 0.0
 
@@ -113,6 +114,8 @@ class ReplaySession:
             raise ReplayError(f"gap in the log: expected event seq {self.expected_seq}, "
                               f"next batch starts at {first}")
         events = events[self.expected_seq - first:]
+        if batch.get("next_input_offset", -1) >= 0:
+            self.next_input_offset = batch["next_input_offset"]
         to_core = []
         horizon = None
         for ev in events:

@@ -16,7 +16,8 @@ def _timer_batches(events: int, batch_size: int) -> list[dict]:
         batch = [{"kind": "Interrupt", "icount": 1_000_000_000 + seq * 1_003,
                   "rip": 0x101000 + (seq % 7) * 0x13, "vector": 32}
                  for seq in range(first, min(first + batch_size, events))]
-        batches.append({"kind": "EventBatch", "first_seq": first, "events": batch})
+        batches.append({"kind": "EventBatch", "first_seq": first, "events": batch,
+                        "next_input_offset": -1})
     return batches
 
 

@@ -236,7 +236,8 @@ def _to_avro(kind: str, record: dict, catalog: SchemaCatalog) -> dict:
     except (KeyError, TypeError) as exc:
         raise InvalidRecordError(f"EventBatch events must be event dicts with a 'kind' of "
                                  f"{', '.join(names)}: {_one_line(exc)}") from None
-    return {"first_seq": record.get("first_seq"), "events": events}
+    return {"first_seq": record.get("first_seq"), "events": events,
+            "next_input_offset": record.get("next_input_offset", -1)}
 
 
 def _from_avro(kind: str, datum: dict) -> dict:

@@ -88,7 +88,8 @@ def snapshot(blob=b"\x7fKVMRR-SNAPSHOT" + bytes(range(256)) * 40):
 
 
 def batch(first_seq, events):
-    return {"kind": "EventBatch", "first_seq": first_seq, "events": events}
+    return {"kind": "EventBatch", "first_seq": first_seq, "events": events,
+            "next_input_offset": -1}
 
 
 def archive_records():
