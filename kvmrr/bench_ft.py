@@ -61,7 +61,7 @@ def _served(bootstrap: str, work: Path, commit: str, seconds: float, counter: st
         t0 = time.monotonic()
         client.run(RATE_HZ, seconds)
         drained = client.drain(60)
-        last = max((a for _, a in client.answered_at.values()), default=time.monotonic())
+        last = max((a for _, a in client.answer_times().values()), default=time.monotonic())
         report = client.report()
         client.request("QUIT", timeout=60)
         summary = ft.primary.result() if ft.primary.wait(120) == 0 else {}

@@ -168,6 +168,11 @@ class KvClient:
             time.sleep(0.02)
         return not self.pending
 
+    def answer_times(self) -> dict[str, tuple[float, float]]:
+        """id -> (sent, answered), a copy (the reader thread keeps adding)."""
+        with self._lock:
+            return dict(self.answered_at)
+
     def first_answer_sent_after(self, t: float) -> float | None:
         """When the first answer to a request sent at or after monotonic time t came: after
         a primary is killed at t, the first response from its successor."""

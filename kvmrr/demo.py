@@ -94,6 +94,7 @@ def scenario(bootstrap: str, counter: str, work: Path) -> dict:
         "client_errors": res["client_errors"], "reconnects": res["reconnects"],
         "store_checked": res["store_checked"],
         "store_mismatches": len(res["store_mismatches"]), "winner": winner,
+        "takeover_attempts": res["takeover_attempts"],
         "failover_seconds": failover_s, "failover_new_request_seconds": fresh_s,
         "commit_p50_ms": res["commit_p50_ms"], "commit_p99_ms": res["commit_p99_ms"],
         "commit_before_kill_p50_ms": served.get("output_commit_p50_ms"),

@@ -175,7 +175,7 @@ class FtCluster:
         released = live.last("live")["released_seq"]
         new_ids = {_request_id(o["data"]) for o in released_outputs(self.bootstrap, self.vm)
                    if o["seq"] > released}
-        times = [a for rid, (_, a) in client.answered_at.items() if rid in new_ids]
+        times = [a for rid, (_, a) in client.answer_times().items() if rid in new_ids]
         return round(min(times) - t_kill, 3) if times else None
 
     # -- the end ----------------------------------------------------------------------------
@@ -210,6 +210,8 @@ class FtCluster:
             "client_errors": report.errors, "reconnects": report.reconnects,
             "store_checked": checked, "store_mismatches": bad,
             "took_over": winners, "ends": ends,
+            "takeover_attempts": sum(1 for b in self.backups() for ln in b.lines
+                                     if ln.get("event") == "primary silent, taking over"),
             "survivor_hashes": hashes, "replay": replay,
             "replay_error": rep.stderr.strip()[-800:] if rep.returncode else None,
             "state_match": bool(replay) and bool(hashes) and

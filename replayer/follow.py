@@ -19,7 +19,7 @@ from kvmrr.guests import GuestImage
 from kvmrr.kafkalog import KafkaLogError, client_conf, topics
 from replayer import metrics
 from replayer.errors import DivergenceError, ReplayError
-from replayer.kafka_source import LogTopicReader, read_header, read_snapshots
+from replayer.kafka_source import LogTopicReader, log_has_ended, read_header, read_snapshots
 from replayer.session import ReplayResult, ReplaySession
 from schemas import encode_message
 
@@ -182,13 +182,20 @@ class Follower:
         succession = self._succession = Succession(self.bootstrap, self.vm,
                                                    self.backup_id or "backup")
         chosen = False
+        ended = False
+
+        def finished() -> bool:
+            nonlocal ended
+            ended = ended or log_has_ended(self.bootstrap, self.vm)
+            return ended
 
         def primary_gone() -> bool:
             # silence of the log itself, not of this backup's replay: a backup still
             # replaying a backlog notices a dead primary as soon as one that kept up
             nonlocal chosen
             chosen = self._reader.silence() >= failover_timeout and \
-                succession.designated_for() >= failover_timeout
+                succession.designated_for() >= failover_timeout and \
+                not finished()        # a finished log is silent, not dead
             return chosen
 
         try:

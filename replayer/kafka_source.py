@@ -173,3 +173,25 @@ def read_snapshots(bootstrap: str, vm: str, timeout: float = 15.0) -> list[dict]
     finally:
         reader.close()
     return snaps
+
+
+def log_has_ended(bootstrap: str, vm: str, tail: int = 32) -> bool:
+    """Whether the committed log ends with an End event (looking at its last few offsets):
+    a log that fell silent because it is finished needs no takeover."""
+    topic = topics(vm).log
+    probe = Consumer(dict(client_conf(bootstrap), **{"group.id": "kvmrr-probe"}))
+    try:
+        low, high = probe.get_watermark_offsets(TopicPartition(topic, 0), timeout=10)
+    except KafkaException as exc:
+        raise KafkaLogError(f"cannot read the end of {topic}: {exc.args[0].str()}") from None
+    finally:
+        probe.close()
+    reader = LogTopicReader(bootstrap, vm, topic, max(low, high - tail))
+    last = None
+    try:
+        for record, _ in reader.records(0):
+            last = record
+    finally:
+        reader.close()
+    return bool(last and last["kind"] == "EventBatch" and last["events"]
+                and last["events"][-1]["kind"] == "End")

@@ -62,6 +62,7 @@ def test_primary_killed_at_a_seeded_point(cluster, seed):
     client.run(RATE, rng.uniform(2.0, 4.0))
     res = ft.finish(client)
     assert len(res["took_over"]) == 1, res["ends"]
+    assert res["takeover_attempts"] == 1, "more than one backup started a takeover"
     _verified(res, survivors=2)
 
 
