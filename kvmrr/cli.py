@@ -99,6 +99,9 @@ def cmd_run(args, log=None) -> int:
                                 inputs=inputs, **session_kwargs)
         if args.serve:
             _progress_lines(sink, inputs)
+        if args.metrics_port:
+            from replayer.metrics import serve
+            serve(args.metrics_port)
     try:
         result = session.run()
     finally:
@@ -371,6 +374,8 @@ def _guest_opts(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compression", default="deflate", choices=("deflate", "null"))
     p.add_argument("--heartbeat-ms", type=int, default=100,
                    help="kafka logs: a heartbeat every this many ms")
+    p.add_argument("--metrics-port", type=int, default=0,
+                   help="kafka logs: Prometheus on 127.0.0.1:PORT")
     _service_opts(p)
     p.add_argument("--json", action="store_true", help="print one JSON object at the end")
     p.add_argument("--quiet", action="store_true", help="do not show the guest console")

@@ -125,11 +125,11 @@ class FtCluster:
         ensure_topics(bootstrap, self.vm)
 
     # -- the processes ----------------------------------------------------------------------
-    def start_primary(self, wrap=None) -> Node:
+    def start_primary(self, wrap=None, extra: tuple[str, ...] = ()) -> Node:
         self.primary = self._node("primary", [
             "record", "kvstore", "--log", self.url, "--serve", "--commit", self.commit,
             "--mode", self.counter, "--snapshot-every", str(self.snapshot_every),
-            "--json", "--quiet"], wrap=wrap)
+            "--json", "--quiet", *extra], wrap=wrap)
         return self.primary
 
     def start_backup(self, name: str, start: str = "first") -> Node:

@@ -23,6 +23,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, Topi
 
 from kvmrr.kafkalog import (SNAPSHOT_CHUNK_BYTES, WRITER_HEADER, FencedError, KafkaLogError,
                             client_conf, ensure_topics, transactional_id)
+from recorder import metrics
 from recorder.service import AckWatch, CommitPolicy, released_seq
 from schemas import encode_message, icount_key, split_snapshot
 
@@ -208,7 +209,12 @@ class KafkaSink:
             del self._held[:len(releasing)]
             self.released_seq = releasing[-1][1]["seq"]
             self.outputs_released += len(releasing)
-            self.output_latencies.extend(now - handed for handed, _ in releasing)
+            latencies = [now - handed for handed, _ in releasing]
+            self.output_latencies.extend(latencies)
+            hist = metrics.OUTPUT_COMMIT_SECONDS.labels(self.vm, str(self.policy))
+            for seconds in latencies:
+                hist.observe(seconds)
+            metrics.RESPONSES_RELEASED.labels(self.vm).inc(len(releasing))
 
     def _publish_unit(self, units: list) -> None:
         pending: list[dict] = []

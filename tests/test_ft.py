@@ -8,9 +8,11 @@ offline replay of the whole log from icount 0.
 from __future__ import annotations
 
 import random
+import re
 import signal
 import socket
 import time
+import urllib.request
 
 import pytest
 
@@ -92,8 +94,11 @@ def test_stopped_primary_is_fenced_and_stops_itself(cluster):
 
 
 def test_commit_log_goes_on_when_a_backup_dies(cluster):
+    """And the primary exports its output commit latency to Prometheus."""
+    from kvmrr.localkafka import free_base_port
+    metrics_port = free_base_port(1)
     ft = cluster(commit="log")
-    ft.start_primary()
+    ft.start_primary(extra=("--metrics-port", str(metrics_port)))
     ft.start_backup("b1")
     b2 = ft.start_backup("b2")
     ft.start_gateway()
@@ -105,6 +110,11 @@ def test_commit_log_goes_on_when_a_backup_dies(cluster):
     client.run(RATE, 2.0)
     first = client.first_answer_sent_after(t)
     assert first is not None and first - t < 1.5, "responses stalled without backup b2"
+    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics",
+                                  timeout=10).read().decode()
+    count = re.search(r'^kvmrr_output_commit_seconds_count\{policy="log",vm="%s"\} (\S+)$'
+                      % ft.vm, text, re.M)
+    assert count and float(count.group(1)) > 0, text[-1500:]
     res = ft.finish(client)
     assert res["took_over"] == []
     _verified(res, survivors=2)     # b1 and the primary
