@@ -65,7 +65,9 @@ bench-log: build
 bench-ft: build
 	$(PY) -m kvmrr.bench ft --out bench/ft.json $(if $(QUICK),--quick)
 
-bench: bench-core bench-log bench-ft
+# the overhead sweep (bench/sweep.json) -> bench/results.json, bench/report.md and plots
+bench: build
+	$(PY) -m kvmrr.sweep $(if $(QUICK),--quick)
 
 # ---- Kafka (real Apache Kafka from Maven Central, KRaft, loopback) --------------------
 kafka:

@@ -96,7 +96,8 @@ def cmd_run(args, log=None) -> int:
             inputs = KafkaInputs(log.bootstrap, log.vm_id)
         session_kwargs["vm_id"] = log.vm_id
         session = RecordSession(guest, sink, heartbeat_every_ns=args.heartbeat_ms * 1_000_000,
-                                inputs=inputs, **session_kwargs)
+                                inputs=inputs, slice_ns=int(args.txn_ms * 1_000_000),
+                                **session_kwargs)
         if args.serve:
             _progress_lines(sink, inputs)
         if args.metrics_port:
@@ -255,7 +256,8 @@ def cmd_follow(args) -> int:
         serve=args.serve, policy=_policy(args.commit),
         max_instructions=args.max_instructions,
         checksum_every=args.checksum_every, snapshot_every=args.snapshot_every,
-        heartbeat_every_ns=args.heartbeat_ms * 1_000_000)
+        heartbeat_every_ns=args.heartbeat_ms * 1_000_000,
+        slice_ns=int(args.txn_ms * 1_000_000))
     if primary is None:
         return _report_replay(args, counter, f.header, result, 0, verb="followed")
     summary = {"took_over": True, "takeover_icount": result.icount,
@@ -382,6 +384,8 @@ def _guest_opts(p: argparse.ArgumentParser) -> None:
 
 
 def _service_opts(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--txn-ms", type=float, default=10.0, metavar="MS",
+                   help="kafka logs: the recorder publishes (one transaction) every MS ms")
     p.add_argument("--serve", action="store_true",
                    help="kafka logs: take requests from kvmrr.<vm>.in and release responses "
                         "to kvmrr.<vm>.out (as the new primary, for a backup)")

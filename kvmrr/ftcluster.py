@@ -110,7 +110,8 @@ def wait_for(cond, timeout: float, what: str) -> None:
 class FtCluster:
     def __init__(self, bootstrap: str, workdir: Path, *, counter: str = "auto",
                  commit: str = "log", failover_timeout: float = 1.0,
-                 snapshot_every: int = 2_000_000, say=None, vm: str | None = None):
+                 snapshot_every: int = 2_000_000, say=None, vm: str | None = None,
+                 txn_ms: float = 10.0):
         self.bootstrap = bootstrap
         self.vm = vm or f"ft{uuid.uuid4().hex[:8]}"
         self.url = f"kafka://{bootstrap}/{self.vm}"
@@ -119,6 +120,7 @@ class FtCluster:
         self.counter, self.commit = counter, commit
         self.failover_timeout = failover_timeout
         self.snapshot_every = snapshot_every
+        self.txn_ms = txn_ms
         self.say = say
         self.nodes: dict[str, Node] = {}
         self.primary: Node | None = None
@@ -129,7 +131,7 @@ class FtCluster:
         self.primary = self._node("primary", [
             "record", "kvstore", "--log", self.url, "--serve", "--commit", self.commit,
             "--mode", self.counter, "--snapshot-every", str(self.snapshot_every),
-            "--json", "--quiet", *extra], wrap=wrap)
+            "--txn-ms", str(self.txn_ms), "--json", "--quiet", *extra], wrap=wrap)
         return self.primary
 
     def start_backup(self, name: str, start: str = "first") -> Node:
@@ -137,7 +139,7 @@ class FtCluster:
             "follow", "--log", self.url, "--backup-id", name, "--serve", "--commit",
             self.commit, "--mode", self.counter, "--failover-timeout",
             str(self.failover_timeout), "--snapshot-every", str(self.snapshot_every),
-            "--start", start, "--idle-timeout", "60", "--json", "--quiet"],
+            "--txn-ms", str(self.txn_ms), "--start", start, "--idle-timeout", "60", "--json", "--quiet"],
             watch=("reading", "primary silent, taking over", "live", "done as primary"))
 
     def start_gateway(self) -> int:

@@ -133,3 +133,21 @@ def scan_topic(bootstrap: str, topic: str, *, start: int = OFFSET_BEGINNING,
             yield msg
     finally:
         c.close()
+
+
+def watermarks(bootstrap: str, topic: str, timeout: float = 15.0) -> tuple[int, int]:
+    """(low, high) offsets of partition 0, retried while the broker is still electing its
+    leader (a topic created a moment ago answers NOT_LEADER for a while)."""
+    c = Consumer(dict(client_conf(bootstrap), **{"group.id": "kvmrr-watermarks"}))
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            try:
+                return c.get_watermark_offsets(TopicPartition(topic, 0), timeout=timeout)
+            except KafkaException as exc:     # (NOT_LEADER is not flagged retriable)
+                if time.monotonic() > deadline:
+                    raise KafkaLogError(f"cannot read the end of {topic}: "
+                                        f"{exc.args[0].str()}") from None
+                time.sleep(0.1)
+    finally:
+        c.close()

@@ -19,10 +19,10 @@ import queue
 import threading
 import time
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
+from confluent_kafka import KafkaError, KafkaException, Producer
 
 from kvmrr.kafkalog import (SNAPSHOT_CHUNK_BYTES, WRITER_HEADER, FencedError, KafkaLogError,
-                            client_conf, ensure_topics, transactional_id)
+                            client_conf, ensure_topics, transactional_id, watermarks)
 from recorder import metrics
 from recorder.service import AckWatch, CommitPolicy, released_seq
 from schemas import encode_message, icount_key, split_snapshot
@@ -76,16 +76,7 @@ class KafkaSink:
         self._thread.start()
 
     def _log_end(self) -> int:
-        c = Consumer(dict(client_conf(self.bootstrap), **{"group.id": "kvmrr-recorder-probe",
-                                                          "enable.auto.commit": False}))
-        try:
-            _, high = c.get_watermark_offsets(TopicPartition(self.topics.log, 0), timeout=10)
-        except KafkaException as exc:
-            raise KafkaLogError(f"cannot read the end of {self.topics.log}: "
-                                f"{exc.args[0].str()}") from None
-        finally:
-            c.close()
-        return max(high, 0)
+        return max(watermarks(self.bootstrap, self.topics.log)[1], 0)
 
     # -- vCPU thread ------------------------------------------------------------------
     def write(self, record: dict) -> None:

@@ -21,10 +21,10 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
 
 from kvmrr.kafkalog import (WRITER_HEADER, KafkaLogError, client_conf, scan_topic, topics,
-                            transactional_id)
+                            transactional_id, watermarks)
 from schemas import LogFormatError, decode_message
 
 NIC_MTU = 2048          # KVMRR_NIC_MTU: longer requests are cut to it, as the NIC would
@@ -141,13 +141,7 @@ def released_seq(bootstrap: str, vm: str, timeout: float = 15.0) -> int:
     it has fenced the old one, so nothing more can be committed there behind its back."""
     topic = topics(vm).outputs
     writer = transactional_id(vm).encode()
-    c = Consumer(dict(client_conf(bootstrap), **{"group.id": f"kvmrr.{vm}.release-probe"}))
-    try:
-        low, high = c.get_watermark_offsets(TopicPartition(topic, 0), timeout=timeout)
-    except KafkaException as exc:
-        raise KafkaLogError(f"cannot read {topic}: {exc.args[0].str()}") from None
-    finally:
-        c.close()
+    low, high = watermarks(bootstrap, topic, timeout)
     window = 64
     while True:
         start = max(low, high - window)

@@ -21,7 +21,8 @@ from schemas import FORMAT_VERSION
 if TYPE_CHECKING:
     from recorder.service import KafkaInputs
 
-SLICE_NS = 10_000_000        # the vCPU comes back this often to publish what it logged
+SLICE_NS = 10_000_000        # the vCPU comes back this often to publish what it logged: on
+                             # Kafka, one transaction interval (group commit may merge slices)
 
 
 class LogSink(Protocol):
@@ -60,7 +61,8 @@ class RecordSession:
                  mode: str = "record", heartbeat_every_ns: int = 0,
                  continue_from: "Machine | None" = None, next_seq: int = 0,
                  outputs: OutputDigest | None = None, outputs_complete: bool = True,
-                 inputs: "KafkaInputs | None" = None, max_seconds: float | None = None):
+                 inputs: "KafkaInputs | None" = None, max_seconds: float | None = None,
+                 slice_ns: int = SLICE_NS):
         """continue_from: a machine that replayed this log up to its end and went live
         (a takeover); the session then appends to the log from next_seq on.
         inputs: requests pushed into the NIC from outside (the service's .in topic); the
@@ -90,6 +92,7 @@ class RecordSession:
         self.snapshots = 0
         self.inputs = inputs
         self.max_seconds = max_seconds
+        self.slice_ns = slice_ns
 
     def header(self) -> dict:
         return {
@@ -145,7 +148,7 @@ class RecordSession:
         started = time.monotonic()
         while True:
             t = now_ns()
-            deadline = t + SLICE_NS
+            deadline = t + self.slice_ns
             if self.load:
                 for request in self.load.due(t):
                     m.nic_push(request)

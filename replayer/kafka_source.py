@@ -14,7 +14,8 @@ from typing import Callable, Iterator
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
 
 from kvmrr.kafkalog import (CONNECT_TIMEOUT_S, WRITER_HEADER, KafkaLogError, admin_client,
-                            client_conf, cluster_size, topics, transactional_id)
+                            client_conf, cluster_size, topics, transactional_id,
+                            watermarks)
 from schemas import LogFormatError, decode_message, join_snapshot
 
 
@@ -179,13 +180,7 @@ def log_has_ended(bootstrap: str, vm: str, tail: int = 32) -> bool:
     """Whether the committed log ends with an End event (looking at its last few offsets):
     a log that fell silent because it is finished needs no takeover."""
     topic = topics(vm).log
-    probe = Consumer(dict(client_conf(bootstrap), **{"group.id": "kvmrr-probe"}))
-    try:
-        low, high = probe.get_watermark_offsets(TopicPartition(topic, 0), timeout=10)
-    except KafkaException as exc:
-        raise KafkaLogError(f"cannot read the end of {topic}: {exc.args[0].str()}") from None
-    finally:
-        probe.close()
+    low, high = watermarks(bootstrap, topic)
     reader = LogTopicReader(bootstrap, vm, topic, max(low, high - tail))
     last = None
     try:
