@@ -99,7 +99,7 @@ struct kvmrr_vm {
     kvmrr_icount_t icount;           /* exact count at the current stop */
     int debug_mode;                  /* guest debug currently set: enum guest_debug */
     uint64_t debug_bp;               /* DEBUG_BP: the breakpoint's address */
-    /* replay, near an async event: hits of the breakpoint on its RIP (run.c near_debug) */
+    /* replay, approaching an async event: passes of the breakpoint on its RIP (run.c) */
     kvmrr_icount_t bp_target;        /* the event's icount these describe */
     uint64_t bp_rip;                 /* and its RIP */
     kvmrr_icount_t bp_last_hit;      /* icount at the last hit short of it; -1: none yet */

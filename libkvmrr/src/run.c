@@ -874,39 +874,54 @@ static int replay_io(struct kvmrr_vm *vm, struct kvmrr_result *res)
 }
 
 /*
- * The last stretch to an asynchronous event (within KVMRR_NEAR of its icount, `fast`):
- * single-step (DEBUG_STEP), or run to a hardware breakpoint on the event's RIP
- * (DEBUG_BP).  At the event's icount the guest is at its RIP, so the breakpoint stops it
- * there exactly, however far the run would have gone; each earlier pass over that RIP
- * stops short of the count, and the loop steps over it (one single-step, breakpoint off:
- * re-entering at a breakpoint re-hits it) and runs on.  A pass costs about as much as
- * four single-steps here, so a RIP passed more often than every BP_MIN_PERIOD
- * instructions is single-stepped to.  And a divergence should still be found at the
- * logged icount, not a loop later: once two passes have shown how far apart they come,
- * the part of the stretch shorter than that is single-stepped (in a faithful replay the
- * next pass then lands on the target, and nothing is lost).
+ * How to approach an asynchronous event (`fast`, an exact stop at its icount): run free
+ * under approach kicks (DEBUG_OFF), single-step (DEBUG_STEP), or run to a hardware
+ * breakpoint on the event's RIP (DEBUG_BP).  At the event's icount the guest is at its
+ * RIP, so the breakpoint stops it there exactly, however far the run would have gone:
+ * no kick and no single-step needed.  Each earlier pass over that RIP stops short of the
+ * count; the loop steps over it (one single-step, breakpoint off: re-entering at a
+ * breakpoint re-hits it) and runs on.
+ *
+ * What a pass costs decides the rest, so the loop learns how far apart the passes come
+ * (bp_period, from two of them):
+ *  - far from the event (beyond KVMRR_NEAR) the breakpoint is used while passes are rarer
+ *    than every BP_FAR_PERIOD instructions; a RIP passed more often (a hot loop) is
+ *    approached by kicks as before, to within KVMRR_NEAR;
+ *  - within KVMRR_NEAR, unless passes come more often than every BP_MIN_PERIOD
+ *    instructions (a pass costs about four single-steps here), then that is single-stepped;
+ *  - a divergence should still be found at the logged icount, not a loop later: the part
+ *    of the stretch shorter than the period is single-stepped (in a faithful replay the
+ *    next pass then is the target, and nothing is lost).
+ * Without working breakpoints (hwbp_usable) the last KVMRR_NEAR are single-stepped.
  */
 #define BP_MIN_PERIOD 4
+#define BP_FAR_PERIOD 512
 
-static int near_debug(struct kvmrr_vm *vm, const struct kvmrr_event *ev, kvmrr_icount_t target)
+static int approach_debug(struct kvmrr_vm *vm, const struct kvmrr_event *ev,
+                          kvmrr_icount_t target)
 {
+    kvmrr_icount_t remaining = target - vm->icount;
+    bool near = remaining <= KVMRR_NEAR;
+    int fallback = near ? DEBUG_STEP : DEBUG_OFF;
     if (!ev || target != ev->icount || !hwbp_usable())
-        return DEBUG_STEP;
+        return fallback;
     if (vm->bp_target != target || vm->bp_rip != ev->rip) {
         vm->bp_target = target;
         vm->bp_rip = ev->rip;
         vm->bp_last_hit = -1;
         vm->bp_period = 0;
     }
+    kvmrr_icount_t period = vm->bp_period;
+    if (period && (period < BP_MIN_PERIOD || remaining + 1 < period
+                   || (!near && period < BP_FAR_PERIOD)))
+        return fallback;
     if (cur_rip(vm) == ev->rip)
         return DEBUG_STEP;    /* on the breakpoint short of the count: step over it */
-    kvmrr_icount_t remaining = target - vm->icount;
-    if (vm->bp_period && (vm->bp_period < BP_MIN_PERIOD || remaining + 1 < vm->bp_period))
-        return DEBUG_STEP;
     return DEBUG_BP;
 }
 
-/* A stop at the breakpoint (the loop stops there if the count is the target's). */
+/* A stop at the event's RIP, at the breakpoint or by a step (the loop stops there if the
+ * count is the target's). */
 static void bp_hit(struct kvmrr_vm *vm)
 {
     if (vm->bp_last_hit >= 0 && vm->icount - vm->bp_last_hit > vm->bp_period)
@@ -915,10 +930,11 @@ static void bp_hit(struct kvmrr_vm *vm)
 }
 
 /* Under a breakpoint a faithful replay cannot pass the target; this kick only bounds how
- * far a diverged one runs on before the loop notices. */
+ * far a diverged one runs on before the loop notices (at a tenth of the peak rate). */
 static int64_t backstop_kick(struct kvmrr_vm *vm, kvmrr_icount_t target)
 {
-    return mono_ns() + 1000000 + (target - vm->icount) * 10000;
+    int64_t rate = vm->stats.peak_rate > 1000000 ? vm->stats.peak_rate / 10 : 100000;
+    return mono_ns() + 1000000 + (target - vm->icount) * (1000000000 / rate);
 }
 
 static void replay_run(struct kvmrr_vm *vm, const struct kvmrr_limits *lim,
@@ -968,9 +984,7 @@ static void replay_run(struct kvmrr_vm *vm, const struct kvmrr_limits *lim,
         /* Exact stop needed unless the next thing is a synchronous event the guest's own
          * exit will bring us to. */
         bool exact = !ev || is_async(ev) || target != ev->icount;
-        int debug = step ? DEBUG_STEP
-                    : exact && target - vm->icount <= KVMRR_NEAR ? near_debug(vm, ev, target)
-                    : DEBUG_OFF;
+        int debug = step ? DEBUG_STEP : exact ? approach_debug(vm, ev, target) : DEBUG_OFF;
         bool single = debug == DEBUG_STEP;
         if (single) {
             int stop = EXIT_AGAIN;
@@ -991,8 +1005,10 @@ static void replay_run(struct kvmrr_vm *vm, const struct kvmrr_limits *lim,
             fail(res, vm, "%s at icount %lld rip 0x%llx", "KVM_RUN failed");
             return;
         }
-        if (debug == DEBUG_BP && er.exit_reason == KVM_EXIT_DEBUG && cur_rip(vm) == ev->rip)
+        if (debug != DEBUG_OFF && ev && cur_rip(vm) == ev->rip)
             bp_hit(vm);
+        else if (debug == DEBUG_OFF)
+            vm->bp_last_hit = -1;     /* passes while running free were not seen */
         int k = er.exit_reason == KVM_EXIT_IO ? replay_io(vm, res)
                                               : common_exit(vm, er.exit_reason, res);
         if (k == EXIT_STOP)
