@@ -13,6 +13,9 @@
  * reads the counter, and repeats; within KVMRR_NEAR instructions it single-steps the rest.
  * A kick that came too late would leave the vCPU past the target: that is reported as an
  * error (never silently replayed past), and the safety margin makes it not happen.
+ * Replaying an asynchronous event, whose RIP the log holds, it runs instead to a hardware
+ * breakpoint on that RIP where the host supports it (approach_debug): kicks and
+ * single-steps then remain only for hot loops and for the few instructions before it.
  *
  * Single-step traps are lost after IRETQ (the popped RFLAGS has no TF), so whenever the
  * loop single-steps it executes IRETQ itself; under `step` it also executes RDTSC, RDTSCP,
@@ -891,7 +894,10 @@ static int replay_io(struct kvmrr_vm *vm, struct kvmrr_result *res)
  *    instructions (a pass costs about four single-steps here), then that is single-stepped;
  *  - a divergence should still be found at the logged icount, not a loop later: the part
  *    of the stretch shorter than the period is single-stepped (in a faithful replay the
- *    next pass then is the target, and nothing is lost).
+ *    next pass then is the target, and nothing is lost).  Before two passes have been
+ *    seen nothing bounds the next one, so a divergence there is found later (at the next
+ *    pass, exit or backstop kick: the loop's "passed a logged event" report), never
+ *    missed: a faithful replay is exact either way.
  * Without working breakpoints (hwbp_usable) the last KVMRR_NEAR are single-stepped.
  */
 #define BP_MIN_PERIOD 4
@@ -1053,6 +1059,8 @@ int kvmrr_vm_run(struct kvmrr_vm *vm, const struct kvmrr_limits *limits,
                  strerror(errno));
         return -1;
     }
+    if (vm->cfg.mode == KVMRR_MODE_REPLAY && vm->cfg.counter == KVMRR_COUNTER_FAST)
+        (void)hwbp_usable();   /* probe it (once per process) before, not amid, the run */
     if (vm->cfg.mode == KVMRR_MODE_REPLAY)
         replay_run(vm, limits, res);
     else
