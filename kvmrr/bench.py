@@ -81,6 +81,9 @@ def bench_core(quick: bool) -> dict:
         "replay_step": _rate(rep_step.icount, rep_step_s),
     }
     out["instructions_per_second"] = rates
+    # how the fast replay reached its exact stops: single-steps, breakpoint stops, kicks
+    out["replay_fast_exits"] = {k: rep_fast.stats.get(k) for k in ("exits", "kicks", "steps",
+                                                                     "breakpoints")}
     out["ratios"] = {
         "record_fast_over_plain": round(rates["record_fast"] / rates["plain_run"], 3),
         "replay_fast_over_record_fast": round(rates["replay_fast"] / rates["record_fast"], 3),

@@ -241,7 +241,8 @@ class VmHandle:
     def stats(self) -> dict[str, int]:
         s = ffi.new("struct kvmrr_stats *")
         lib.kvmrr_vm_stats(self._vm, s)
-        return {k: getattr(s, k) for k in ("exits", "kicks", "steps", "events", "peak_rate")}
+        return {k: getattr(s, k) for k in ("exits", "kicks", "steps", "events", "peak_rate",
+                                              "breakpoints")}
 
     def snapshot(self) -> bytes:
         size = lib.kvmrr_vm_snapshot_size(self._vm)

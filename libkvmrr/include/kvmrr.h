@@ -104,6 +104,7 @@ struct kvmrr_stats {
     int64_t steps;              /* single-steps */
     int64_t events;             /* events recorded or applied */
     int64_t peak_rate;          /* highest instructions/s seen over a slice >= 1 ms */
+    int64_t breakpoints;        /* replay: exits at a hardware breakpoint on an event's RIP */
 };
 
 struct kvmrr_vm;

@@ -6,7 +6,10 @@
  * exactly the count that single-stepping gives.
  */
 #include <elf.h>
+#include <pthread.h>
+#include <stdlib.h>
 #include <string.h>
+#include <sys/ioctl.h>
 
 #include "internal.h"
 
@@ -94,4 +97,52 @@ int kvmrr_calibrate(char *why, size_t why_len)
     snprintf(why, why_len, "insn_emulation statistic exact (%lld of %lld)", (long long)fast,
              (long long)stepped);
     return KVMRR_COUNTER_FAST;
+}
+
+/*
+ * Whether a hardware instruction breakpoint (KVM_GUESTDBG_USE_HW_BP, DR0) stops ring-0
+ * guest code here before the instruction at it, with the statistic exact at the stop, and
+ * re-arms after a single-step over it (DESIGN §8).  KVM checks code breakpoints in its
+ * emulator path too on this host; a host that does not would let a replay run past its
+ * target, so replay uses breakpoints only if this probe passes.  Probed once per process;
+ * KVMRR_NO_HWBP=1 in the environment turns them off (for comparisons).
+ */
+static pthread_once_t hwbp_once = PTHREAD_ONCE_INIT;
+static bool hwbp_ok;
+
+static bool hwbp_hit(struct kvmrr_vm *vm, uint64_t rip, uint64_t want)
+{
+    uint64_t stat;
+    return ioctl(vm->vcpu_fd, KVM_RUN, 0) == 0 && vm->run->exit_reason == KVM_EXIT_DEBUG
+           && vm->run->s.regs.regs.rip == rip && counter_read_stat(vm, &stat) == 0
+           && stat - vm->stat_base == want;
+}
+
+static void hwbp_probe(void)
+{
+    const char *off = getenv("KVMRR_NO_HWBP");
+    if (off && *off && strcmp(off, "0") != 0)
+        return;
+    uint8_t elf[256];
+    size_t n = probe_elf_build(probe_code, sizeof(probe_code), elf, sizeof(elf));
+    struct kvmrr_config cfg = { .mem_size = 4 << 20, .mode = KVMRR_MODE_RUN,
+                                .counter = KVMRR_COUNTER_FAST };
+    char err[256];
+    struct kvmrr_vm *vm = kvmrr_vm_create(&cfg, elf, n, "", err, sizeof(err));
+    if (!vm)
+        return;
+    uint64_t dec = KVMRR_LOAD_MIN + 5;   /* 1 instruction in; then every 2 */
+    bool ok = vm->cfg.counter == KVMRR_COUNTER_FAST;
+    for (int i = 0; ok && i < 3; i++) {
+        ok = vm_set_guest_debug(vm, DEBUG_BP, dec) == 0 && hwbp_hit(vm, dec, 1 + 2 * i)
+             && vm_set_guest_debug(vm, DEBUG_STEP, 0) == 0 && hwbp_hit(vm, dec + 2, 2 + 2 * i);
+    }
+    kvmrr_vm_destroy(vm);
+    hwbp_ok = ok;
+}
+
+bool hwbp_usable(void)
+{
+    pthread_once(&hwbp_once, hwbp_probe);
+    return hwbp_ok;
 }

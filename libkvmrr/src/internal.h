@@ -97,7 +97,13 @@ struct kvmrr_vm {
     off_t insn_stat_offset;          /* -1 when KVM has no insn_emulation statistic */
     uint64_t stat_base;              /* stat value at icount 0 (fast) */
     kvmrr_icount_t icount;           /* exact count at the current stop */
-    bool debug_armed;                /* guest debug currently set to single-step */
+    int debug_mode;                  /* guest debug currently set: enum guest_debug */
+    uint64_t debug_bp;               /* DEBUG_BP: the breakpoint's address */
+    /* replay, approaching an async event: passes of the breakpoint on its RIP (run.c) */
+    kvmrr_icount_t bp_target;        /* the event's icount these describe */
+    uint64_t bp_rip;                 /* and its RIP */
+    kvmrr_icount_t bp_last_hit;      /* icount at the last hit short of it; -1: none yet */
+    kvmrr_icount_t bp_period;        /* longest stretch seen between two hits; 0: unknown */
 
     struct kvmrr_devices dev;
 
@@ -132,7 +138,10 @@ struct kvmrr_vm {
 int  vm_get_regs(struct kvmrr_vm *vm, struct kvm_regs *regs);
 int  vm_set_regs(struct kvmrr_vm *vm, const struct kvm_regs *regs);
 void vm_regs_to_array(const struct kvm_regs *r, uint64_t out[KVMRR_NREGS]);
-int  vm_set_guest_debug(struct kvmrr_vm *vm, bool single_step);
+/* KVM_SET_GUEST_DEBUG, only when it changes: off, single-step, or one hardware
+ * instruction breakpoint (DR0) at bp. */
+enum guest_debug { DEBUG_OFF, DEBUG_STEP, DEBUG_BP };
+int  vm_set_guest_debug(struct kvmrr_vm *vm, int mode, uint64_t bp);
 
 /* x86.c */
 int x86_setup_long_mode(struct kvmrr_vm *vm, uint64_t entry, char *err, size_t err_len);
@@ -143,6 +152,8 @@ int elf_load(uint8_t *mem, uint64_t mem_size, const uint8_t *elf, size_t len,
 
 /* calibrate.c: also used by the C tests to make guests from bytes */
 size_t probe_elf_build(const uint8_t *code, size_t code_len, uint8_t *out, size_t cap);
+/* calibrate.c: hardware instruction breakpoints stop emulated guest code exactly here */
+bool hwbp_usable(void);
 
 /* counter.c */
 int  counter_open(struct kvmrr_vm *vm);

@@ -13,6 +13,9 @@
  * reads the counter, and repeats; within KVMRR_NEAR instructions it single-steps the rest.
  * A kick that came too late would leave the vCPU past the target: that is reported as an
  * error (never silently replayed past), and the safety margin makes it not happen.
+ * Replaying an asynchronous event, whose RIP the log holds, it runs instead to a hardware
+ * breakpoint on that RIP where the host supports it (approach_debug): kicks and
+ * single-steps then remain only for hot loops and for the few instructions before it.
  *
  * Single-step traps are lost after IRETQ (the popped RFLAGS has no TF), so whenever the
  * loop single-steps it executes IRETQ itself; under `step` it also executes RDTSC, RDTSCP,
@@ -425,11 +428,13 @@ static void track_rate(struct kvmrr_vm *vm, kvmrr_icount_t before, int64_t t0)
     }
 }
 
-/* One KVM_RUN: single-stepped or free with a kick at kick_at_ns (0: none). */
-static int enter(struct kvmrr_vm *vm, bool single_step, int64_t kick_at_ns,
+/* One KVM_RUN: single-stepped (DEBUG_STEP), or free (DEBUG_OFF, or DEBUG_BP with a
+ * hardware breakpoint at bp) with a kick at kick_at_ns (0: none). */
+static int enter(struct kvmrr_vm *vm, int debug, uint64_t bp, int64_t kick_at_ns,
                  struct enter_result *er)
 {
-    if (vm_set_guest_debug(vm, single_step) < 0)
+    bool single_step = debug == DEBUG_STEP;
+    if (vm_set_guest_debug(vm, debug, bp) < 0)
         return -1;
     bool kicked = kick_at_ns > 0 && !single_step;
     if (kicked)
@@ -451,6 +456,8 @@ static int enter(struct kvmrr_vm *vm, bool single_step, int64_t kick_at_ns,
         vm->stats.kicks++;
     if (single_step)
         vm->stats.steps++;
+    if (debug == DEBUG_BP && er->exit_reason == KVM_EXIT_DEBUG)
+        vm->stats.breakpoints++;
     if (vm->frame_rflags_gpa) {
         /* A kick can end KVM_RUN before or after the delivery: ask KVM which.  A frame
          * left armed after a delivery would be "mended" later, at whatever the guest has
@@ -745,7 +752,7 @@ static void live_run(struct kvmrr_vm *vm, const struct kvmrr_limits *lim, struct
         /* A pending tick the guest cannot take yet: exit as soon as it can. */
         vm->run->request_interrupt_window = !single && something_to_inject(vm);
         struct enter_result er;
-        if (enter(vm, single, kick, &er) < 0) {
+        if (enter(vm, single ? DEBUG_STEP : DEBUG_OFF, 0, kick, &er) < 0) {
             fail(res, vm, "%s at icount %lld rip 0x%llx", "KVM_RUN failed");
             return;
         }
@@ -869,6 +876,73 @@ static int replay_io(struct kvmrr_vm *vm, struct kvmrr_result *res)
     }
 }
 
+/*
+ * How to approach an asynchronous event (`fast`, an exact stop at its icount): run free
+ * under approach kicks (DEBUG_OFF), single-step (DEBUG_STEP), or run to a hardware
+ * breakpoint on the event's RIP (DEBUG_BP).  At the event's icount the guest is at its
+ * RIP, so the breakpoint stops it there exactly, however far the run would have gone:
+ * no kick and no single-step needed.  Each earlier pass over that RIP stops short of the
+ * count; the loop steps over it (one single-step, breakpoint off: re-entering at a
+ * breakpoint re-hits it) and runs on.
+ *
+ * What a pass costs decides the rest, so the loop learns how far apart the passes come
+ * (bp_period, from two of them):
+ *  - far from the event (beyond KVMRR_NEAR) the breakpoint is used while passes are rarer
+ *    than every BP_FAR_PERIOD instructions; a RIP passed more often (a hot loop) is
+ *    approached by kicks as before, to within KVMRR_NEAR;
+ *  - within KVMRR_NEAR, unless passes come more often than every BP_MIN_PERIOD
+ *    instructions (a pass costs about four single-steps here), then that is single-stepped;
+ *  - a divergence should still be found at the logged icount, not a loop later: the part
+ *    of the stretch shorter than the period is single-stepped (in a faithful replay the
+ *    next pass then is the target, and nothing is lost).  Before two passes have been
+ *    seen nothing bounds the next one, so a divergence there is found later (at the next
+ *    pass, exit or backstop kick: the loop's "passed a logged event" report), never
+ *    missed: a faithful replay is exact either way.
+ * Without working breakpoints (hwbp_usable) the last KVMRR_NEAR are single-stepped.
+ */
+#define BP_MIN_PERIOD 4
+#define BP_FAR_PERIOD 512
+
+static int approach_debug(struct kvmrr_vm *vm, const struct kvmrr_event *ev,
+                          kvmrr_icount_t target)
+{
+    kvmrr_icount_t remaining = target - vm->icount;
+    bool near = remaining <= KVMRR_NEAR;
+    int fallback = near ? DEBUG_STEP : DEBUG_OFF;
+    if (!ev || target != ev->icount || !hwbp_usable())
+        return fallback;
+    if (vm->bp_target != target || vm->bp_rip != ev->rip) {
+        vm->bp_target = target;
+        vm->bp_rip = ev->rip;
+        vm->bp_last_hit = -1;
+        vm->bp_period = 0;
+    }
+    kvmrr_icount_t period = vm->bp_period;
+    if (period && (period < BP_MIN_PERIOD || remaining + 1 < period
+                   || (!near && period < BP_FAR_PERIOD)))
+        return fallback;
+    if (cur_rip(vm) == ev->rip)
+        return DEBUG_STEP;    /* on the breakpoint short of the count: step over it */
+    return DEBUG_BP;
+}
+
+/* A stop at the event's RIP, at the breakpoint or by a step (the loop stops there if the
+ * count is the target's). */
+static void bp_hit(struct kvmrr_vm *vm)
+{
+    if (vm->bp_last_hit >= 0 && vm->icount - vm->bp_last_hit > vm->bp_period)
+        vm->bp_period = vm->icount - vm->bp_last_hit;
+    vm->bp_last_hit = vm->icount;
+}
+
+/* Under a breakpoint a faithful replay cannot pass the target; this kick only bounds how
+ * far a diverged one runs on before the loop notices (at a tenth of the peak rate). */
+static int64_t backstop_kick(struct kvmrr_vm *vm, kvmrr_icount_t target)
+{
+    int64_t rate = vm->stats.peak_rate > 1000000 ? vm->stats.peak_rate / 10 : 100000;
+    return mono_ns() + 1000000 + (target - vm->icount) * (1000000000 / rate);
+}
+
 static void replay_run(struct kvmrr_vm *vm, const struct kvmrr_limits *lim,
                        struct kvmrr_result *res)
 {
@@ -916,7 +990,8 @@ static void replay_run(struct kvmrr_vm *vm, const struct kvmrr_limits *lim,
         /* Exact stop needed unless the next thing is a synchronous event the guest's own
          * exit will bring us to. */
         bool exact = !ev || is_async(ev) || target != ev->icount;
-        bool single = step || (exact && target - vm->icount <= KVMRR_NEAR);
+        int debug = step ? DEBUG_STEP : exact ? approach_debug(vm, ev, target) : DEBUG_OFF;
+        bool single = debug == DEBUG_STEP;
         if (single) {
             int stop = EXIT_AGAIN;
             int r = exec_special(vm, step, res, &stop);
@@ -926,19 +1001,27 @@ static void replay_run(struct kvmrr_vm *vm, const struct kvmrr_limits *lim,
                 continue;
         }
         int64_t kick = lim->deadline_ns;
-        if (exact && !single)
+        if (debug == DEBUG_OFF && exact)
             kick = earliest(kick, approach_kick(vm, target));
+        if (debug == DEBUG_BP)
+            kick = earliest(kick, backstop_kick(vm, target));
         vm->run->request_interrupt_window = 0;
         struct enter_result er;
-        if (enter(vm, single, kick, &er) < 0) {
+        if (enter(vm, debug, debug == DEBUG_BP ? ev->rip : 0, kick, &er) < 0) {
             fail(res, vm, "%s at icount %lld rip 0x%llx", "KVM_RUN failed");
             return;
         }
+        if (debug != DEBUG_OFF && ev && cur_rip(vm) == ev->rip)
+            bp_hit(vm);
+        else if (debug == DEBUG_OFF)
+            vm->bp_last_hit = -1;     /* passes while running free were not seen */
         int k = er.exit_reason == KVM_EXIT_IO ? replay_io(vm, res)
                                               : common_exit(vm, er.exit_reason, res);
         if (k == EXIT_STOP)
             return;
-        if (exact && vm->icount > target) {
+        /* Past the target under a breakpoint: the guest was not at the event's RIP at its
+         * icount, a divergence, reported (at the loop's top) where it was found. */
+        if (exact && vm->icount > target && debug != DEBUG_BP) {
             fail(res, vm, "%s (now icount %lld rip 0x%llx): the approach kick came too late",
                  "replay overshot its target");
             return;
@@ -976,6 +1059,8 @@ int kvmrr_vm_run(struct kvmrr_vm *vm, const struct kvmrr_limits *limits,
                  strerror(errno));
         return -1;
     }
+    if (vm->cfg.mode == KVMRR_MODE_REPLAY && vm->cfg.counter == KVMRR_COUNTER_FAST)
+        (void)hwbp_usable();   /* probe it (once per process) before, not amid, the run */
     if (vm->cfg.mode == KVMRR_MODE_REPLAY)
         replay_run(vm, limits, res);
     else

@@ -136,6 +136,9 @@ int kvmrr_vm_snapshot_restore(struct kvmrr_vm *vm, const uint8_t *buf, size_t le
     vm->halted = c->halted;
     vm->timer_pending = false;
     vm->frame_rflags_gpa = 0;
+    vm->bp_target = -1;             /* passes seen before are of another history */
+    vm->bp_last_hit = -1;
+    vm->bp_period = 0;
     vm->in_pending = vm->in_completing = false;
     vm->next_tick_ns = 0;
     queue_clear(&vm->replay);

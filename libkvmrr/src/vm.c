@@ -188,16 +188,22 @@ int kvmrr_vm_get_regs(struct kvmrr_vm *vm, uint64_t regs[])
     return 0;
 }
 
-int vm_set_guest_debug(struct kvmrr_vm *vm, bool single_step)
+int vm_set_guest_debug(struct kvmrr_vm *vm, int mode, uint64_t bp)
 {
-    if (vm->debug_armed == single_step)
+    if (vm->debug_mode == mode && (mode != DEBUG_BP || vm->debug_bp == bp))
         return 0;
     struct kvm_guest_debug dbg = { 0 };
-    if (single_step)
+    if (mode == DEBUG_STEP)
         dbg.control = KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_SINGLESTEP;
+    if (mode == DEBUG_BP) {
+        dbg.control = KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_USE_HW_BP;
+        dbg.arch.debugreg[0] = bp;
+        dbg.arch.debugreg[7] = 0x401;   /* L0, execute, 1 byte (bit 10 reads as 1) */
+    }
     if (ioctl(vm->vcpu_fd, KVM_SET_GUEST_DEBUG, &dbg) < 0)
         return -1;
-    vm->debug_armed = single_step;
+    vm->debug_mode = mode;
+    vm->debug_bp = bp;
     return 0;
 }
 

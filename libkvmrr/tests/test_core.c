@@ -787,6 +787,36 @@ static size_t stack_guest(uint8_t code[IG_LEN], uint32_t period_us)
     return irq_guest(code, text, sizeof(text), KVMRR_VEC_TIMER, LOAD + 0x42);
 }
 
+/* Timer guest whose spin loop is 8-9 instructions with a branch in it, so a replay
+ * reaches an event's RIP by hardware breakpoint (run.c near_debug), passing it many times
+ * short of the count. */
+#define LG_ISR      (LOAD + 0x32)
+static size_t long_spin_guest(uint8_t code[IG_LEN], uint32_t period_us)
+{
+    uint8_t text[] = {
+        0x0f, 0x01, 0x1d, 0x79, 0x00, 0x00, 0x00, /* 0:  lidt [rip+0x79] */
+        0x66, 0xba, 0x40, 0x00,                   /* 7:  mov dx, 0x40 */
+        0xb8, 0x00, 0x00, 0x00, 0x00,             /* b:  mov eax, period_us */
+        0xef,                                     /* 10: out dx, eax */
+        0xfb,                                     /* 11: sti */
+        0x49, 0xff, 0xc6,                         /* 12: loop: inc r14 */
+        0x4d, 0x01, 0xf5,                         /* 15: add r13, r14 */
+        0x4d, 0x31, 0xec,                         /* 18: xor r12, r13 */
+        0x49, 0xc1, 0xc4, 0x03,                   /* 1b: rol r12, 3 */
+        0x4c, 0x89, 0xe0,                         /* 1f: mov rax, r12 */
+        0x83, 0xe0, 0x01,                         /* 22: and eax, 1 */
+        0x74, 0x03,                               /* 25: jz 2a */
+        0x49, 0xff, 0xc3,                         /* 27: inc r11 */
+        0x49, 0x83, 0xc2, 0x05,                   /* 2a: add r10, 5 */
+        0xeb, 0xe2,                               /* 2e: jmp loop */
+        0x90, 0x90,                               /* 30: (pad) */
+        0x49, 0xff, 0xc7,                         /* 32: inc r15 (ISR) */
+        0x48, 0xcf,                               /* 35: iretq */
+    };
+    memcpy(text + 0x0c, &period_us, 4);
+    return irq_guest(code, text, sizeof(text), KVMRR_VEC_TIMER, LG_ISR);
+}
+
 /* Serial and NIC output. */
 static const uint8_t output_code[] = {
     0x66, 0xba, 0xf8, 0x03,                   /* 0:  mov dx, 0x3f8 */
@@ -1047,7 +1077,8 @@ static void test_timer_replay_fast_from_step(void)
 }
 
 /* Shift the nth Interrupt's icount by delta; the replay must stop right there. */
-static void diverge_case(const struct recording *r, int counter, int nth, int delta)
+static void diverge_case(const struct guest *g, const struct recording *r, int counter, int nth,
+                         int delta)
 {
     struct kvmrr_event *evs = malloc((size_t)r->evs.n * sizeof(*evs));
     memcpy(evs, r->evs.ev, (size_t)r->evs.n * sizeof(*evs));
@@ -1068,7 +1099,7 @@ static void diverge_case(const struct recording *r, int counter, int nth, int de
     evs[idx].icount = moved;
     char why[512];
     struct replay_out o;
-    int rc = replay_guest(&g_timer, counter, r, evs, r->evs.n, r->res.icount, &o, why, sizeof(why));
+    int rc = replay_guest(g, counter, r, evs, r->evs.n, r->res.icount, &o, why, sizeof(why));
     free(evs);
     CHECKF(rc == 0, "%s", why);
     CHECKF(o.res.stop == KVMRR_STOP_DIVERGED, "%s replay with interrupt %d moved by %+d: %s at "
@@ -1096,11 +1127,11 @@ static void test_timer_divergence(void)
 {
     CHECKF(g_rec_fast_ok, "no fast recording");
     int nirq = count_kind(&g_rec_fast.evs, KVMRR_EV_INTERRUPT);
-    diverge_case(&g_rec_fast, KVMRR_COUNTER_FAST, nirq / 2, +1);
+    diverge_case(&g_timer, &g_rec_fast, KVMRR_COUNTER_FAST, nirq / 2, +1);
     if (g_cur_failed) return;
-    diverge_case(&g_rec_fast, KVMRR_COUNTER_STEP, 2, +1);
+    diverge_case(&g_timer, &g_rec_fast, KVMRR_COUNTER_STEP, 2, +1);
     if (g_cur_failed) return;
-    diverge_case(&g_rec_fast, KVMRR_COUNTER_FAST, 3, -1);
+    diverge_case(&g_timer, &g_rec_fast, KVMRR_COUNTER_FAST, 3, -1);
     if (g_cur_failed) return;
     /* A Checksum that disagrees: stopped there, with the actual hash in the report. */
     struct recording *r = &g_rec_fast;
@@ -1522,6 +1553,50 @@ static void test_timer_stack(void)
     recording_free(&r);
 }
 
+/* The replay's last stretch to an interrupt by hardware breakpoint on its RIP: exact (the
+ * same state as the record and as a single-stepped replay), and a divergence is still
+ * found at the logged icount. */
+static void test_breakpoint_replay(void)
+{
+    struct guest g;
+    uint8_t code[IG_LEN];
+    CHECK(guest_build(&g, code, long_spin_guest(code, 500)));
+    enum { STOP = 150000 };
+    struct recording r;
+    char why[512];
+    CHECKF(record_guest(&g, KVMRR_COUNTER_FAST, 20000, STOP, &r, why, sizeof(why)) == 0, "%s", why);
+    CHECKF(r.res.stop == KVMRR_STOP_ICOUNT && r.res.icount == STOP, "record: %s at %lld (%s)",
+           stop_name(r.res.stop), (long long)r.res.icount, r.res.message);
+    int nirq = count_kind(&r.evs, KVMRR_EV_INTERRUPT);
+    CHECKF(nirq >= 10, "only %d interrupts recorded", nirq);
+    for (int pc = 1; pc >= 0; pc--) {
+        struct replay_out o;
+        CHECKF(replay_guest(&g, pc, &r, r.evs.ev, r.evs.n, r.res.icount, &o, why, sizeof(why)) == 0,
+               "%s", why);
+        CHECKF(o.res.stop == KVMRR_STOP_ICOUNT && o.res.icount == STOP, "replay %s: %s at %lld (%s)",
+               counter_name(pc), stop_name(o.res.stop), (long long)o.res.icount, o.res.message);
+        CHECKF(o.stats.events == r.evs.n, "replay %s applied %lld of %d events", counter_name(pc),
+               (long long)o.stats.events, r.evs.n);
+        int d = regs_diff(r.regs, o.regs);
+        CHECKF(d < 0, "replay %s: %s 0x%llx vs 0x%llx", counter_name(pc), reg_names[d],
+               (unsigned long long)r.regs[d], (unsigned long long)o.regs[d]);
+        CHECKF(o.hash == r.hash, "replay %s: state hash differs", counter_name(pc));
+        if (pc == KVMRR_COUNTER_FAST && hwbp_usable()) {
+            /* Most of the last stretch ran under the breakpoint: far fewer single-steps
+             * than events x KVMRR_NEAR / 2. */
+            CHECKF(o.stats.breakpoints >= nirq, "%lld breakpoint stops for %d interrupts",
+                   (long long)o.stats.breakpoints, nirq);
+            CHECKF(o.stats.steps < (int64_t)r.evs.n * 100, "%lld single-steps for %d events",
+                   (long long)o.stats.steps, r.evs.n);
+        }
+    }
+    int n = count_kind(&r.evs, KVMRR_EV_INTERRUPT);
+    static const int deltas[] = { +1, -1, +2, -3, +5, -7 };
+    for (int i = 0; i < 6 && !g_cur_failed; i++)
+        diverge_case(&g, &r, KVMRR_COUNTER_FAST, n / 7 * (i + 1) - 1, deltas[i]);
+    recording_free(&r);
+}
+
 /* A backup that starts from a snapshot taken in the middle of the record. */
 static void test_snapshot_midrecord(void)
 {
@@ -1831,6 +1906,7 @@ int main(void)
     RUN(test_nic_rx);
     RUN(test_hlt_timer);
     RUN(test_timer_stack);
+    RUN(test_breakpoint_replay);
     RUN(test_snapshot_midrecord);
     RUN(test_events_full);
     RUN(test_feed_errors);
