@@ -14,7 +14,7 @@
 #include <stdint.h>
 
 /* Bumped on any change to this header; the binding refuses a library of another version. */
-enum { KVMRR_ABI_VERSION = 1 };
+enum { KVMRR_ABI_VERSION = 2 };   /* 2: kvmrr_stats.breakpoints */
 
 /* Guest instructions retired since the VM's first instruction (DESIGN §2). */
 typedef int64_t kvmrr_icount_t;
