@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
 import tempfile
@@ -247,12 +248,18 @@ def run(config: Path, quick: bool, out_dir: Path) -> dict:
     return results
 
 
+def _interrupted(signum, frame):
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="kvmrr sweep")
     ap.add_argument("--config", default=str(CONFIG))
     ap.add_argument("--out", default=str(REPO / "bench"), help="folder for the report")
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args(argv)
+    # a SIGTERM unwinds like ^C, so the sweep's broker and processes are stopped
+    signal.signal(signal.SIGTERM, _interrupted)
     run(Path(args.config), args.quick, Path(args.out))
     return 0
 
