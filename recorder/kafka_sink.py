@@ -129,7 +129,10 @@ class KafkaSink:
 
     def _fail(self, err) -> KafkaLogError:
         if err.code() == KafkaError._FATAL:
-            self.producer.poll(0)   # serves error_cb, which names the fatal error
+            try:
+                self.producer.poll(0)   # serves error_cb, which names the fatal error
+            except KafkaException as exc:   # ... or raises it
+                self._fatal = exc.args[0]
         if err.code() == KafkaError._FATAL and self._fatal is not None:
             err = self._fatal       # "Local: Fatal error" from produce(): say which
         if "FENCED" in err.name() or err.code() == KafkaError.INVALID_PRODUCER_EPOCH:
