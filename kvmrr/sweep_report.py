@@ -79,13 +79,17 @@ def _plot_txn(rows, out: Path) -> list[str]:
     xs = sorted({r["txn_ms"] for r in rows})
     p50 = spread(rows, ("txn_ms",), "output_commit_p50_ms")
     p99 = spread(rows, ("txn_ms",), "output_commit_p99_ms")
+    c50 = spread(rows, ("txn_ms",), "client_latency_p50_ms")
+    c99 = spread(rows, ("txn_ms",), "client_latency_p99_ms")
     thr = spread(rows, ("txn_ms",), "over_plain")
     logb = spread(rows, ("txn_ms",), "log_bytes_per_s")
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    keyed = [x for x in xs if (x,) in p50]
-    _errorbar(axes[0], keyed, {x: p50[(x,)] for x in keyed}, "p50")
-    _errorbar(axes[0], keyed, {x: p99[(x,)] for x in keyed if (x,) in p99}, "p99")
-    axes[0].set_ylabel("output commit latency (ms)")
+    for stats, label in ((p50, "output commit p50"), (p99, "output commit p99"),
+                         (c50, "client request p50"), (c99, "client request p99")):
+        keyed = [x for x in xs if (x,) in stats]
+        _errorbar(axes[0], keyed, {x: stats[(x,)] for x in keyed}, label)
+    axes[0].set_ylabel("latency (ms)")
+    axes[0].set_yscale("log")
     keyed = [x for x in xs if (x,) in thr]
     _errorbar(axes[1], keyed, {x: thr[(x,)] for x in keyed}, "requests/s over plain")
     axes[1].axhline(0.7, color="red", ls="--", lw=1, label="issue floor 0.7")
@@ -97,10 +101,12 @@ def _plot_txn(rows, out: Path) -> list[str]:
     fig.tight_layout()
     fig.savefig(out / "txn_interval.png", dpi=90)
     plt.close(fig)
-    lines = ["| interval ms | output commit p50 ms | p99 ms | requests/s over plain | "
-             "log bytes/s |", "| --- | --- | --- | --- | --- |"]
+    lines = ["| interval ms | output commit p50 ms | p99 ms | client request p50 ms | p99 ms | "
+             "requests/s over plain | log bytes/s |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
     for x in xs:
         lines.append(f"| {x} | {_fmt(p50.get((x,)), 1)} | {_fmt(p99.get((x,)), 1)} | "
+                     f"{_fmt(c50.get((x,)), 1)} | {_fmt(c99.get((x,)), 1)} | "
                      f"{_fmt(thr.get((x,)))} | {_fmt(logb.get((x,)), 0)} |")
     return lines
 
@@ -207,14 +213,14 @@ def choose_defaults(s: dict) -> list[str]:
                    "whenever its calibration probe finds the statistic exact.")
     txn = s["txn_interval"]
     thr = spread(txn, ("txn_ms",), "over_plain")
-    p99 = spread(txn, ("txn_ms",), "output_commit_p99_ms")
+    p99 = spread(txn, ("txn_ms",), "client_latency_p99_ms")     # what a client waits
     if thr and p99:
         top = max(v[0] for v in thr.values())
         ok = [k[0] for k, v in thr.items() if v[0] >= 0.95 * top and k in p99]
         if ok:
             pick = min(ok, key=lambda x: p99[(x,)][0])
             out.append(f"- **Transaction interval: {pick} ms** (`--txn-ms`): the lowest "
-                       f"output commit p99 ({p99[(pick,)][0]:.0f} ms) among the intervals "
+                       f"client request p99 ({p99[(pick,)][0]:.0f} ms) among the intervals "
                        f"within 5% of the best throughput ({top:.2f}x plain).")
     pol = spread(s["commit_policy"], ("policy", "backups"), "output_commit_p99_ms")
     logs = [v[0] for (p, _), v in pol.items() if p == "log"]
@@ -244,7 +250,9 @@ SECTIONS = [
      "number of instructions.", _plot_counter_timer, "counter_timer.png"),
     ("txn_interval", "Transaction interval",
      "kvstore served through the gateway, one backup, `--commit log`, a fixed offered load; "
-     "the baseline is a plain run (no log) under the same load.", _plot_txn,
+     "the baseline is a plain run (no log) under the same load. Output commit latency runs "
+     "from the start of the slice (one transaction interval) in which the guest produced "
+     "the response to its release; the client's request latency is end to end.", _plot_txn,
      "txn_interval.png"),
     ("commit_policy", "Commit policy and number of backups",
      "kvstore served through the gateway under a fixed offered load, against a plain run.",

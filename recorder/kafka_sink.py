@@ -56,12 +56,13 @@ class KafkaSink:
         self.next_log_offset = self._log_end()
         self.serving = serve
         self.policy = policy
-        self._held: list[tuple[float, dict]] = []   # (handed, Output) not released yet
+        self._held: list[tuple[float, dict]] = []   # (slice began, Output) not released
         # after the fence above nothing more reaches .out behind our back: what is there
         # is released for good and must never be released again (DESIGN §6)
         self.released_seq = released_seq(bootstrap, vm) if serve else -1
         self.acks = AckWatch(bootstrap, vm) if serve and policy.backups else None
-        self.output_latencies: list[float] = []     # s, slice handed over -> released
+        self.output_latencies: list[float] = []     # s, its slice began -> released
+        self._slice_began = time.monotonic()
         self.outputs_released = 0
         self._slice: list[dict] = []
         self._units: queue.Queue = queue.Queue(maxsize=max_pending)
@@ -92,8 +93,13 @@ class KafkaSink:
     def commit(self) -> None:
         if self.error:
             raise self.error
+        # slices are back to back: this commit ends one and starts the next, so a response
+        # in this slice was produced after `began` (its commit latency counts from there:
+        # at most one slice more than its true age)
+        now = time.monotonic()
+        began, self._slice_began = self._slice_began, now
         if self._slice:
-            self._units.put((time.monotonic(), self._slice))
+            self._units.put((now, self._slice, began))
             self._slice = []
 
     def close(self) -> None:
@@ -203,7 +209,7 @@ class KafkaSink:
             del self._held[:len(releasing)]
             self.released_seq = releasing[-1][1]["seq"]
             self.outputs_released += len(releasing)
-            latencies = [now - handed for handed, _ in releasing]
+            latencies = [now - began for began, _ in releasing]
             self.output_latencies.extend(latencies)
             hist = metrics.OUTPUT_COMMIT_SECONDS.labels(self.vm, str(self.policy))
             for seconds in latencies:
@@ -212,13 +218,13 @@ class KafkaSink:
 
     def _publish_unit(self, units: list) -> None:
         pending: list[dict] = []
-        records = [rec for _, recs in units for rec in recs]
+        records = [rec for _, recs, _ in units for rec in recs]
         if self.serving:
-            for handed, recs in units:
+            for _, recs, began in units:
                 for rec in recs:
                     if rec["kind"] == "EventBatch":
                         self._held.extend(
-                            (handed, dict(ev, kind="Output")) for ev in rec["events"]
+                            (began, dict(ev, kind="Output")) for ev in rec["events"]
                             if ev["kind"] == "Output" and ev["channel"] == NIC
                             and ev["seq"] > self.released_seq)
 
@@ -280,7 +286,7 @@ class KafkaSink:
                 if units:
                     self._publish_unit(units)
                     now = time.monotonic()
-                    self.commit_latencies.extend(now - handed for handed, _ in units)
+                    self.commit_latencies.extend(now - handed for handed, _, _ in units)
                 elif self.acks is not None:
                     self._release_waiting()
                 if done:
