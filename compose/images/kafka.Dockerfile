@@ -11,6 +11,6 @@ ENV KVMRR_KAFKA_HOME=/opt/kafka \
     KAFKA_DATA=/var/lib/kafka
 VOLUME /var/lib/kafka
 EXPOSE 9092 9093 9094
-HEALTHCHECK --interval=2s --timeout=5s --start-period=60s --retries=5 \
+HEALTHCHECK --interval=5s --timeout=5s --start-period=60s --retries=5 \
     CMD ["python3", "/opt/kafka/kafkactl", "container", "--check"]
 ENTRYPOINT ["python3", "/opt/kafka/kafkactl", "container"]

@@ -20,5 +20,5 @@ ENV KVMRR_VM=vm1 \
 COPY kvmrr-node /usr/local/bin/kvmrr-node
 WORKDIR /opt/kvmrr
 EXPOSE 7070 9100
-HEALTHCHECK --interval=2s --timeout=5s --start-period=60s --retries=5 CMD ["kvmrr-node", "health"]
+HEALTHCHECK --interval=5s --timeout=5s --start-period=60s --retries=5 CMD ["kvmrr-node", "health"]
 ENTRYPOINT ["kvmrr-node"]
