@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import sys
+import time
 
 
 class DockerError(RuntimeError):
@@ -87,7 +89,7 @@ def health(container: str) -> str:
 
 
 def wait_healthy(containers: list[str], timeout: float = 240) -> None:
-    import time
+    """Until every container reports healthy; DockerError if one stops or time runs out."""
     deadline = time.monotonic() + timeout
     while True:
         states = {c: health(c) for c in containers}
@@ -100,13 +102,12 @@ def wait_healthy(containers: list[str], timeout: float = 240) -> None:
         time.sleep(1)
 
 
-if __name__ == "__main__":   # python -m kvmrr.containers wait-healthy NAME...
-    import sys
+if __name__ == "__main__":   # python -m kvmrr.containers wait-healthy NAME...  (make compose-up)
     if sys.argv[1:2] != ["wait-healthy"]:
         sys.exit("usage: python -m kvmrr.containers wait-healthy CONTAINER...")
-    t0 = __import__("time").monotonic()
+    t0 = time.monotonic()
     try:
         wait_healthy(sys.argv[2:])
     except DockerError as exc:
         sys.exit(f"kvmrr: {exc}")
-    print(f"healthy after {__import__('time').monotonic() - t0:.0f} s: {' '.join(sys.argv[2:])}")
+    print(f"healthy after {time.monotonic() - t0:.0f} s: {' '.join(sys.argv[2:])}")

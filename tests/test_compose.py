@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from kvmrr.containers import ContainerProcess, DockerError, docker, engine_answers, wait_healthy
+from kvmrr.containers import ContainerProcess, docker, engine_answers, wait_healthy
 from kvmrr.ftcluster import BACKUP_EVENTS, FtCluster, wait_for
 from kvmrr.localkafka import free_base_port
 
