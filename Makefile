@@ -10,8 +10,14 @@ KAFKA_PORT  ?= 19092
 CORE_SRC    := $(wildcard libkvmrr/src/*.c libkvmrr/src/*.h libkvmrr/include/*.h)
 CORE_CFLAGS := -O2 -g -Wall -Wextra -Werror -Wno-unused-parameter -std=gnu11 -Ilibkvmrr/include -Ilibkvmrr/src
 
-.PHONY: all build guests run test test-c test-py bench bench-core bench-log bench-ft kafka kafka-cluster \
-        kafka-down clean distclean
+ENGINE      := compose/images/engine
+COMPOSE     := docker-compose -f compose/docker-compose.yml
+CLUSTER     := kvmrr-kafka1 kvmrr-kafka2 kvmrr-kafka3 kvmrr-primary kvmrr-backup1 kvmrr-backup2 kvmrr-gateway
+# the container tests: no Ryuk (its image cannot be pulled), local images only
+export TESTCONTAINERS_RYUK_DISABLED := true
+
+.PHONY: all build guests run test test-c test-py bench bench-core bench-log bench-ft bench-cluster \
+        kafka kafka-cluster kafka-down images compose-up compose-down compose-demo clean distclean
 
 all: build
 
@@ -47,10 +53,15 @@ test-c: $(BUILD)/test_core guests
 test-py: build
 	$(PY) -m pytest -q -ra
 
+# The container tests (tests/test_compose.py) run when a Docker engine can be started (the
+# images are built first); otherwise they are skipped and say why.  An engine started here
+# is stopped at the end.
 test: build
 	$(BUILD)/test_core
 	$(MAKE) -s -C guests test OUT=$(CURDIR)/$(BUILD)/guests
-	$(PY) -m pytest -q -ra
+	@if $(ENGINE) start; then $(MAKE) -s images || exit 1; \
+	 else echo "make test: no Docker engine could be started; the container tests will be skipped"; fi
+	$(PY) -m pytest -q -ra; rc=$$?; $(ENGINE) stop; exit $$rc
 
 # ---- benchmarks ----------------------------------------------------------------------
 bench-core: build
@@ -68,6 +79,28 @@ bench-ft: build
 # the overhead sweep (bench/sweep.json) -> bench/results.json, bench/report.md and plots
 bench: build
 	$(PY) -m kvmrr.sweep $(if $(QUICK),--quick)
+
+# ---- the docker-compose cluster (compose/; settings in compose/.env) -----------------
+# images: kvmrr/base (debootstrap + docker import), kvmrr/kafka, kvmrr/node; cached
+images: build
+	compose/images/build
+
+compose-up: images
+	$(COMPOSE) up -d
+	$(PY) -m kvmrr.containers wait-healthy $(CLUSTER)
+
+# the kill-the-primary demo against a fresh compose-up
+compose-demo: build
+	$(VENV)/bin/kvmrr demo --compose compose/.env --workdir $(BUILD)/compose-demo
+
+compose-down:
+	if $(ENGINE) check; then $(COMPOSE) down -v --remove-orphans; fi
+	$(ENGINE) stop
+
+# failover time and output commit latency in the compose cluster, over trials -> bench/cluster.json
+bench-cluster: compose-up
+	$(PY) -m kvmrr.bench cluster --out bench/cluster.json $(if $(QUICK),--quick); \
+	rc=$$?; $(MAKE) -s compose-down; exit $$rc
 
 # ---- Kafka (real Apache Kafka from Maven Central, KRaft, loopback) --------------------
 kafka:

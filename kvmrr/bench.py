@@ -534,7 +534,12 @@ def bench_ft(quick: bool) -> dict:
     return run(quick)
 
 
-SUITES = {"core": bench_core, "log": bench_log, "ft": bench_ft}
+def bench_cluster(quick: bool) -> dict:
+    from kvmrr.bench_cluster import bench_cluster as run
+    return run(quick)
+
+
+SUITES = {"core": bench_core, "log": bench_log, "ft": bench_ft, "cluster": bench_cluster}
 
 
 def _interrupted(signum, frame):

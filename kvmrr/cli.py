@@ -457,6 +457,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_inspect)
     p = sub.add_parser("demo", help="the main job (make run)")
     p.add_argument("--workdir", default="build/demo")
+    p.add_argument("--compose", default=None, metavar="ENV_FILE",
+                   help="run it against the docker-compose cluster configured by ENV_FILE "
+                        "(compose/.env; make compose-demo)")
     p.set_defaults(fn=cmd_demo)
     p = sub.add_parser("bench", help="benchmarks")
     p.add_argument("suite", choices=("core", "log", "ft"),

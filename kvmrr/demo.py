@@ -5,6 +5,10 @@ the gateway puts a client load in front.  A few seconds in, the primary is kille
 SIGKILL; one backup takes over while the client goes on.  At the end the client checks
 what it got, the store is read back, the guest is told to QUIT, and the whole log is
 replayed offline against the survivors' final states.  A human summary, then one JSON line.
+
+`kvmrr demo --compose compose/.env` (make compose-demo) runs the same scenario against the
+docker-compose cluster: its containers are attached instead of processes started, the
+primary's container is killed, and Kafka is reached on the brokers' published ports.
 """
 from __future__ import annotations
 
@@ -14,7 +18,8 @@ import time
 from pathlib import Path
 
 from libkvmrr import best_counter
-from kvmrr.ftcluster import FtCluster
+from kvmrr.containers import ContainerProcess, DockerError, docker
+from kvmrr.ftcluster import BACKUP_EVENTS, FtCluster
 from kvmrr.localkafka import LocalKafka, LocalKafkaError
 
 RATE_HZ = 100.0          # client requests/s
@@ -30,9 +35,14 @@ def run_demo(args) -> int:
     counter, why = best_counter()
     say(f"kvmrr demo: counter {counter} ({why})")
     try:
-        with LocalKafka(1, f"demo-{os.getpid()}", say=say) as kafka:
-            summary = scenario(kafka.bootstrap, counter, Path(args.workdir))
-    except (LocalKafkaError, TimeoutError) as exc:
+        if args.compose:
+            summary = scenario(compose_cluster(Path(args.compose), counter,
+                                               Path(args.workdir)), counter)
+        else:
+            with LocalKafka(1, f"demo-{os.getpid()}", say=say) as kafka:
+                summary = scenario(local_cluster(kafka.bootstrap, counter,
+                                                 Path(args.workdir)), counter)
+    except (LocalKafkaError, DockerError, TimeoutError) as exc:
         say(f"kvmrr demo: FAILED: {exc}")
         return 1
     ok = (summary["lost"] == 0 and summary["duplicated"] == 0 and summary["state_match"]
@@ -48,15 +58,59 @@ def run_demo(args) -> int:
     return 0 if ok else 1
 
 
-def scenario(bootstrap: str, counter: str, work: Path) -> dict:
+def local_cluster(bootstrap: str, counter: str, work: Path) -> FtCluster:
+    """A primary, two backups and the gateway as processes on this machine."""
     ft = FtCluster(bootstrap, work, counter=counter, say=say, vm=None)
     say(f"VM {ft.vm}: topics kvmrr.{ft.vm}.{{log,snapshots,acks,in,out,succession}}")
     try:
-        primary = ft.start_primary()
-        backups = [ft.start_backup("b1"), ft.start_backup("b2")]
-        port = ft.start_gateway()
-        say(f"primary pid {primary.proc.pid}, backups pids {[b.proc.pid for b in backups]}, "
-            f"gateway on 127.0.0.1:{port}")
+        ft.start_primary()
+        ft.start_backup("b1")
+        ft.start_backup("b2")
+        ft.start_gateway()
+    except BaseException:
+        ft.stop()
+        raise
+    return ft
+
+
+def read_env(path: Path) -> dict[str, str]:
+    """A docker-compose .env file, with the shell's variables winning as they do for
+    docker-compose."""
+    env = {}
+    for line in path.read_text().splitlines():
+        key, eq, value = line.strip().partition("=")
+        if eq and not key.startswith("#"):
+            env[key] = os.environ.get(key, value)
+    return env
+
+
+def compose_cluster(env_file: Path, counter: str, work: Path) -> FtCluster:
+    """The docker-compose cluster's primary, backups and gateway (containers kvmrr-*),
+    attached; Kafka on the brokers' ports published on the host's loopback."""
+    env = read_env(env_file)
+    bootstrap = ",".join(f"127.0.0.1:{env[f'KAFKA{i}_HOST_PORT']}" for i in (1, 2, 3))
+    running = docker("ps", "--filter", "name=^kvmrr-", "--format", "{{.Names}}").split()
+    wanted = ["kvmrr-primary", "kvmrr-backup1", "kvmrr-backup2", "kvmrr-gateway"]
+    if not set(wanted) <= set(running):
+        raise DockerError(f"the compose cluster is not running ({', '.join(sorted(running))}"
+                          " up); a demo needs a fresh one: make compose-down compose-up")
+    ft = FtCluster(bootstrap, work, counter=counter, say=say, vm=env["KVMRR_VM"],
+                   commit=env["KVMRR_COMMIT"],
+                   failover_timeout=float(env["KVMRR_FAILOVER_TIMEOUT"]))
+    say(f"VM {ft.vm} on the compose cluster: brokers {bootstrap}, commit {ft.commit}")
+    ft.attach("primary", ContainerProcess("kvmrr-primary"))
+    for b in ("backup1", "backup2"):
+        ft.attach(b, ContainerProcess(f"kvmrr-{b}"), watch=BACKUP_EVENTS)
+    ft.attach("gateway", ContainerProcess("kvmrr-gateway"))
+    ft.gateway_port = int(env["KVMRR_GATEWAY_PORT"])
+    return ft
+
+
+def scenario(ft: FtCluster, counter: str) -> dict:
+    try:
+        primary = ft.primary
+        say(f"primary pid {primary.proc.pid}, backups pids "
+            f"{[b.proc.pid for b in ft.backups()]}, gateway on 127.0.0.1:{ft.gateway_port}")
         ft.wait_backups_reading()
         client = ft.client()
         say(f"client: {RATE_HZ:.0f} requests/s through the gateway")

@@ -3,6 +3,10 @@ gateway, and a client.  `make run`, the fault-tolerance tests and `make bench-ft
 their scenarios (kill the primary, stop it, kill a backup...) with it, and `finish()`
 verifies the end the same way for all: QUIT the guest, let the survivors end the log, and
 replay the whole log offline against their final states.
+
+The nodes are local processes started here (start_primary, start_backup, start_gateway), or
+containers started elsewhere (docker-compose, the container tests) and attached: a node
+only needs a Popen-like process (kvmrr.containers.ContainerProcess is one).
 """
 from __future__ import annotations
 
@@ -22,18 +26,26 @@ from kvmrr.logstats import log_bytes, released_outputs, released_seqs
 REPO = Path(__file__).resolve().parent.parent
 
 
-class Node:
-    """A kvmrr process; its stderr is kept in a file and its JSON lines are watched."""
+# what a backup's log says that the scenario's narration shows
+BACKUP_EVENTS = ("reading", "primary silent, taking over", "live", "done as primary")
 
-    def __init__(self, name: str, args: list[str], workdir: Path, say=None, watch=(),
-                 wrap=None):
-        """wrap(cmd) -> cmd: how to start it (e.g. in a network namespace of its own)."""
+
+def start_process(args: list[str], wrap=None) -> subprocess.Popen:
+    """`kvmrr ARGS` as a local process; wrap(cmd) -> cmd: how to start it (e.g. in a
+    network namespace of its own)."""
+    cmd = [sys.executable, "-m", "kvmrr.cli", *args]
+    return subprocess.Popen(wrap(cmd) if wrap else cmd, cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+class Node:
+    """A kvmrr process (or anything Popen-like: a container); its stderr is kept in a file
+    and its JSON lines are watched."""
+
+    def __init__(self, name: str, proc, workdir: Path, say=None, watch=()):
         self.name = name
-        self.args = args
         self.stderr_path = workdir / f"{name}.stderr"
-        cmd = [sys.executable, "-m", "kvmrr.cli", *args]
-        self.proc = subprocess.Popen(wrap(cmd) if wrap else cmd, cwd=REPO,
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.proc = proc
         self.lines: list[dict] = []
         self.text: list[str] = []
         self.say, self.watch = say, watch
@@ -140,7 +152,7 @@ class FtCluster:
             self.commit, "--mode", self.counter, "--failover-timeout",
             str(self.failover_timeout), "--snapshot-every", str(self.snapshot_every),
             "--txn-ms", str(self.txn_ms), "--start", start, "--idle-timeout", "60", "--json", "--quiet"],
-            watch=("reading", "primary silent, taking over", "live", "done as primary"))
+            watch=BACKUP_EVENTS)
 
     def start_gateway(self) -> int:
         gw = self._node("gateway", ["gateway", "--log", self.url, "--listen", "127.0.0.1:0"])
@@ -149,8 +161,15 @@ class FtCluster:
         return self.gateway_port
 
     def _node(self, name: str, args: list[str], watch=(), wrap=None) -> Node:
-        node = Node(name, args, self.work, say=self.say, watch=watch, wrap=wrap)
+        return self.attach(name, start_process(args, wrap), watch)
+
+    def attach(self, name: str, proc, watch=()) -> Node:
+        """Take on a node started elsewhere (a container): `name` is "primary", "gateway"
+        or a backup's id; `proc` is Popen-like."""
+        node = Node(name, proc, self.work, say=self.say, watch=watch)
         self.nodes[name] = node
+        if name == "primary":
+            self.primary = node
         return node
 
     def backups(self) -> list[Node]:

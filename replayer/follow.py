@@ -189,12 +189,24 @@ class Follower:
             ended = ended or log_has_ended(self.bootstrap, self.vm)
             return ended
 
+        def kafka_answers_for_log() -> bool:
+            """Whether the log's end can be read at all.  While Kafka moves the log to a
+            new leader (the old one's broker died) the log is silent and its end cannot be
+            read for a while; that silence is Kafka's, not the primary's: keep following."""
+            try:
+                finished()
+                return True
+            except KafkaLogError as exc:
+                self.log.warning("cannot read the log's end; not taking over", error=str(exc))
+                return False
+
         def primary_gone() -> bool:
             # silence of the log itself, not of this backup's replay: a backup still
             # replaying a backlog notices a dead primary as soon as one that kept up
             nonlocal chosen
             chosen = self._reader.silence() >= failover_timeout and \
                 succession.designated_for() >= failover_timeout and \
+                kafka_answers_for_log() and \
                 not finished()        # a finished log is silent, not dead
             return chosen
 
