@@ -22,7 +22,8 @@ import time
 from confluent_kafka import KafkaError, KafkaException, Producer
 
 from kvmrr.kafkalog import (SNAPSHOT_CHUNK_BYTES, WRITER_HEADER, FencedError, KafkaLogError,
-                            client_conf, ensure_topics, transactional_id, watermarks)
+                            client_conf, ensure_topics, topics, transactional_id,
+                            watermarks)
 from recorder import metrics
 from recorder.service import AckWatch, CommitPolicy, released_seq
 from schemas import encode_message, icount_key, split_snapshot
@@ -34,10 +35,13 @@ NIC = 1                    # the output channel of responses
 
 class KafkaSink:
     def __init__(self, bootstrap: str, vm: str, *, max_pending: int = 2000,
-                 serve: bool = False, policy: CommitPolicy = CommitPolicy()):
+                 serve: bool = False, policy: CommitPolicy = CommitPolicy(),
+                 takeover: bool = False):
+        """takeover: the log exists (a backup taking over): skip the topic check, every
+        millisecond here is failover time."""
         self.bootstrap = bootstrap
         self.vm = vm
-        self.topics = ensure_topics(bootstrap, vm)
+        self.topics = topics(vm) if takeover else ensure_topics(bootstrap, vm)
         self.txn_id = transactional_id(vm)
         conf = dict(client_conf(bootstrap), **{
             "transactional.id": self.txn_id, "enable.idempotence": True, "acks": "all",

@@ -233,7 +233,7 @@ class Follower:
         from recorder.service import CommitPolicy, KafkaInputs, input_position
         from recorder.session import RecordSession
         t0 = time.monotonic()
-        sink = KafkaSink(self.bootstrap, self.vm, serve=serve,
+        sink = KafkaSink(self.bootstrap, self.vm, serve=serve, takeover=True,
                          policy=policy or CommitPolicy())       # fences the old primary
         steps = {"fence_ms": _ms_since(t0)}
         inputs = None

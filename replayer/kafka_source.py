@@ -94,7 +94,7 @@ class LogTopicReader:
         to_end = idle_timeout is not None and idle_timeout <= 0
         while True:
             try:
-                got = self.next(0.2)
+                got = self.next(0.05)   # also how often stop_when is asked
             except EndOfLog:
                 if to_end:
                     return
