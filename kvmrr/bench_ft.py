@@ -24,6 +24,7 @@ from pathlib import Path
 from libkvmrr import best_counter
 from kvmrr.ftcluster import FtCluster
 from kvmrr.localkafka import LocalKafka, LocalKafkaError
+from kvmrr.sweep import plain_requests_per_s, served
 
 RATE_HZ = 150.0
 FAILOVER_FLOOR_S = 2.0
@@ -36,43 +37,14 @@ def say(msg: str) -> None:
 
 def _plain(seconds: float) -> dict:
     """kvstore with the built-in client at RATE_HZ, nothing recorded."""
-    import json
-    import subprocess
-    proc = subprocess.run(
-        [sys.executable, "-m", "kvmrr.cli", "run", "kvstore", "--load", str(RATE_HZ),
-         "--seconds", str(seconds), "--json", "--quiet"],
-        capture_output=True, text=True, timeout=600)
-    if proc.returncode != 0:
-        raise RuntimeError(f"plain run failed: {proc.stderr[-1000:]}")
-    r = json.loads(proc.stdout.strip().splitlines()[-1])
-    responses = r["outputs"] - 1            # the console's "kvstore ready" line
-    return {"requests_per_s": round(responses / r["seconds"], 1), "responses": responses,
-            "seconds": r["seconds"], "instructions": r["instructions"]}
+    return {"requests_per_s": round(plain_requests_per_s(RATE_HZ, seconds), 1),
+            "seconds": seconds}
 
 
 def _served(bootstrap: str, work: Path, commit: str, seconds: float, counter: str) -> dict:
-    ft = FtCluster(bootstrap, work / commit.replace(":", ""), counter=counter, commit=commit)
-    try:
-        ft.start_primary()
-        ft.start_backup("b1")
-        ft.start_gateway()
-        ft.wait_backups_reading()
-        client = ft.client()
-        t0 = time.monotonic()
-        client.run(RATE_HZ, seconds)
-        drained = client.drain(60)
-        last = max((a for _, a in client.answer_times().values()), default=time.monotonic())
-        report = client.report()
-        client.request("QUIT", timeout=60)
-        summary = ft.primary.result() if ft.primary.wait(120) == 0 else {}
-    finally:
-        ft.stop()
-    return {"commit": commit, "requests_per_s": round(report.answered / (last - t0), 1),
-            "requests": report.requests, "answered": report.answered, "drained": drained,
-            "output_commit_p50_ms": summary.get("output_commit_p50_ms"),
-            "output_commit_p99_ms": summary.get("output_commit_p99_ms"),
-            "client_latency_p50_ms": report.latency_p50_ms,
-            "client_latency_p99_ms": report.latency_p99_ms}
+    row = served(bootstrap, work / commit.replace(":", ""), commit=commit, backups=1,
+                 txn_ms=10.0, rate_hz=RATE_HZ, seconds=seconds, counter=counter)
+    return dict(row, commit=commit, requests_per_s=round(row["requests_per_s"], 1))
 
 
 def _failover(bootstrap: str, work: Path, trial: int, counter: str) -> dict:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from ftchecks import assert_verified
 from kvmrr.containers import ContainerProcess, docker, engine_answers, wait_healthy
 from kvmrr.ftcluster import BACKUP_EVENTS, FtCluster, wait_for
 from kvmrr.localkafka import free_base_port
@@ -31,16 +32,6 @@ CLUSTER_ID = "a3ZtcnItdGVzdHMAAAAAAQ"
 VOTERS = "1@kafka1:9093,2@kafka2:9093,3@kafka3:9093"
 
 os.environ.setdefault("TESTCONTAINERS_RYUK_DISABLED", "true")
-
-
-def _verified(res: dict, survivors: int) -> None:
-    assert res["drained"] and res["lost"] == 0, res
-    assert res["duplicated"] == 0 and res["duplicate_releases"] == 0, res
-    assert res["client_errors"] == 0, res
-    assert res["store_checked"] > 0 and not res["store_mismatches"], res["store_mismatches"]
-    assert res["replay"].get("verified"), res["replay_error"]
-    assert len(res["survivor_hashes"]) == survivors, res["ends"]
-    assert res["state_match"], (res["survivor_hashes"], res["replay"].get("state_hash"))
 
 
 @pytest.fixture(scope="module")
@@ -181,7 +172,7 @@ def test_broker_killed_during_recording(cluster, brokers):
     # than the failover timeout: a backup may take over, fencing the primary; no harm done
     assert len(res["took_over"]) <= 1, res["ends"]
     print(f"\nbroker {leader} killed: takeovers {res['took_over']}")
-    _verified(res, survivors=3 - len(res["took_over"]))
+    assert_verified(res, survivors=3 - len(res["took_over"]))
 
 
 def test_primary_container_killed(cluster):
@@ -199,7 +190,7 @@ def test_primary_container_killed(cluster):
     print(f"\nfailover (container killed): {failover} s")
     assert failover is not None
     assert len(res["took_over"]) == 1 and res["takeover_attempts"] == 1, res["ends"]
-    _verified(res, survivors=2)
+    assert_verified(res, survivors=2)
 
 
 def test_backup_container_restarted_restores_from_a_snapshot(cluster):
@@ -219,7 +210,7 @@ def test_backup_container_restarted_restores_from_a_snapshot(cluster):
     client.run(RATE, 2.0)
     res = ft.finish(client)
     assert res["took_over"] == []
-    _verified(res, survivors=3)
+    assert_verified(res, survivors=3)
 
 
 def test_primary_disconnected_then_reconnected_is_fenced(cluster):
@@ -244,4 +235,4 @@ def test_primary_disconnected_then_reconnected_is_fenced(cluster):
     client.run(RATE, 1.0)
     res = ft.finish(client)
     assert res["took_over"] == ["b1"]
-    _verified(res, survivors=1)
+    assert_verified(res, survivors=1)

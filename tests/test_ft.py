@@ -16,22 +16,13 @@ import urllib.request
 
 import pytest
 
+from ftchecks import assert_verified
 from kvmrr.ftcluster import FtCluster, wait_for
 from kvmrr.kafkalog import scan_topic, topics
 from kvmrr.logstats import released_seqs
 
 pytestmark = pytest.mark.kafka
 RATE = 60.0          # requests/s: well within what the emulated guest serves
-
-
-def _verified(res: dict, survivors: int) -> None:
-    assert res["drained"] and res["lost"] == 0, res
-    assert res["duplicated"] == 0 and res["duplicate_releases"] == 0, res
-    assert res["client_errors"] == 0, res
-    assert res["store_checked"] > 0 and not res["store_mismatches"], res["store_mismatches"]
-    assert res["replay"].get("verified"), res["replay_error"]
-    assert len(res["survivor_hashes"]) == survivors, res["ends"]
-    assert res["state_match"], (res["survivor_hashes"], res["replay"].get("state_hash"))
 
 
 @pytest.fixture
@@ -65,7 +56,7 @@ def test_primary_killed_at_a_seeded_point(cluster, seed):
     res = ft.finish(client)
     assert len(res["took_over"]) == 1, res["ends"]
     assert res["takeover_attempts"] == 1, "more than one backup started a takeover"
-    _verified(res, survivors=2)
+    assert_verified(res, survivors=2)
 
 
 def test_stopped_primary_is_fenced_and_stops_itself(cluster):
@@ -90,7 +81,7 @@ def test_stopped_primary_is_fenced_and_stops_itself(cluster):
     client.run(RATE, 1.0)
     res = ft.finish(client)
     assert res["took_over"] == ["b1"]
-    _verified(res, survivors=1)
+    assert_verified(res, survivors=1)
 
 
 def test_commit_log_goes_on_when_a_backup_dies(cluster):
@@ -117,7 +108,7 @@ def test_commit_log_goes_on_when_a_backup_dies(cluster):
     assert count and float(count.group(1)) > 0, text[-1500:]
     res = ft.finish(client)
     assert res["took_over"] == []
-    _verified(res, survivors=2)     # b1 and the primary
+    assert_verified(res, survivors=2)     # b1 and the primary
 
 
 def test_commit_backups2_waits_for_a_replacement_backup(cluster):
@@ -145,7 +136,7 @@ def test_commit_backups2_waits_for_a_replacement_backup(cluster):
     assert client.drain(60), "responses still held after the replacement acked"
     res = ft.finish(client)
     assert res["commit"] == "backups:2"
-    _verified(res, survivors=3)     # primary, b1, b3
+    assert_verified(res, survivors=3)     # primary, b1, b3
 
 
 def test_gateway_answers_a_retried_request_once(cluster, kafka):
@@ -225,4 +216,4 @@ def test_primary_cut_off_from_kafka_is_fenced_when_it_returns(cluster, kafka, tm
     finally:
         bridge.close()
     assert res["took_over"] == ["b1"]
-    _verified(res, survivors=1)
+    assert_verified(res, survivors=1)
