@@ -127,6 +127,7 @@ def scenario(ft: FtCluster, counter: str) -> dict:
         t_kill = time.monotonic()
         primary.kill()
         client.run(RATE_HZ, AFTER_KILL_S, on_tick=progress)
+        client.drain(60)      # the new primary's first answers may still be on their way
         failover_s = ft.first_new_primary_answer(client, t_kill)
         first_new = client.first_answer_sent_after(t_kill)
         fresh_s = round(first_new - t_kill, 3) if first_new else None

@@ -185,6 +185,7 @@ def test_primary_container_killed(cluster):
     t_kill = time.monotonic()
     ft.primary.kill()
     client.run(RATE, 4.0)
+    assert client.drain(120), "requests left unanswered after the takeover"
     failover = ft.first_new_primary_answer(client, t_kill)
     res = ft.finish(client)
     print(f"\nfailover (container killed): {failover} s")
