@@ -110,9 +110,16 @@ def test_single_node_transactions(kafka):
     del exc, p, p2  # destroy the clients now, not after the broker has gone
 
 
-def _partition_info(boot: str, topic: str):
-    md = AdminClient({"bootstrap.servers": boot}).list_topics(topic, timeout=10)
-    return md.topics[topic].partitions[0]
+def _partition_info(boot: str, topic: str, timeout: float = 30.0):
+    """Partition 0's metadata; asked again while a broker just lost reports the topic
+    without its partitions (a KeyError here once)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        md = AdminClient({"bootstrap.servers": boot}).list_topics(topic, timeout=10)
+        parts = md.topics[topic].partitions
+        if 0 in parts or time.monotonic() > deadline:
+            return parts[0]
+        time.sleep(0.5)
 
 
 def _wait_isr(boot: str, topic: str, size: int, timeout: float = 60.0):
