@@ -207,7 +207,7 @@ class FtCluster:
         report = client.report()
         client.request("QUIT", timeout=60)
         client.close()
-        ends = {}
+        ends, stopped = {}, {}
         for node in self.backups() + ([self.primary] if self.primary else []):
             if node.proc.poll() is None or node.proc.returncode == 0:   # not killed
                 try:
@@ -215,6 +215,9 @@ class FtCluster:
                 except subprocess.TimeoutExpired:
                     node.kill()
                 ends[node.name] = node.result()
+            else:       # killed, fenced (3) or failed: why, for the verdict's message
+                stopped[node.name] = {"rc": node.proc.returncode,
+                                      "stderr": "".join(node.text[-4:]).strip()[-600:]}
         rep = subprocess.run([sys.executable, "-m", "kvmrr.cli", "replay", "--log", self.url,
                               "--start", "first", "--mode", self.counter, "--json",
                               "--quiet"], cwd=REPO, capture_output=True, text=True, timeout=900)
@@ -230,7 +233,7 @@ class FtCluster:
             "duplicate_releases": len(seqs) - len(set(seqs)),
             "client_errors": report.errors, "reconnects": report.reconnects,
             "store_checked": checked, "store_mismatches": bad,
-            "took_over": winners, "ends": ends,
+            "took_over": winners, "ends": ends, "stopped": stopped,
             "takeover_attempts": sum(1 for b in self.backups() for ln in b.lines
                                      if ln.get("event") == "primary silent, taking over"),
             "survivor_hashes": hashes, "replay": replay,

@@ -12,13 +12,13 @@ from collections import deque
 from typing import Callable
 
 import structlog
-from confluent_kafka import OFFSET_BEGINNING, Producer
+from confluent_kafka import OFFSET_BEGINNING, KafkaException, Producer
 
 from libkvmrr import KvmrrError
 from kvmrr.guests import GuestImage
 from kvmrr.kafkalog import KafkaLogError, client_conf, topics
 from replayer import metrics
-from replayer.errors import DivergenceError, ReplayError
+from replayer.errors import DivergenceError, ReplayError, TakeoverAborted
 from replayer.kafka_source import LogTopicReader, log_has_ended, read_header, read_snapshots
 from replayer.session import ReplayResult, ReplaySession
 from schemas import encode_message
@@ -211,15 +211,23 @@ class Follower:
             return chosen
 
         try:
-            if self._follow(False, give_up_after, primary_gone):
-                return self._done(), None
-            if not chosen:
-                raise ReplayError(f"{self.topics.log} offset {self.offset}: no new record for "
-                                  f"{give_up_after} s and this backup was not chosen to take "
-                                  f"over (replayed to icount {self.session.icount})")
-            self.log.warning("primary silent, taking over", silent_s=failover_timeout,
-                             icount=self.session.icount)
-            return self._take_over(serve, policy, record_opts)
+            while True:
+                if self._follow(False, give_up_after, primary_gone):
+                    return self._done(), None
+                if not chosen:
+                    raise ReplayError(f"{self.topics.log} offset {self.offset}: no new record "
+                                      f"for {give_up_after} s and this backup was not chosen "
+                                      f"to take over (replayed to icount {self.session.icount})")
+                self.log.warning("primary silent, taking over", silent_s=failover_timeout,
+                                 icount=self.session.icount)
+                try:
+                    return self._take_over(serve, policy, record_opts)
+                except TakeoverAborted as exc:
+                    # Kafka itself is moving (a broker died): the fence or the catch-up
+                    # could not finish.  Nothing was released; follow again and decide
+                    # afresh after another silent timeout.
+                    self.log.warning("takeover aborted, following again", error=str(exc))
+                    chosen = False
         finally:
             self._leave_succession()
 
@@ -233,22 +241,28 @@ class Follower:
         from recorder.service import CommitPolicy, KafkaInputs, input_position
         from recorder.session import RecordSession
         t0 = time.monotonic()
-        sink = KafkaSink(self.bootstrap, self.vm, serve=serve, takeover=True,
-                         policy=policy or CommitPolicy())       # fences the old primary
+        try:
+            sink = KafkaSink(self.bootstrap, self.vm, serve=serve, takeover=True,
+                             policy=policy or CommitPolicy())       # fences the old primary
+        except (KafkaLogError, KafkaException) as exc:
+            raise TakeoverAborted(f"fencing the old primary: {exc}") from None
         steps = {"fence_ms": _ms_since(t0)}
         inputs = None
         try:
-            if self._follow(True, 0):                  # it had finished after all
-                return self._done(), None
-            steps["catch_up_ms"] = _ms_since(t0) - steps["fence_ms"]
-            s = self.session
-            replayed = s.result()
-            if serve:
-                self._hold_unreleased(sink)
-                position = s.next_input_offset
-                if position < 0:     # no batch since our snapshot: ask the log itself
-                    position = input_position(self.bootstrap, self.vm)
-                inputs = KafkaInputs(self.bootstrap, self.vm, position)
+            try:
+                if self._follow(True, 0):                  # it had finished after all
+                    return self._done(), None
+                steps["catch_up_ms"] = _ms_since(t0) - steps["fence_ms"]
+                s = self.session
+                replayed = s.result()
+                if serve:
+                    self._hold_unreleased(sink)
+                    position = s.next_input_offset
+                    if position < 0:     # no batch since our snapshot: ask the log itself
+                        position = input_position(self.bootstrap, self.vm)
+                    inputs = KafkaInputs(self.bootstrap, self.vm, position)
+            except (KafkaLogError, KafkaException) as exc:
+                raise TakeoverAborted(f"after the fence: {exc}") from None
             s.machine.go_live(record_opts.pop("checksum_every"))
             self._leave_succession()     # the next backup in line takes the role
             self.log.warning("live", icount=s.icount, next_seq=s.expected_seq,

@@ -8,5 +8,6 @@ def assert_verified(res: dict, survivors: int) -> None:
     assert res["client_errors"] == 0, res
     assert res["store_checked"] > 0 and not res["store_mismatches"], res["store_mismatches"]
     assert res["replay"].get("verified"), res["replay_error"]
-    assert len(res["survivor_hashes"]) == survivors, res["ends"]
+    assert len(res["survivor_hashes"]) == survivors, \
+        {"ends": res["ends"], "stopped": res["stopped"], "attempts": res["takeover_attempts"]}
     assert res["state_match"], (res["survivor_hashes"], res["replay"].get("state_hash"))

@@ -35,12 +35,8 @@ def _log_messages(bootstrap, vm):
         c.close()
 
 
-def test_backup_takes_over_a_killed_primary(kafka):
-    vm = f"to{uuid.uuid4().hex[:8]}"
-    url = f"kafka://{kafka.split(',')[0]}/{vm}"
-    backup = _spawn("follow", "--log", url, "--backup-id", "b1", "--json", "--quiet",
-                    "--failover-timeout", 1, "--max-instructions", BUDGET,
-                    "--idle-timeout", 60)
+def _record_then_kill(kafka, vm, url):
+    """Record `ticks` into the VM's log for a while, then SIGKILL the recorder."""
     primary = _spawn("record", "ticks", "--log", url, "--max-instructions", BUDGET,
                      "--json", "--quiet")
     try:
@@ -52,13 +48,26 @@ def test_backup_takes_over_a_killed_primary(kafka):
             assert time.monotonic() - started < 60, "the primary never published"
             time.sleep(0.2)
         time.sleep(2)
+    finally:
         primary.send_signal(signal.SIGKILL)
         primary.wait(10)
+
+
+def _follow_args(url):
+    return ["follow", "--log", url, "--backup-id", "b1", "--json", "--quiet",
+            "--failover-timeout", "1", "--max-instructions", str(BUDGET), "--idle-timeout", "60"]
+
+
+def test_backup_takes_over_a_killed_primary(kafka):
+    vm = f"to{uuid.uuid4().hex[:8]}"
+    url = f"kafka://{kafka.split(',')[0]}/{vm}"
+    backup = _spawn(*_follow_args(url))
+    try:
+        _record_then_kill(kafka, vm, url)
         out, err = backup.communicate(timeout=180)
     finally:
-        for p in (primary, backup):
-            if p.poll() is None:
-                p.kill()
+        if backup.poll() is None:
+            backup.kill()
     assert backup.returncode == 0, err[-2000:]
     took = json.loads(out.strip().splitlines()[-1])
     assert "took_over" in took, f"the backup did not take over: {out[-500:]} {err[-3000:]}"
@@ -70,3 +79,33 @@ def test_backup_takes_over_a_killed_primary(kafka):
     assert rep["verified"] and rep["outputs_verified"]
     assert rep["state_hash"] == took["state_hash"]
     assert rep["outputs_sha256"] == took["outputs_sha256"]
+
+
+def test_takeover_that_kafka_cannot_fence_is_retried(kafka, monkeypatch, capsys):
+    """The fence fails (as while a dead broker's partitions move): the backup does not die;
+    it follows again and takes over at the next silent timeout.  In-process, with the
+    first fence made to fail; everything else is the real CLI on the real broker."""
+    from kvmrr import cli
+    from kvmrr.kafkalog import KafkaLogError
+    from recorder import kafka_sink
+
+    real, fences = kafka_sink.KafkaSink, []
+
+    def fence_fails_once(*args, **kw):
+        fences.append(time.monotonic())
+        if len(fences) == 1:
+            raise KafkaLogError("cannot start the transactional producer: injected, the "
+                                "transaction coordinator is moving")
+        return real(*args, **kw)
+    monkeypatch.setattr(kafka_sink, "KafkaSink", fence_fails_once)
+    vm = f"ta{uuid.uuid4().hex[:8]}"
+    url = f"kafka://{kafka.split(',')[0]}/{vm}"
+    _record_then_kill(kafka, vm, url)
+    assert cli.main(_follow_args(url)) == 0
+    out, err = capsys.readouterr()
+    took = json.loads(out.strip().splitlines()[-1])
+    assert len(fences) == 2 and fences[1] - fences[0] >= 1.0, fences
+    assert "takeover aborted, following again" in err
+    assert took["took_over"] and took["instructions"] == BUDGET
+    rep = kvmrr_json("replay", "--log", url, "--mode", "fast", "--start", "first")
+    assert rep["verified"] and rep["state_hash"] == took["state_hash"]
