@@ -19,6 +19,7 @@ import statistics
 import sys
 import tempfile
 import time
+from datetime import datetime
 from pathlib import Path
 
 from libkvmrr import best_counter
@@ -57,18 +58,37 @@ def _failover(bootstrap: str, work: Path, trial: int, counter: str) -> dict:
         ft.wait_backups_reading()
         client = ft.client(seed=trial)
         client.run(RATE_HZ / 2, 2.0 + 0.3 * trial)
-        t_kill = time.monotonic()
+        t_kill, wall_kill = time.monotonic(), time.time()
         primary.kill()
         client.run(RATE_HZ / 2, 4.0)
         client.drain(30)
         first_new = client.first_answer_sent_after(t_kill)
         from_new_primary = ft.first_new_primary_answer(client, t_kill)
+        steps = _takeover_steps(ft, wall_kill)
         client.close()
     finally:
         ft.stop()
     return {"first_response_s": from_new_primary,
             "first_response_to_a_new_request_s":
-                None if first_new is None else round(first_new - t_kill, 3)}
+                None if first_new is None else round(first_new - t_kill, 3), **steps}
+
+
+def _takeover_steps(ft: FtCluster, wall_kill: float) -> dict:
+    """Where the failover time went, from the winner's log lines: seconds from the kill
+    to its decision and to going live, and its own fence / catch-up figures."""
+    live = ft.live_backup()
+    if live is None:
+        return {}
+    decided, went_live = live.last("primary silent, taking over"), live.last("live")
+
+    def since_kill(line: dict | None) -> float | None:
+        if not line:
+            return None
+        t = datetime.fromisoformat(line["timestamp"].replace("Z", "+00:00")).timestamp()
+        return round(t - wall_kill, 3)
+    return {"decided_s": since_kill(decided), "live_s": since_kill(went_live),
+            **{k: went_live[k] for k in ("fence_ms", "sink_ms", "catch_up_ms", "takeover_ms")
+               if went_live and k in went_live}}
 
 
 def bench_ft(quick: bool) -> dict:

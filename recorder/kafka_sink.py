@@ -18,6 +18,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
+import warnings
 
 from confluent_kafka import KafkaError, KafkaException, Producer
 
@@ -29,8 +30,38 @@ from recorder.service import AckWatch, CommitPolicy, released_seq
 from schemas import encode_message, icount_key, split_snapshot
 
 TXN_RETRY_S = 30.0
+INIT_TIMEOUT_S = 10.0
+FENCE_ATTEMPT_S = 0.1      # see init_transactional_producer
 RELEASE_POLL_S = 0.005     # backups:N: how often held responses look at the acks
 NIC = 1                    # the output channel of responses
+
+
+def init_transactional_producer(conf: dict, timeout: float) -> Producer:
+    """A producer for conf's transactional.id, initialised: every older producer of that
+    id is fenced, and a transaction it left open is aborted.
+
+    Aborting takes the coordinator 100-300 ms here, and meanwhile it answers
+    CONCURRENT_TRANSACTIONS, which librdkafka retries only after a fixed 500 ms (its PID
+    timer, not configurable).  That is most of a takeover when the dead primary was in a
+    transaction, as it usually is.  So ask in short attempts, each with a fresh producer,
+    and drop one that is waiting out the timer.  A dropped attempt still in flight could at
+    worst bump the epoch once more and fence this producer; that costs the takeover, never
+    safety (a fenced producer commits nothing)."""
+    deadline = time.monotonic() + timeout
+    attempt = FENCE_ATTEMPT_S
+    while True:
+        producer = Producer(conf)
+        left = deadline - time.monotonic()
+        try:
+            producer.init_transactions(max(0.01, min(attempt, left)))
+            return producer
+        except KafkaException as exc:
+            if not exc.args[0].retriable() or time.monotonic() >= deadline:
+                raise
+        with warnings.catch_warnings():     # "abort_transaction failed during close"
+            warnings.simplefilter("ignore")
+            producer.close()
+        attempt = min(attempt * 1.5, 2.0)   # a slow or moving broker needs longer ones
 
 
 class KafkaSink:
@@ -50,20 +81,25 @@ class KafkaSink:
             "error_cb": self._client_error,
         })
         self._fatal = None          # the error that made the producer unusable
-        self.producer = Producer(conf)
+        t0 = time.monotonic()
         try:
-            self.producer.init_transactions(10)
+            self.producer = init_transactional_producer(conf, INIT_TIMEOUT_S)
         except KafkaException as exc:
             raise KafkaLogError(f"cannot start the transactional producer {self.txn_id} at "
                                 f"{bootstrap}: {exc.args[0].str()}") from None
+        t1 = time.monotonic()
         # A takeover appends to a log that already has messages: learn where it ends.
         self.next_log_offset = self._log_end()
+        t2 = time.monotonic()
         self.serving = serve
         self.policy = policy
         self._held: list[tuple[float, dict]] = []   # (slice began, Output) not released
         # after the fence above nothing more reaches .out behind our back: what is there
         # is released for good and must never be released again (DESIGN §6)
         self.released_seq = released_seq(bootstrap, vm) if serve else -1
+        self.start_ms = {"init_transactions": round((t1 - t0) * 1000, 1),
+                         "log_end": round((t2 - t1) * 1000, 1),
+                         "released_seq": round((time.monotonic() - t2) * 1000, 1)}
         self.acks = AckWatch(bootstrap, vm) if serve and policy.backups else None
         self.output_latencies: list[float] = []     # s, its slice began -> released
         self._slice_began = time.monotonic()

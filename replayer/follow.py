@@ -25,7 +25,8 @@ from schemas import encode_message
 
 ACK_EVERY_S = 0.05
 LAG_LOG_EVERY_S = 1.0
-RECENT_OUTPUTS = 100_000   # replayed responses kept, to find those a takeover must release
+RECENT_OUTPUTS = 100_000
+ASK_END_TIMEOUT_S = 5.0  # a live leader answers in milliseconds   # replayed responses kept, to find those a takeover must release
 
 
 def choose_snapshot(snaps: list[dict], start: str, until: int | None) -> dict:
@@ -182,23 +183,24 @@ class Follower:
         succession = self._succession = Succession(self.bootstrap, self.vm,
                                                    self.backup_id or "backup")
         chosen = False
-        ended = False
+        ended = False      # the log holds its End (a lagging backup has yet to replay it)
 
-        def finished() -> bool:
+        def silence_is_not_death() -> bool:
+            """The log is silent because it is finished (it holds its End), or Kafka
+            cannot say: while Kafka moves the log to a new leader (the old one's broker
+            died) its end cannot be read for a while, and that silence is Kafka's, not
+            the primary's: keep following."""
             nonlocal ended
-            ended = ended or log_has_ended(self.bootstrap, self.vm)
-            return ended
-
-        def kafka_answers_for_log() -> bool:
-            """Whether the log's end can be read at all.  While Kafka moves the log to a
-            new leader (the old one's broker died) the log is silent and its end cannot be
-            read for a while; that silence is Kafka's, not the primary's: keep following."""
-            try:
-                finished()
+            if ended:
                 return True
+            try:
+                self._reader.ask_end(ASK_END_TIMEOUT_S)
+                # a backup that has read all that is committed would have replayed an End
+                ended = not self._reader.at_end and log_has_ended(self.bootstrap, self.vm)
+                return ended
             except KafkaLogError as exc:
                 self.log.warning("cannot read the log's end; not taking over", error=str(exc))
-                return False
+                return True
 
         def primary_gone() -> bool:
             # silence of the log itself, not of this backup's replay: a backup still
@@ -206,8 +208,7 @@ class Follower:
             nonlocal chosen
             chosen = self._reader.silence() >= failover_timeout and \
                 succession.designated_for() >= failover_timeout and \
-                kafka_answers_for_log() and \
-                not finished()        # a finished log is silent, not dead
+                not silence_is_not_death()
             return chosen
 
         try:
@@ -246,7 +247,7 @@ class Follower:
                              policy=policy or CommitPolicy())       # fences the old primary
         except (KafkaLogError, KafkaException) as exc:
             raise TakeoverAborted(f"fencing the old primary: {exc}") from None
-        steps = {"fence_ms": _ms_since(t0)}
+        steps = {"fence_ms": _ms_since(t0), "sink_ms": sink.start_ms}
         inputs = None
         try:
             try:

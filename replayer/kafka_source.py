@@ -40,6 +40,7 @@ class LogTopicReader:
         self.consumer = Consumer(conf)
         self.consumer.assign([TopicPartition(topic, 0, offset)])
         self.offset = offset
+        self.at_end = False     # the last poll found the committed end, nothing since
         self._end = -1
         self._end_moved = time.monotonic()
 
@@ -57,6 +58,16 @@ class LogTopicReader:
             self._end, self._end_moved = end, now
         return now - self._end_moved
 
+    def ask_end(self, timeout: float) -> int:
+        """The partition's end as its leader says it now (a round trip); KafkaLogError if
+        the leader does not answer within timeout."""
+        try:
+            return self.consumer.get_watermark_offsets(TopicPartition(self.topic, 0),
+                                                       timeout=timeout, cached=False)[1]
+        except KafkaException as exc:
+            raise KafkaLogError(f"cannot read the end of {self.topic}: "
+                                f"{exc.args[0].str()}") from None
+
     def close(self) -> None:
         self.consumer.close()
 
@@ -68,8 +79,10 @@ class LogTopicReader:
         err = msg.error()
         if err is not None:
             if err.code() == KafkaError._PARTITION_EOF:
+                self.at_end = True
                 raise EndOfLog()
             raise KafkaLogError(f"{self.topic}: {err.str()}")
+        self.at_end = False
         offset = msg.offset()
         headers = dict(msg.headers() or [])
         if headers.get(WRITER_HEADER) != self.writer:
