@@ -31,7 +31,7 @@ from schemas import encode_message, icount_key, split_snapshot
 
 TXN_RETRY_S = 30.0
 INIT_TIMEOUT_S = 10.0
-FENCE_ATTEMPT_S = 0.1      # see init_transactional_producer
+FENCE_ATTEMPT_S = 0.05     # see init_transactional_producer
 RELEASE_POLL_S = 0.005     # backups:N: how often held responses look at the acks
 NIC = 1                    # the output channel of responses
 
@@ -44,24 +44,33 @@ def init_transactional_producer(conf: dict, timeout: float) -> Producer:
     CONCURRENT_TRANSACTIONS, which librdkafka retries only after a fixed 500 ms (its PID
     timer, not configurable).  That is most of a takeover when the dead primary was in a
     transaction, as it usually is.  So ask in short attempts, each with a fresh producer,
-    and drop one that is waiting out the timer.  A dropped attempt still in flight could at
-    worst bump the epoch once more and fence this producer; that costs the takeover, never
-    safety (a fenced producer commits nothing)."""
+    and drop one that is waiting out the timer; the next one is created during the
+    attempt before it, so it has already connected (that alone takes ~60 ms).  A dropped
+    attempt still in flight could at worst bump the epoch once more and fence this
+    producer; that costs the takeover, never safety (a fenced producer commits nothing)."""
     deadline = time.monotonic() + timeout
     attempt = FENCE_ATTEMPT_S
+    producer = Producer(conf)
     while True:
-        producer = Producer(conf)
+        spare = Producer(conf)       # connects in the background meanwhile
         left = deadline - time.monotonic()
         try:
             producer.init_transactions(max(0.01, min(attempt, left)))
+            _drop(spare)
             return producer
         except KafkaException as exc:
             if not exc.args[0].retriable() or time.monotonic() >= deadline:
+                _drop(spare)
                 raise
-        with warnings.catch_warnings():     # "abort_transaction failed during close"
-            warnings.simplefilter("ignore")
-            producer.close()
-        attempt = min(attempt * 1.5, 2.0)   # a slow or moving broker needs longer ones
+        _drop(producer)
+        producer = spare
+        attempt = min(attempt * 1.2, 2.0)   # a slow or moving broker needs longer ones
+
+
+def _drop(producer: Producer) -> None:
+    with warnings.catch_warnings():     # "abort_transaction failed during close"
+        warnings.simplefilter("ignore")
+        producer.close()
 
 
 class KafkaSink:
