@@ -347,7 +347,30 @@ def _bare_transactions(bootstrap: str, n: int) -> dict:
     del p
     return {"transactions": n, "add_partitions_and_produce": _dist_ms(produce),
             "end_txn": _dist_ms(commit), "whole": _dist_ms(total),
-            "concurrent_transactions_retries": Count.concurrent}
+            "concurrent_transactions_retries": Count.concurrent,
+            "replicated_write": _replicated_writes(bootstrap, t.log, n)}
+
+
+def _replicated_writes(bootstrap: str, topic: str, n: int) -> dict:
+    """One acks=all produce outside any transaction, every 10 ms: the cost of one write
+    that the in-sync replicas must have.  A transaction makes three (AddPartitionsToTxn
+    and EndTxn write the coordinator's replicated log; the Produce itself), so this is
+    the floor under a commit with librdkafka, which has no KIP-890 (transactions v2)."""
+    from confluent_kafka import Producer
+    from kvmrr.kafkalog import client_conf
+    p = Producer(dict(client_conf(bootstrap), **{"enable.idempotence": True, "acks": "all",
+                                                 "linger.ms": 0}))
+    for _ in range(5):
+        p.produce(topic, b"w" * 200, b"k")
+        p.flush(30)
+    lat = []
+    for _ in range(n):
+        t0 = time.monotonic()
+        p.produce(topic, b"w" * 200, b"k")
+        p.flush(30)
+        lat.append(time.monotonic() - t0)
+        time.sleep(0.01)
+    return _dist_ms(lat)
 
 
 def _throughput(bootstrap: str, tag: str, quick: bool) -> dict:
@@ -505,7 +528,8 @@ def bench_log(quick: bool) -> dict:
             bt = entry["bare_transactions"]
             print(f"bench: {tag} bare transactions: p50 {bt['whole']['p50_ms']} ms p99 "
                   f"{bt['whole']['p99_ms']} ms, {bt['concurrent_transactions_retries']} "
-                  f"CONCURRENT_TRANSACTIONS retries", file=sys.stderr, flush=True)
+                  f"CONCURRENT_TRANSACTIONS retries; one replicated write p50 "
+                  f"{bt['replicated_write']['p50_ms']} ms", file=sys.stderr, flush=True)
             if nodes == 3:   # the deployment's shape (replication 3, min ISR 2)
                 entry["follower_lag"] = lag = _follower_lag(b.bootstrap, tag, quick)
                 print(f"bench: {tag} follower lag: first third "
