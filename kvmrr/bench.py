@@ -253,13 +253,15 @@ def _record(bootstrap: str, vm: str, guest_name: str, *, bootargs: str = "",
             load: float = 0.0, max_instructions: int | None = None,
             wall_s: float | None = None) -> tuple[dict, object]:
     from recorder.loadgen import KvLoad
+    from recorder.pacing import DEFAULT_MAX_LAG_MS, pacer_for
     guest = load_guest(guest_name)
     counter, _ = best_counter()
     sink = _instrumented_sink()(bootstrap, vm)
+    pacer = pacer_for(bootstrap, vm, DEFAULT_MAX_LAG_MS)    # as `kvmrr record` does
     session = RecordSession(guest, sink, counter=counter, vm_id=vm, bootargs=bootargs,
                             max_instructions=max_instructions, checksum_every=1_000_000,
                             load=KvLoad(seed=1, rate_hz=load) if load else None,
-                            heartbeat_every_ns=100_000_000)
+                            heartbeat_every_ns=100_000_000, pacer=pacer)
     sink.session = session
     t0 = time.monotonic()
     if wall_s is not None:
@@ -267,6 +269,7 @@ def _record(bootstrap: str, vm: str, guest_name: str, *, bootargs: str = "",
     try:
         result = session.run()
     finally:
+        pacer.close()
         try:
             sink.close()
         finally:
@@ -289,6 +292,7 @@ def _record(bootstrap: str, vm: str, guest_name: str, *, bootargs: str = "",
         "commit_p50_ms": _ms(_pct(lat, 0.5)), "commit_p99_ms": _ms(_pct(lat, 0.99)),
         "commit_max_ms": _ms(max(lat) if lat else None),
         "profile": _profile(sink), "state_hash": result.state_hash,
+        "paced_seconds": round(pacer.paused_s, 3),
     }
     return out, (result, sink.primary)
 

@@ -13,6 +13,7 @@ from kvmrr.kafkalog import FencedError, KafkaLogError
 from kvmrr.logurl import FileLog, LogUrlError, parse_log_url
 from recorder.archive_sink import ArchiveSink
 from recorder.loadgen import KvLoad
+from recorder.pacing import DEFAULT_MAX_LAG_MS, pacer_for
 from recorder.session import RecordSession
 from replayer.errors import DivergenceError, ReplayError
 from replayer.session import replay_records
@@ -94,10 +95,11 @@ def cmd_run(args, log=None) -> int:
                          policy=_policy(args.commit))
         if args.serve:
             inputs = KafkaInputs(log.bootstrap, log.vm_id)
+        pacer = pacer_for(log.bootstrap, log.vm_id, args.max_backup_lag_ms)
         session_kwargs["vm_id"] = log.vm_id
         session = RecordSession(guest, sink, heartbeat_every_ns=args.heartbeat_ms * 1_000_000,
                                 inputs=inputs, slice_ns=int(args.txn_ms * 1_000_000),
-                                **session_kwargs)
+                                pacer=pacer, **session_kwargs)
         if args.serve:
             _progress_lines(sink, inputs)
         if args.metrics_port:
@@ -108,6 +110,8 @@ def cmd_run(args, log=None) -> int:
     finally:
         if inputs:
             inputs.close()
+        if session.pacer:
+            session.pacer.close()
         sink.close()
     if isinstance(log, FileLog):
         log_bytes = log.path.stat().st_size
@@ -116,6 +120,8 @@ def cmd_run(args, log=None) -> int:
         lat = sink.commit_latencies
         extra = {"commit_p50_ms": _ms(lat, 0.5), "commit_p99_ms": _ms(lat, 0.99),
                  "transactions": len(lat), **_release_stats(sink)}
+        if session.pacer:
+            extra["paced_seconds"] = round(session.pacer.paused_s, 3)
     else:
         log_bytes = 0
     summary = {
@@ -257,7 +263,7 @@ def cmd_follow(args) -> int:
         max_instructions=args.max_instructions,
         checksum_every=args.checksum_every, snapshot_every=args.snapshot_every,
         heartbeat_every_ns=args.heartbeat_ms * 1_000_000,
-        slice_ns=int(args.txn_ms * 1_000_000))
+        slice_ns=int(args.txn_ms * 1_000_000), max_backup_lag_ms=args.max_backup_lag_ms)
     if primary is None:
         return _report_replay(args, counter, f.header, result, 0, verb="followed")
     summary = {"took_over": True, "takeover_icount": result.icount,
@@ -392,6 +398,9 @@ def _service_opts(p: argparse.ArgumentParser) -> None:
     p.add_argument("--commit", default="log", metavar="POLICY",
                    help="when a response may leave: 'log' (its log is committed) or "
                         "'backups:N' (and N backups acked receiving it)")
+    p.add_argument("--max-backup-lag-ms", type=float, default=DEFAULT_MAX_LAG_MS, metavar="MS",
+                   help="kafka logs: slow the guest down while the most advanced backup "
+                        "is more than MS ms of its progress behind (0: never)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -114,6 +114,7 @@ class AckWatch:
             "fetch.wait.max.ms": 5}))
         self.consumer.assign([TopicPartition(self.topic, 0, OFFSET_BEGINNING)])
         self.received: dict[str, int] = {}
+        self.replayed: dict[str, tuple[int, int]] = {}   # (icount, wall_ns it was sent)
 
     def poll(self) -> None:
         for msg in self.consumer.consume(500, 0):
@@ -126,11 +127,22 @@ class AckWatch:
             if ack.get("kind") == "Ack":
                 b = ack["backup_id"]
                 self.received[b] = max(self.received.get(b, -1), ack["received_icount"])
+                before = self.replayed.get(b, (-1, 0))[0]
+                self.replayed[b] = (max(before, ack["replayed_icount"]), ack["wall_ns"])
 
     def acked_icount(self, n: int) -> int:
         """The icount up to which at least n backups have received the log (-1: none)."""
         got = sorted(self.received.values(), reverse=True)
         return got[n - 1] if len(got) >= n else -1
+
+    def best_replayed(self, live_s: float, exclude: str | None = None) -> int:
+        """The furthest icount replayed by a backup that acked within the last live_s
+        seconds (by the ack's own clock: old acks read from the topic's start are not
+        news), other than `exclude`; -1: none."""
+        oldest = time.time_ns() - int(live_s * 1e9)
+        live = [icount for b, (icount, sent) in self.replayed.items()
+                if sent >= oldest and b != exclude]
+        return max(live, default=-1)
 
     def close(self) -> None:
         self.consumer.close()

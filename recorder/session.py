@@ -20,6 +20,7 @@ from schemas import FORMAT_VERSION
 
 if TYPE_CHECKING:
     from recorder.service import KafkaInputs
+    from recorder.pacing import BackupPacer
 
 SLICE_NS = 10_000_000        # the vCPU comes back this often to publish what it logged: on
                              # Kafka, one transaction interval (group commit may merge slices)
@@ -62,11 +63,12 @@ class RecordSession:
                  continue_from: "Machine | None" = None, next_seq: int = 0,
                  outputs: OutputDigest | None = None, outputs_complete: bool = True,
                  inputs: "KafkaInputs | None" = None, max_seconds: float | None = None,
-                 slice_ns: int = SLICE_NS):
+                 slice_ns: int = SLICE_NS, pacer: "BackupPacer | None" = None):
         """continue_from: a machine that replayed this log up to its end and went live
         (a takeover); the session then appends to the log from next_seq on.
         inputs: requests pushed into the NIC from outside (the service's .in topic); the
-        session tells it which were delivered, and each EventBatch carries the position."""
+        session tells it which were delivered, and each EventBatch carries the position.
+        pacer: slows the run down while the backups fall too far behind (recorder.pacing)."""
         self.guest = guest
         self.sink = sink
         self.counter = counter
@@ -93,6 +95,7 @@ class RecordSession:
         self.inputs = inputs
         self.max_seconds = max_seconds
         self.slice_ns = slice_ns
+        self.pacer = pacer
 
     def header(self) -> dict:
         return {
@@ -172,6 +175,8 @@ class RecordSession:
                 last_snapshot = m.icount
             if self.recording:
                 self.sink.commit()
+            if self.pacer:
+                self.pacer.pace(m.icount)
         seconds = time.monotonic() - started
         state_hash = m.state_hash()
         reason = "exited" if r.stop == "exited" else "budget"

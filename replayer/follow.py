@@ -239,6 +239,7 @@ class Follower:
 
     def _take_over(self, serve: bool, policy, record_opts: dict):
         from recorder.kafka_sink import KafkaSink
+        from recorder.pacing import pacer_for
         from recorder.service import CommitPolicy, KafkaInputs, input_position
         from recorder.session import RecordSession
         t0 = time.monotonic()
@@ -248,7 +249,7 @@ class Follower:
         except (KafkaLogError, KafkaException) as exc:
             raise TakeoverAborted(f"fencing the old primary: {exc}") from None
         steps = {"fence_ms": _ms_since(t0), "sink_ms": sink.start_ms}
-        inputs = None
+        inputs = pacer = None
         try:
             try:
                 if self._follow(True, 0):                  # it had finished after all
@@ -265,6 +266,8 @@ class Follower:
             except (KafkaLogError, KafkaException) as exc:
                 raise TakeoverAborted(f"after the fence: {exc}") from None
             s.machine.go_live(record_opts.pop("checksum_every"))
+            pacer = pacer_for(self.bootstrap, self.vm, record_opts.pop("max_backup_lag_ms", 0),
+                              me=self.backup_id)
             self._leave_succession()     # the next backup in line takes the role
             self.log.warning("live", icount=s.icount, next_seq=s.expected_seq,
                              released_seq=sink.released_seq,
@@ -274,12 +277,15 @@ class Follower:
                                 bootargs=self.header["bootargs"], continue_from=s.machine,
                                 next_seq=s.expected_seq, outputs=s.outputs,
                                 outputs_complete=s.start_icount == 0,
-                                on_output=self.on_output, inputs=inputs, **record_opts)
+                                on_output=self.on_output, inputs=inputs, pacer=pacer,
+                                **record_opts)
             self.primary = rec
             result = rec.run()
         finally:
             if inputs:
                 inputs.close()
+            if pacer:
+                pacer.close()
             sink.close()
         self.log.info("done as primary", icount=result.instructions)
         return replayed, result
