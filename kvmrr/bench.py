@@ -299,13 +299,25 @@ def _record(bootstrap: str, vm: str, guest_name: str, *, bootargs: str = "",
 
 def _bare_transactions(bootstrap: str, n: int) -> dict:
     """The transaction protocol alone: n transactions of one small log message, one every
-    10 ms (the recorder's slice), with the recorder's producer settings and no guest.
-    librdkafka's eos debug log is counted for AddPartitionsToTxn answered
-    CONCURRENT_TRANSACTIONS (the previous transaction's markers not yet complete), which
-    librdkafka retries after a fixed 20 ms."""
+    10 ms (the recorder's slice), with the recorder's producer settings and no guest; with
+    one producer, and with as many taking turns as the recorder has
+    (recorder_transactional_ids).  librdkafka's eos debug log is counted for
+    AddPartitionsToTxn answered CONCURRENT_TRANSACTIONS (the previous transaction's
+    markers not yet complete), which librdkafka retries after a fixed 20 ms."""
+    from kvmrr.kafkalog import RECORDER_PRODUCERS, ensure_topics
+    vm = f"bench-txn-{os.getpid()}-{time.time_ns() % 10**9}"
+    topic = ensure_topics(bootstrap, vm).log
+    out = {"transactions": n}
+    for name, producers in (("one_producer", 1), ("recorder_producers", RECORDER_PRODUCERS)):
+        out[name] = _transactions(bootstrap, topic, f"{vm}.{producers}", producers, n)
+    out["replicated_write"] = _replicated_writes(bootstrap, topic, n)
+    return out
+
+
+def _transactions(bootstrap: str, topic: str, tid: str, producers: int, n: int) -> dict:
     import logging
     from confluent_kafka import Producer
-    from kvmrr.kafkalog import client_conf, ensure_topics
+    from kvmrr.kafkalog import client_conf
 
     class Count(logging.Handler):
         concurrent = 0
@@ -318,25 +330,26 @@ def _bare_transactions(bootstrap: str, n: int) -> dict:
     log.propagate = False
     log.setLevel(logging.DEBUG)
     log.addHandler(Count())
-    vm = f"bench-txn-{os.getpid()}-{time.time_ns() % 10**9}"
-    t = ensure_topics(bootstrap, vm)
-    conf = dict(client_conf(bootstrap), **{   # as recorder/kafka_sink.py
-        "transactional.id": f"kvmrr.{vm}.probe", "enable.idempotence": True, "acks": "all",
-        "linger.ms": 1, "transaction.timeout.ms": 60000, "compression.type": "lz4",
-        "debug": "eos", "log_level": 7, "logger": log})
-    p = Producer(conf)
-    p.init_transactions(10)
-    for _ in range(5):   # warm up: metadata, leaders, the coordinator
+    ps = []
+    for i in range(producers):
+        ps.append(Producer(dict(client_conf(bootstrap), **{   # as recorder/kafka_sink.py
+            "transactional.id": f"kvmrr.{tid}.probe{i}", "enable.idempotence": True,
+            "acks": "all", "linger.ms": 1, "transaction.timeout.ms": 60000,
+            "compression.type": "lz4", "debug": "eos", "log_level": 7, "logger": log})))
+        ps[-1].init_transactions(10)
+    for k in range(6):   # warm up: metadata, leaders, the coordinator
+        p = ps[k % producers]
         p.begin_transaction()
-        p.produce(t.log, b"x" * 200, b"k")
+        p.produce(topic, b"x" * 200, b"k")
         p.commit_transaction(30)
-    p.poll(0)
+        p.poll(0)
     Count.concurrent = 0
     produce, commit, total = [], [], []
-    for _ in range(n):
+    for k in range(n):
+        p = ps[k % producers]
         t0 = time.monotonic()
         p.begin_transaction()
-        p.produce(t.log, b"x" * 200, b"k")
+        p.produce(topic, b"x" * 200, b"k")
         p.flush(30)                  # AddPartitionsToTxn (with its retries), then Produce
         t1 = time.monotonic()
         p.commit_transaction(30)     # EndTxn
@@ -346,13 +359,12 @@ def _bare_transactions(bootstrap: str, n: int) -> dict:
         total.append(t2 - t0)
         p.poll(0)
         time.sleep(0.01)
-    p.flush(5)
-    p.poll(0)
-    del p
-    return {"transactions": n, "add_partitions_and_produce": _dist_ms(produce),
-            "end_txn": _dist_ms(commit), "whole": _dist_ms(total),
-            "concurrent_transactions_retries": Count.concurrent,
-            "replicated_write": _replicated_writes(bootstrap, t.log, n)}
+    for p in ps:
+        p.flush(5)
+        p.poll(0)
+    del p, ps
+    return {"add_partitions_and_produce": _dist_ms(produce), "end_txn": _dist_ms(commit),
+            "whole": _dist_ms(total), "concurrent_transactions_retries": Count.concurrent}
 
 
 def _replicated_writes(bootstrap: str, topic: str, n: int) -> dict:
@@ -530,10 +542,14 @@ def bench_log(quick: bool) -> dict:
                                                              100 if quick else 200),
                      "throughput": _throughput(b.bootstrap, tag, quick)}
             bt = entry["bare_transactions"]
-            print(f"bench: {tag} bare transactions: p50 {bt['whole']['p50_ms']} ms p99 "
-                  f"{bt['whole']['p99_ms']} ms, {bt['concurrent_transactions_retries']} "
-                  f"CONCURRENT_TRANSACTIONS retries; one replicated write p50 "
-                  f"{bt['replicated_write']['p50_ms']} ms", file=sys.stderr, flush=True)
+            for name in ("one_producer", "recorder_producers"):
+                w = bt[name]
+                print(f"bench: {tag} bare transactions, {name.replace('_', ' ')}: p50 "
+                      f"{w['whole']['p50_ms']} ms p99 {w['whole']['p99_ms']} ms, "
+                      f"{w['concurrent_transactions_retries']} CONCURRENT_TRANSACTIONS "
+                      f"retries", file=sys.stderr, flush=True)
+            print(f"bench: {tag} one replicated write: p50 {bt['replicated_write']['p50_ms']} "
+                  f"ms p99 {bt['replicated_write']['p99_ms']} ms", file=sys.stderr, flush=True)
             if nodes == 3:   # the deployment's shape (replication 3, min ISR 2)
                 entry["follower_lag"] = lag = _follower_lag(b.bootstrap, tag, quick)
                 print(f"bench: {tag} follower lag: first third "

@@ -46,6 +46,21 @@ def transactional_id(vm: str) -> str:
     return f"kvmrr.{vm}.recorder"
 
 
+RECORDER_PRODUCERS = 3
+
+
+def recorder_transactional_ids(vm: str) -> tuple[str, ...]:
+    """The recorder's producers, which take turns a transaction each.  With one, each
+    transaction's AddPartitionsToTxn comes while the previous one's commit markers are
+    still being written and is refused CONCURRENT_TRANSACTIONS, which librdkafka retries
+    after a fixed 20 ms (it has no KIP-890).  Markers took 50-100 ms on the 3-node
+    loopback cluster here: with three producers a producer's previous transaction has
+    finished before its next (bare transactions p50 37 ms with two, 15-19 ms with three or
+    four).  A new recorder inits them all, fencing them all."""
+    base = transactional_id(vm)
+    return (base,) + tuple(f"{base}.{i}" for i in range(2, RECORDER_PRODUCERS + 1))
+
+
 # librdkafka's own log lines (a "Connection refused" every 50 ms while a broker is down)
 # would flood stderr, which carries the one-line errors and the backups' JSON logs: they go
 # to this logger instead, silent unless KVMRR_KAFKA_LOG=1 (or a handler is configured).

@@ -23,8 +23,8 @@ import warnings
 from confluent_kafka import KafkaError, KafkaException, Producer
 
 from kvmrr.kafkalog import (SNAPSHOT_CHUNK_BYTES, WRITER_HEADER, FencedError, KafkaLogError,
-                            client_conf, ensure_topics, topics, transactional_id,
-                            watermarks)
+                            client_conf, ensure_topics, recorder_transactional_ids, topics,
+                            transactional_id, watermarks)
 from recorder import metrics
 from recorder.service import AckWatch, CommitPolicy, released_seq
 from schemas import encode_message, icount_key, split_snapshot
@@ -67,10 +67,40 @@ def init_transactional_producer(conf: dict, timeout: float) -> Producer:
         attempt = min(attempt * 1.2, 2.0)   # a slow or moving broker needs longer ones
 
 
+def _init_all(confs: list[dict], bootstrap: str) -> list[Producer]:
+    """init_transactional_producer for each conf at once (a takeover waits for them)."""
+    results: list = [None] * len(confs)
+
+    def init(i: int) -> None:
+        try:
+            results[i] = init_transactional_producer(confs[i], INIT_TIMEOUT_S)
+        except KafkaException as exc:
+            results[i] = exc
+    threads = [threading.Thread(target=init, args=(i,)) for i in range(len(confs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    failed = [(c, r) for c, r in zip(confs, results) if isinstance(r, KafkaException)]
+    if failed:
+        for r in results:
+            if isinstance(r, Producer):
+                _drop(r)
+        conf, exc = failed[0]
+        raise KafkaLogError(f"cannot start the transactional producer "
+                            f"{conf['transactional.id']} at {bootstrap}: "
+                            f"{exc.args[0].str()}")
+    return results
+
+
 def _drop(producer: Producer) -> None:
-    with warnings.catch_warnings():     # "abort_transaction failed during close"
-        warnings.simplefilter("ignore")
-        producer.close()
+    producer.close()
+
+
+# a dropped fence attempt is closed mid-init_transactions, which confluent-kafka reports as
+# a RuntimeWarning; expected there (and a filter, unlike catch_warnings, is thread-safe)
+warnings.filterwarnings("ignore", message="Producer abort_transaction failed during close",
+                        category=RuntimeWarning)
 
 
 class KafkaSink:
@@ -82,20 +112,18 @@ class KafkaSink:
         self.bootstrap = bootstrap
         self.vm = vm
         self.topics = topics(vm) if takeover else ensure_topics(bootstrap, vm)
-        self.txn_id = transactional_id(vm)
+        self.txn_id = transactional_id(vm)       # the writer, in every record's header
         conf = dict(client_conf(bootstrap), **{
-            "transactional.id": self.txn_id, "enable.idempotence": True, "acks": "all",
+            "enable.idempotence": True, "acks": "all",
             "linger.ms": 1, "transaction.timeout.ms": 60000, "message.max.bytes": 2 << 20,
             "compression.type": "lz4",   # snapshots are mostly zero pages
             "error_cb": self._client_error,
         })
-        self._fatal = None          # the error that made the producer unusable
+        self._fatal = None          # the error that made a producer unusable
         t0 = time.monotonic()
-        try:
-            self.producer = init_transactional_producer(conf, INIT_TIMEOUT_S)
-        except KafkaException as exc:
-            raise KafkaLogError(f"cannot start the transactional producer {self.txn_id} at "
-                                f"{bootstrap}: {exc.args[0].str()}") from None
+        self._producers = _init_all([dict(conf, **{"transactional.id": t})
+                                     for t in recorder_transactional_ids(vm)], bootstrap)
+        self._turn = 0
         t1 = time.monotonic()
         # A takeover appends to a log that already has messages: learn where it ends.
         self.next_log_offset = self._log_end()
@@ -211,9 +239,16 @@ class KafkaSink:
                     continue
                 raise
 
+    @property
+    def producer(self) -> Producer:
+        """The producer whose turn it is (they take turns, a transaction each)."""
+        return self._producers[self._turn]
+
     def _transaction(self, produce_all) -> None:
         """One transaction; aborted and redone when the producer says it must be, until
-        TXN_RETRY_S has passed; a fatal error (fenced) ends the recording."""
+        TXN_RETRY_S has passed; a fatal error (fenced) ends the recording.  The next one
+        starts only once this one's commit has returned, so the log's order is the
+        transactions' order even though several producers take turns."""
         deadline = time.monotonic() + TXN_RETRY_S
         while True:
             try:
@@ -221,8 +256,10 @@ class KafkaSink:
                 produce_all()
                 self._commit(deadline)
                 if self._last_log_offset >= 0:
-                    # the commit marker follows the last message
-                    self.next_log_offset = self._last_log_offset + 2
+                    # where the next message can land at the earliest (commit markers of
+                    # any producer may come first: a reader seeking there skips them)
+                    self.next_log_offset = self._last_log_offset + 1
+                self._turn = (self._turn + 1) % len(self._producers)
                 return
             except KafkaException as exc:
                 err = exc.args[0]

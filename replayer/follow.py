@@ -25,8 +25,8 @@ from schemas import encode_message
 
 ACK_EVERY_S = 0.05
 LAG_LOG_EVERY_S = 1.0
-RECENT_OUTPUTS = 100_000
-ASK_END_TIMEOUT_S = 5.0  # a live leader answers in milliseconds   # replayed responses kept, to find those a takeover must release
+RECENT_OUTPUTS = 100_000   # replayed responses kept, to find those a takeover must release
+ASK_END_TIMEOUT_S = 5.0    # a live leader answers in milliseconds
 
 
 def choose_snapshot(snaps: list[dict], start: str, until: int | None) -> dict:
