@@ -23,7 +23,7 @@ from collections import defaultdict
 import structlog
 from confluent_kafka import Consumer, Producer, TopicPartition
 
-from kvmrr.kafkalog import (WRITER_HEADER, client_conf, ensure_topics, scan_topic,
+from kvmrr_log.kafka import (WRITER_HEADER, client_conf, ensure_topics, scan_topic,
                             transactional_id)
 from schemas import LogFormatError, decode_message
 

@@ -22,7 +22,7 @@ import warnings
 
 from confluent_kafka import KafkaError, KafkaException, Producer
 
-from kvmrr.kafkalog import (SNAPSHOT_CHUNK_BYTES, WRITER_HEADER, FencedError, KafkaLogError,
+from kvmrr_log.kafka import (SNAPSHOT_CHUNK_BYTES, WRITER_HEADER, FencedError, KafkaLogError,
                             client_conf, ensure_topics, recorder_transactional_ids, topics,
                             transactional_id, watermarks)
 from recorder import metrics

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
 
-from kvmrr.kafkalog import (WRITER_HEADER, KafkaLogError, client_conf, scan_topic, topics,
+from kvmrr_log.kafka import (WRITER_HEADER, KafkaLogError, client_conf, scan_topic, topics,
                             transactional_id, watermarks)
 from schemas import LogFormatError, decode_message
 
@@ -175,7 +175,7 @@ def released_seq(bootstrap: str, vm: str, timeout: float = 15.0) -> int:
 def input_position(bootstrap: str, vm: str) -> int:
     """The next_input_offset of the last EventBatch in the committed log that has one (0
     if none): where a new primary resumes when its own replay saw no batch saying it."""
-    from replayer.kafka_source import LogTopicReader
+    from kvmrr_log.topic_reader import LogTopicReader
     reader = LogTopicReader(bootstrap, vm, topics(vm).log, OFFSET_BEGINNING)
     position = 0
     try:

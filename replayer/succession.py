@@ -14,7 +14,7 @@ import time
 
 from confluent_kafka import Consumer
 
-from kvmrr.kafkalog import client_conf, topics
+from kvmrr_log.kafka import client_conf, topics
 
 # The broker's default group.min.session.timeout.ms: the shortest every broker accepts.
 SESSION_TIMEOUT_MS = 6000

@@ -23,9 +23,9 @@ from datetime import datetime
 from pathlib import Path
 
 from libkvmrr import best_counter
-from kvmrr.ftcluster import FtCluster
-from kvmrr.localkafka import LocalKafka, LocalKafkaError
-from kvmrr.sweep import plain_requests_per_s, served
+from harness.ftcluster import FtCluster
+from harness.localkafka import LocalKafka, LocalKafkaError
+from bench.sweep import plain_requests_per_s, served
 
 RATE_HZ = 150.0
 FAILOVER_FLOOR_S = 2.0
