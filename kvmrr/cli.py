@@ -135,7 +135,8 @@ def cmd_run(args, log=None) -> int:
 
 
 def _release_stats(sink) -> dict:
-    """Output commit (DESIGN §5): responses released and how long each was held."""
+    """Output commit (docs/ARCHITECTURE.md §5): responses released and how long each was
+    held."""
     if not sink.serving:
         return {}
     lat = sink.output_latencies

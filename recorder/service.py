@@ -1,5 +1,6 @@
-"""The service boundary on the primary (DESIGN §5): requests from kvmrr.<vm>.in go into the
-guest's NIC; responses leave through kvmrr.<vm>.out only when the release policy allows.
+"""The service boundary on the primary (docs/ARCHITECTURE.md §5): requests from
+kvmrr.<vm>.in go into the guest's NIC; responses leave through kvmrr.<vm>.out only when
+the release policy allows.
 
 Inputs: a thread takes requests from .in and pushes them into the NIC queue as they come
 (nic_push wakes the vCPU), remembering each one's offset.  The core delivers queued packets

@@ -1,4 +1,4 @@
-"""Issue 3: the log on real Apache Kafka (DESIGN §4).
+"""Issue 3: the log on real Apache Kafka (docs/ARCHITECTURE.md §4).
 
 Recorder -> Kafka -> replay, archive and live backups; the backups' acks and lag; a
 broker that is not there, restarted, or lost from a 3-node cluster; and a follower that
