@@ -17,9 +17,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import os
 import random
+import signal
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -30,8 +33,7 @@ from kvmrr_log.paths import REPO
 SEED = 14
 PER_OPTION = 4          # hostile values tried per option, besides the fixed ones
 RUN_TIMEOUT_S = 30.0    # a run that takes longer is a hang
-RUN_ACCEPTED = 50       # accepted values run for real (a seeded sample)
-RUN_REFUSED = 10        # refused values run for real, to see the whole path
+RUN_WHOLE = 6           # accepted and refused values also run in a new process
 
 HOSTILE = ["-1", "-5", "0", "1", "-0", "1e30", "-1e30", "inf", "-inf", "nan", "", " ",
            "abc", "1.5", "0x10", "1e-300", "99999999999999999999999999", "9" * 400,
@@ -103,12 +105,51 @@ def _cases(archive, tmp) -> list[tuple[str, str, list[str]]]:
 
 
 def _run(args: list[str]) -> tuple[list[str], subprocess.CompletedProcess | None]:
+    """The CLI as a user runs it, in a process of its own."""
     try:
         return args, subprocess.run([sys.executable, "-m", "kvmrr.cli", *args], cwd=REPO,
                                     capture_output=True, text=True, errors="replace",
                                     timeout=RUN_TIMEOUT_S)
     except subprocess.TimeoutExpired:
         return args, None
+
+
+def _fork_run(args: list[str], tmp) -> tuple[int | None, str]:
+    """cli.main(args) in a forked child (this process's imports are reused, so a run costs
+    what the command itself costs): (exit code or None for a hang, stderr)."""
+    out, err = tmp / "fork.out", tmp / "fork.err"
+    pid = os.fork()
+    if pid == 0:        # the child: never returns into pytest
+        code = 70
+        try:
+            o, e = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), \
+                os.open(err, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+            os.dup2(o, 1)
+            os.dup2(e, 2)
+            sys.stdout = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), write_through=True)
+            sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), write_through=True)
+            os.chdir(REPO)
+            from kvmrr import cli
+            try:
+                code = cli.main(args)
+            except SystemExit as exc:
+                code = exc.code if isinstance(exc.code, int) else 2
+        except BaseException:
+            import traceback
+            traceback.print_exc()
+            code = 1
+        finally:
+            os._exit(code if isinstance(code, int) else 70)
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status), err.read_text(errors="replace")
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            return None, err.read_text(errors="replace")
+        time.sleep(0.005)
 
 
 def _show(args: list[str]) -> str:
@@ -132,7 +173,8 @@ def _judge(args: list[str], code: int | None, stderr: str) -> str | None:
 
 def test_hostile_option_values_exit_0_or_2_in_one_line(archive, tmp_path):
     """Every hostile value goes through the parser in this process (fast); those it lets
-    through, and a sample of those it refuses, are run for real, each with a timeout."""
+    through are run for real in a forked child, each with a timeout; and a few of each
+    kind are run as a user runs them, in a new process."""
     cases = _cases(archive, tmp_path)
     assert len({(v, o) for v, o, _ in cases}) >= 60, "the parser lost its options?"
     bad, accepted, refused = [], [], []
@@ -148,9 +190,17 @@ def test_hostile_option_values_exit_0_or_2_in_one_line(archive, tmp_path):
             refused.append(args)
             continue
         accepted.append(args)
-    rng = random.Random(SEED)
-    runs = rng.sample(accepted, min(len(accepted), RUN_ACCEPTED)) + \
-        rng.sample(refused, min(len(refused), RUN_REFUSED))
+    ran_fine = 0
+    for args in accepted:         # every accepted value, run for real
+        code, stderr = _fork_run(args, tmp_path)
+        ran_fine += code == 0
+        problem = _judge(args, code, stderr)
+        if problem:
+            bad.append(problem)
+    assert ran_fine >= len(accepted) // 3, "the runs themselves fail: the test is broken"
+    rng = random.Random(SEED)     # and a few, whole, as a user runs them
+    runs = rng.sample(accepted, min(len(accepted), RUN_WHOLE)) + \
+        rng.sample(refused, min(len(refused), RUN_WHOLE))
     with ThreadPoolExecutor(2) as pool:
         for args, proc in pool.map(_run, runs):
             problem = _judge(args, proc and proc.returncode, proc.stderr if proc else "")
