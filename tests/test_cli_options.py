@@ -197,7 +197,7 @@ def test_hostile_option_values_exit_0_or_2_in_one_line(archive, tmp_path):
         problem = _judge(args, code, stderr)
         if problem:
             bad.append(problem)
-    assert ran_fine >= len(accepted) // 3, "the runs themselves fail: the test is broken"
+    assert ran_fine >= 20, "hardly any run succeeds: the test itself is broken"
     rng = random.Random(SEED)     # and a few, whole, as a user runs them
     runs = rng.sample(accepted, min(len(accepted), RUN_WHOLE)) + \
         rng.sample(refused, min(len(refused), RUN_WHOLE))
