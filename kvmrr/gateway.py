@@ -59,6 +59,7 @@ from schemas import LogFormatError, decode_message
 MAX_LINE = 2048            # the guest NIC's MTU
 STATS_EVERY_S = 5.0
 PRUNE_EVERY_S = 1.0
+DRAIN_ABOVE = 64 * 1024    # a client's unread answers: past this, wait for it to read
 CLIENT_HEADER = "kvmrr-client"   # on each request on .in: the scope it came from
 
 
@@ -118,12 +119,13 @@ class TokenFile:
 
 
 class _Conn:
-    __slots__ = ("writer", "scope", "waiting")
+    __slots__ = ("writer", "scope", "waiting", "last")
 
-    def __init__(self, writer: asyncio.StreamWriter):
+    def __init__(self, writer: asyncio.StreamWriter, now: float):
         self.writer = writer
         self.scope: str | None = None
         self.waiting: set[bytes] = set()   # scoped ids this connection waits for
+        self.last = now                    # when it last sent a line (loop time)
 
 
 class Gateway:
@@ -142,6 +144,7 @@ class Gateway:
         self.waiting: dict[bytes, dict[_Conn, bytes]] = {}   # scoped id -> conn -> its id
         self.max_seq = -1                  # .out's seqs only grow
         self.clients = 0
+        self.conns: set[_Conn] = set()
         self.stats = {"requests": 0, "retries": 0, "responses": 0, "duplicate_outputs": 0,
                       "unknown_responses": 0, "clients": 0, "refused_clients": 0,
                       "peak_connections": 0, "idle_closed": 0, "slow_dropped": 0, "busy": 0, "not_delivered": 0,
@@ -251,25 +254,19 @@ class Gateway:
         self.clients += 1
         self.stats["clients"] += 1
         self.stats["peak_connections"] = max(self.stats["peak_connections"], self.clients)
-        conn = _Conn(writer)
+        conn = _Conn(writer, self._loop.time())
+        self.conns.add(conn)
         first = True
         try:
             while not writer.is_closing():
                 try:
-                    raw = await asyncio.wait_for(reader.readuntil(b"\n"),
-                                                 self.limits.idle_timeout_s)
-                except asyncio.TimeoutError:
-                    if conn.waiting:
-                        continue        # waiting for answers is not idle
-                    self.stats["idle_closed"] += 1
-                    self._send(conn, b"- ERR idle for %d s: closing"
-                               % self.limits.idle_timeout_s)
-                    return
+                    raw = await reader.readuntil(b"\n")
                 except asyncio.LimitOverrunError:
                     self._send(conn, b"- ERR line longer than %d bytes" % MAX_LINE)
                     return
                 except (asyncio.IncompleteReadError, ConnectionError, OSError):
                     return
+                conn.last = self._loop.time()
                 line = raw.rstrip(b"\r\n")
                 if not line.strip():
                     continue
@@ -287,7 +284,9 @@ class Gateway:
                         return
                     conn.scope = f"conn:{self._nonce}:{next(self._conn_numbers)}"
                 self._request(conn, line)
-                try:
+                if writer.transport.get_write_buffer_size() < DRAIN_ABOVE:
+                    continue
+                try:            # back-pressure: read no more until the client reads
                     await asyncio.wait_for(writer.drain(), self.limits.write_timeout_s)
                 except asyncio.TimeoutError:
                     self._drop_slow(conn)
@@ -298,6 +297,7 @@ class Gateway:
             return                      # the gateway stops
         finally:
             self.clients -= 1
+            self.conns.discard(conn)
             for key in conn.waiting:
                 waiters = self.waiting.get(key)
                 if waiters is not None:
@@ -444,11 +444,23 @@ class Gateway:
             if self._live:
                 self.producer.flush(10)
 
+    def close_idle(self) -> None:
+        """Close the connections silent for idle_timeout_s with nothing pending."""
+        oldest = self._loop.time() - self.limits.idle_timeout_s
+        for conn in [c for c in self.conns if c.last < oldest and not c.waiting]:
+            self.stats["idle_closed"] += 1
+            self._send(conn, b"- ERR idle for %d s: closing" % self.limits.idle_timeout_s)
+            conn.writer.close()
+            self.conns.discard(conn)
+
     async def _housekeeping(self) -> None:
-        """Ids out of the retry window forgotten; the counters now and then."""
+        """Idle connections closed, ids out of the retry window forgotten; the counters
+        now and then."""
         last = time.monotonic()
+        every = min(PRUNE_EVERY_S, self.limits.idle_timeout_s / 4)
         while True:
-            await asyncio.sleep(PRUNE_EVERY_S)
+            await asyncio.sleep(every)
+            self.close_idle()
             self.prune()
             if time.monotonic() - last >= STATS_EVERY_S:
                 last = time.monotonic()
