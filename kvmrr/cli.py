@@ -186,7 +186,7 @@ def cmd_run(args, log=None) -> int:
         sink = KafkaSink(log.bootstrap, log.vm_id, serve=args.serve,
                          policy=_policy(args.commit))
         if args.serve:
-            inputs = KafkaInputs(log.bootstrap, log.vm_id)
+            inputs = KafkaInputs(log.bootstrap, log.vm_id, held_back=sink.held_back)
         pacer = pacer_for(log.bootstrap, log.vm_id, args.max_backup_lag_ms)
         session_kwargs["vm_id"] = log.vm_id
         session = RecordSession(guest, sink, heartbeat_every_ns=args.heartbeat_ms * 1_000_000,

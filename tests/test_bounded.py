@@ -1,0 +1,70 @@
+"""What grows with a run is bounded (issue 14, item 4): the latency samples, the heartbeats
+a replay keeps, the backups an AckWatch tracks, the pacer's trail."""
+from __future__ import annotations
+
+from collections import deque
+
+
+from kvmrr_log.percentiles import percentile
+from kvmrr_log.reservoir import Reservoir
+
+
+def test_reservoir_is_bounded_and_estimates_percentiles():
+    r = Reservoir(1000, seed=1)
+    r.extend(i / 100_000 for i in range(100_000))
+    assert len(r) == 100_000 and len(list(r)) == 1000
+    assert abs(percentile(r, 0.5) - 0.5) < 0.05
+    assert abs(percentile(r, 0.99) - 0.99) < 0.02
+    small = Reservoir(1000)
+    small.extend([3.0, 1.0, 2.0])
+    assert sorted(small) == [1.0, 2.0, 3.0] and len(small) == 3
+
+
+def test_ackwatch_tracks_a_bounded_number_of_backups(monkeypatch):
+    from recorder import service
+
+    class Msg:
+        def __init__(self, value):
+            self._v = value
+
+        def error(self):
+            return None
+
+        def value(self):
+            return self._v
+
+        def headers(self):
+            return []
+
+    acks = service.AckWatch.__new__(service.AckWatch)
+    acks.received, acks.replayed = {}, {}
+    batch = [Msg(i) for i in range(1, 1001)]
+    acks.consumer = type("C", (), {"consume": lambda self, n, t: batch})()
+    monkeypatch.setattr(service, "decode_message", lambda v, h: {
+        "kind": "Ack", "backup_id": f"forged{v}", "received_icount": v,
+        "replayed_icount": v, "wall_ns": v})
+    acks.poll()
+    assert len(acks.received) == service.MAX_BACKUPS == len(acks.replayed)
+    assert "forged1000" in acks.received and "forged1" not in acks.received
+
+
+def test_replay_keeps_only_heartbeats_ahead_of_it():
+    from replayer.session import ReplaySession
+    s = ReplaySession.__new__(ReplaySession)
+    s.heartbeats = deque((i * 10, i) for i in range(1000))
+    s.machine = type("M", (), {"icount": 5000})()
+    s._forget_heartbeats()
+    assert s.heartbeats[0] == (5000, 500) and len(s.heartbeats) == 500
+
+
+def test_pacer_trail_is_bounded():
+    from recorder import pacing
+    p = pacing.BackupPacer.__new__(pacing.BackupPacer)
+    p._trail = deque(maxlen=pacing.TRAIL_SLICES)
+    p.acks = type("A", (), {"poll": lambda self: None,
+                            "best_replayed": lambda self, live, exclude=None: -1})()
+    p.me = None
+    for i in range(pacing.TRAIL_SLICES * 2):
+        p.lag(i * 1e-4, i)
+    assert len(p._trail) == pacing.TRAIL_SLICES
+
