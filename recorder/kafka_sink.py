@@ -22,9 +22,10 @@ import warnings
 
 from confluent_kafka import KafkaError, KafkaException, Producer
 
-from kvmrr_log.kafka import (SNAPSHOT_CHUNK_BYTES, WRITER_HEADER, FencedError, KafkaLogError,
-                            client_conf, ensure_topics, recorder_transactional_ids, topics,
-                            transactional_id, watermarks)
+from kvmrr_log.kafka import (LOG_MESSAGE_BYTES, SNAPSHOT_CHUNK_BYTES, WRITER_HEADER,
+                             FencedError, KafkaLogError, client_conf, ensure_topics,
+                             recorder_transactional_ids, topics, transactional_id,
+                             watermarks)
 from kvmrr_log.reservoir import DEFAULT_SIZE, Reservoir
 from recorder import metrics
 from recorder.service import AckWatch, CommitPolicy, released_seq
@@ -119,7 +120,8 @@ class KafkaSink:
         self.txn_id = transactional_id(vm)       # the writer, in every record's header
         conf = dict(client_conf(bootstrap), **{
             "enable.idempotence": True, "acks": "all",
-            "linger.ms": 1, "transaction.timeout.ms": 60000, "message.max.bytes": 2 << 20,
+            "linger.ms": 1, "transaction.timeout.ms": 60000,
+            "message.max.bytes": LOG_MESSAGE_BYTES,
             "compression.type": "lz4",   # snapshots are mostly zero pages
             "error_cb": self._client_error,
         })

@@ -1,9 +1,11 @@
 """What grows with a run is bounded (issue 14, item 4): the latency samples, the heartbeats
-a replay keeps, the backups an AckWatch tracks, the pacer's trail."""
+a replay keeps, the backups an AckWatch tracks, the pacer's trail; and the topics' retention
+and batch limits are what docs/limits.md says."""
 from __future__ import annotations
 
 from collections import deque
 
+import pytest
 
 from kvmrr_log.percentiles import percentile
 from kvmrr_log.reservoir import Reservoir
@@ -67,4 +69,23 @@ def test_pacer_trail_is_bounded():
     for i in range(pacing.TRAIL_SLICES * 2):
         p.lag(i * 1e-4, i)
     assert len(p._trail) == pacing.TRAIL_SLICES
+
+
+
+@pytest.mark.kafka
+def test_topics_get_their_retention_and_batch_limits(kafka):
+    """ensure_topics sets what TOPIC_SETTINGS says, on a real broker."""
+    import os
+
+    from confluent_kafka.admin import ConfigResource
+
+    from kvmrr_log.kafka import TOPIC_SETTINGS, admin_client, ensure_topics
+    boot = kafka.split(",")[0]
+    t = ensure_topics(boot, f"bounded{os.getpid()}")
+    admin = admin_client(boot)
+    for kind, settings in TOPIC_SETTINGS.items():
+        res = ConfigResource(ConfigResource.Type.TOPIC, getattr(t, kind))
+        got = admin.describe_configs([res])[res].result(20)
+        for key, value in settings.items():
+            assert got[key].value == value, (kind, key)
 
