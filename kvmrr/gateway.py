@@ -48,12 +48,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import structlog
-from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
 
 from kvmrr_log.client_ids import (ID_MAX, declared_scope, scoped_request_id, token_scope,
                                   valid_name)
 from kvmrr_log.kafka import (WRITER_HEADER, client_conf, ensure_topics, scan_topic, topics,
-                             transactional_id)
+                             transactional_id, watermarks)
 from schemas import LogFormatError, decode_message
 
 MAX_LINE = 2048            # the guest NIC's MTU
@@ -172,14 +172,18 @@ class Gateway:
 
     # -- state from the topics ----------------------------------------------------------
     def _rebuild(self) -> None:
+        """What was sent and answered within the retry window, read from where the window
+        starts (by the records' timestamps), not from the topics' beginning."""
         oldest_ms = (time.time() - self.limits.retry_window_s) * 1000
-        for msg in scan_topic(self.bootstrap, self.topics.inputs, committed=False):
+        start = self._offset_at(self.topics.inputs, oldest_ms)
+        for msg in scan_topic(self.bootstrap, self.topics.inputs, start=start,
+                              committed=False):
             ts = msg.timestamp()[1]
             if ts >= oldest_ms:
                 self.sent[(msg.value() or b"").split(b" ", 1)[0]] = ts / 1000
                 self._prune_count()
-        self._out_offset = 0
-        for msg in scan_topic(self.bootstrap, self.topics.outputs):
+        self._out_offset = start = self._offset_at(self.topics.outputs, oldest_ms)
+        for msg in scan_topic(self.bootstrap, self.topics.outputs, start=start):
             got = self._take_output(msg)
             ts = msg.timestamp()[1]
             if got and ts >= oldest_ms:
@@ -187,6 +191,22 @@ class Gateway:
                 self._prune_count()
             self._out_offset = msg.offset() + 1
         self.log.info("state", sent=len(self.sent), answered=len(self.answers))
+
+    def _offset_at(self, topic: str, ts_ms: float) -> int:
+        """The first offset of topic at or after ts_ms; its end if none is that recent; 0
+        if the broker cannot say."""
+        c = Consumer(dict(client_conf(self.bootstrap), **{"group.id": "kvmrr-gateway-times"}))
+        try:
+            got = c.offsets_for_times([TopicPartition(topic, 0, int(ts_ms))], timeout=15)[0]
+            if got.error is None and got.offset >= 0:
+                return got.offset
+            if got.error is None:
+                return max(0, watermarks(self.bootstrap, topic)[1])
+        except KafkaException:
+            pass
+        finally:
+            c.close()
+        return 0
 
     def _take_output(self, msg) -> tuple[bytes, bytes] | None:
         """A released response as (scoped id, the line after the id), or None for one to

@@ -361,34 +361,54 @@ def test_kafka_down_does_not_stall_other_clients(gateway):
 @pytest.mark.kafka
 def test_scoped_ids_on_a_real_broker(kafka):
     """The real gateway process: two clients' `c1-5` reach .in as two requests, each under
-    its client's scoped id and marked with its client."""
+    its client's scoped id and marked with its client; after a restart a retry is not sent
+    again."""
     from kvmrr_log.kafka import scan_topic, topics
     boot = kafka.split(",")[0]
     vm = f"gwlim{os.getpid()}"
-    proc = subprocess.Popen([sys.executable, "-m", "kvmrr.cli", "gateway", "--log",
-                             f"kafka://{boot}/{vm}", "--listen", "127.0.0.1:0"],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    try:
+
+    def start():
+        proc = subprocess.Popen([sys.executable, "-m", "kvmrr.cli", "gateway", "--log",
+                                 f"kafka://{boot}/{vm}", "--listen", "127.0.0.1:0"],
+                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         line = proc.stdout.readline()
-        port = int(line.split(" on ")[1].split()[0].rsplit(":", 1)[1])
-        for name in (b"mallory", b"alice"):
-            s = socket.create_connection(("127.0.0.1", port), timeout=10)
-            s.sendall(b"HELLO " + name + b"\n")
-            assert read_line(s) == b"HELLO OK"
-            s.sendall(b"c1-5 PUT k " + name + b"\n")
-            time.sleep(0.5)
-            s.close()
+        return proc, int(line.split(" on ")[1].split()[0].rsplit(":", 1)[1])
+
+    def send(port, name, line):
+        s = socket.create_connection(("127.0.0.1", port), timeout=10)
+        s.sendall(b"HELLO " + name + b"\n")
+        assert read_line(s) == b"HELLO OK"
+        s.sendall(line + b"\n")
+        time.sleep(0.5)
+        s.close()
+
+    def requests(n):
         deadline = time.monotonic() + 20
         while True:
             got = [(m.key(), m.value(), dict(m.headers() or []))
                    for m in scan_topic(boot, topics(vm).inputs, committed=False)]
-            if len(got) >= 2 or time.monotonic() > deadline:
-                break
+            if len(got) >= n or time.monotonic() > deadline:
+                return got
             time.sleep(0.2)
+    proc, port = start()
+    try:
+        for name in (b"mallory", b"alice"):
+            send(port, name, b"c1-5 PUT k " + name)
+        got = requests(2)
         assert [k for k, _, _ in got] == [scoped_request_id(declared_scope("mallory"), b"c1-5"),
                                          scoped_request_id(declared_scope("alice"), b"c1-5")]
         assert got[1][1].endswith(b" PUT k alice")
         assert got[1][2]["kvmrr-client"] == b"name:alice"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    proc, port = start()       # a restarted gateway knows what was sent in the window
+    try:
+        send(port, b"alice", b"c1-5 PUT k alice")
+        send(port, b"alice", b"c1-6 GET k")
+        got = requests(3)
+        assert len(got) == 3 and got[2][0] == scoped_request_id(declared_scope("alice"),
+                                                                 b"c1-6")
     finally:
         proc.terminate()
         proc.wait(10)
