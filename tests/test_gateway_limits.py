@@ -357,6 +357,40 @@ def test_kafka_down_does_not_stall_other_clients(gateway):
     assert len(g.produced_keys(12)) == 12
 
 
+def test_a_request_kafka_refuses_is_answered_and_may_be_retried(gateway):
+    """A request Kafka refuses for good (not a timeout: there is none) was not sent: its
+    client is told, and a retry is sent again."""
+    g = gateway()
+
+    class Err:
+        def str(self):
+            return "Broker: Message size too large"
+
+    class Msg:
+        def __init__(self, key):
+            self._key = key
+
+        def key(self):
+            return self._key
+    fail = threading.Event()
+    fail.set()
+    real = g.stub.produce
+
+    def produce(topic, value, key, headers=None, on_delivery=None):
+        real(topic, value, key, headers, on_delivery)
+        if fail.is_set():
+            on_delivery(Err(), Msg(key))
+    g.stub.produce = produce
+    s = g.connect(b"c")
+    s.sendall(b"r-1 PUT k v\n")
+    assert read_line(s) == b"r-1 ERR not sent to the log: retry"
+    fail.clear()
+    s.sendall(b"r-1 PUT k v\n")
+    keys = g.produced_keys(2)
+    assert keys[0] == keys[1]
+    assert g.gw.stats["not_delivered"] == 1
+
+
 # -- against a real broker -----------------------------------------------------------------
 @pytest.mark.kafka
 def test_scoped_ids_on_a_real_broker(kafka):
