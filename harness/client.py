@@ -4,9 +4,10 @@ got: used by `make run`, the fault-tolerance tests and the benchmark.
 Requests are seeded (recorder.loadgen.KvLoad), with ids `<name>-<n>`.  Each connection
 starts with `HELLO <name>` (or `HELLO <token>` for a gateway with a tokens file), so the
 gateway knows the client again after a reconnect.  When the connection breaks it reconnects
-and sends every unanswered request again, with its id: the gateway answers each id once.  It counts what a user would: answered, lost (never
-answered), duplicated (answered twice), and at the end checks that the store holds the
-last acknowledged write of every key it wrote.
+and sends every unanswered request again, with its id: the gateway answers each id once.
+It counts what a user would: answered, lost (never answered), duplicated (answered twice),
+and at the end checks that the store holds the last acknowledged write of every key it
+wrote.
 """
 from __future__ import annotations
 

@@ -147,8 +147,8 @@ class Gateway:
         self.conns: set[_Conn] = set()
         self.stats = {"requests": 0, "retries": 0, "responses": 0, "duplicate_outputs": 0,
                       "unknown_responses": 0, "clients": 0, "refused_clients": 0,
-                      "peak_connections": 0, "idle_closed": 0, "slow_dropped": 0, "busy": 0, "not_delivered": 0,
-                      "pruned": 0}
+                      "peak_connections": 0, "idle_closed": 0, "slow_dropped": 0,
+                      "busy": 0, "not_delivered": 0, "pruned": 0}
         self._nonce = secrets.token_hex(8)
         self._conn_numbers = itertools.count(1)
         self._queue: queue.Queue = queue.Queue(maxsize=limits.produce_queue)
