@@ -252,3 +252,23 @@ def test_an_unexpected_error_is_one_line_and_exit_2(monkeypatch, capsys):
     assert cli.main(["run", "hello"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["kvmrr: error: unexpected ZeroDivisionError: division by zero"]
+
+
+@pytest.mark.kafka
+def test_inspect_reads_a_log_on_kafka(kafka, archive):
+    """inspect --log kafka://... says what the file archive of the same recording says."""
+    import json
+    url = f"kafka://{kafka.split(',')[0]}/inspect{os.getpid()}"
+    _, rec = _run(["record", "hello", "--log", url, "--quiet"])
+    assert rec.returncode == 0, rec.stderr
+    _, proc = _run(["inspect", "--log", url, "--json"])
+    assert proc.returncode == 0, proc.stderr
+    on_kafka = json.loads(proc.stdout)
+    _, proc = _run(["inspect", "--log", f"file:{archive}", "--json"])
+    in_file = json.loads(proc.stdout)
+    assert on_kafka["events_by_kind"] == in_file["events_by_kind"]
+    assert on_kafka["last_icount"] == in_file["last_icount"]
+    assert len(on_kafka["snapshots"]) == 1 and on_kafka["snapshots"][0]["bytes"] > 0
+    assert on_kafka["snapshots"][0]["state_hash"] == in_file["snapshots"][0]["state_hash"]
+    _, proc = _run(["inspect", url])
+    assert proc.returncode == 0 and "guest hello" in proc.stdout
