@@ -89,3 +89,52 @@ def test_topics_get_their_retention_and_batch_limits(kafka):
         for key, value in settings.items():
             assert got[key].value == value, (kind, key)
 
+
+
+def test_inputs_wait_while_too_many_responses_are_held():
+    """KafkaInputs feeds no request into the NIC while the sink holds MAX_HELD responses."""
+    import threading
+    import time
+
+    from recorder import kafka_sink, service
+
+    class Msg:
+        def error(self):
+            return None
+
+        def value(self):
+            return b"r1 GET k"
+
+        def offset(self):
+            return 0
+
+    class Consumer:
+        def __init__(self):
+            self.given = False
+
+        def poll(self, timeout):
+            if self.given:
+                time.sleep(timeout)
+                return None
+            self.given = True
+            return Msg()
+
+    pushed = []
+    machine = type("M", (), {"nic_push": lambda self, p: pushed.append(p) or True})()
+    sink = kafka_sink.KafkaSink.__new__(kafka_sink.KafkaSink)
+    sink._held = [None] * kafka_sink.MAX_HELD
+    inputs = service.KafkaInputs.__new__(service.KafkaInputs)
+    inputs.consumer, inputs.held_back = Consumer(), sink.held_back
+    inputs._pushed, inputs._lock, inputs._stop = deque(), threading.Lock(), threading.Event()
+    inputs.consumed = 0
+    t = threading.Thread(target=inputs._feed, args=(machine,), daemon=True)
+    t.start()
+    time.sleep(0.3)
+    assert pushed == []
+    sink._held.pop()
+    deadline = time.monotonic() + 5
+    while not pushed and time.monotonic() < deadline:
+        time.sleep(0.01)
+    inputs._stop.set()
+    t.join(5)
+    assert pushed == [b"r1 GET k"]
