@@ -525,7 +525,7 @@ def _record_opts(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checksum-every", type=_count(1000, MAX_ICOUNT, zero="never"),
                    default=1_000_000, metavar="N",
                    help="a state checksum in the log every N instructions (0: never)")
-    p.add_argument("--snapshot-every", type=_count(100_000, MAX_ICOUNT, zero="never"),
+    p.add_argument("--snapshot-every", type=_count(10_000, MAX_ICOUNT, zero="never"),
                    default=0, metavar="N",
                    help="also snapshot every N instructions (0: only at the start)")
     p.add_argument("--heartbeat-ms", type=_count(1, 60_000), default=100, metavar="MS",
