@@ -144,7 +144,7 @@ def _record(bootstrap: str, vm: str, guest_name: str, *, bootargs: str = "",
     from recorder.pacing import DEFAULT_MAX_LAG_MS, pacer_for
     guest = load_guest(guest_name)
     counter, _ = best_counter()
-    sink = _instrumented_sink()(bootstrap, vm)
+    sink = _instrumented_sink()(bootstrap, vm, latency_samples=None)   # every slice, in order
     pacer = pacer_for(bootstrap, vm, DEFAULT_MAX_LAG_MS)    # as `kvmrr record` does
     session = RecordSession(guest, sink, counter=counter, vm_id=vm, bootargs=bootargs,
                             max_instructions=max_instructions, checksum_every=1_000_000,

@@ -1,11 +1,13 @@
 """A kvstore client over the gateway that never gives up on a request, and checks what it
 got: used by `make run`, the fault-tolerance tests and the benchmark.
 
-Requests are seeded (recorder.loadgen.KvLoad), with ids `<name>-<n>`.  When the
-connection breaks it reconnects and sends every unanswered request again, with its id: the
-gateway answers each id once.  It counts what a user would: answered, lost (never
-answered), duplicated (answered twice), and at the end checks that the store holds the
-last acknowledged write of every key it wrote.
+Requests are seeded (recorder.loadgen.KvLoad), with ids `<name>-<n>`.  Each connection
+starts with `HELLO <name>` (or `HELLO <token>` for a gateway with a tokens file), so the
+gateway knows the client again after a reconnect.  When the connection breaks it reconnects
+and sends every unanswered request again, with its id: the gateway answers each id once.
+It counts what a user would: answered, lost (never answered), duplicated (answered twice),
+and at the end checks that the store holds the last acknowledged write of every key it
+wrote.
 """
 from __future__ import annotations
 
@@ -36,9 +38,11 @@ class ClientReport:
 
 class KvClient:
     def __init__(self, host: str, port: int, *, name: str = "c", seed: int = 1,
-                 keys: int = 32):
+                 keys: int = 32, token: str | None = None):
         self.addr = (host, port)
         self.name = name
+        self.hello = f"HELLO {token or name}\n".encode()
+        self.hello_refused: bytes | None = None
         self._gen = KvLoad(seed=seed, rate_hz=1.0, keys=keys)
         self._lock = threading.Lock()
         self._sock: socket.socket | None = None
@@ -71,7 +75,7 @@ class KvClient:
         self._reader.start()
         if resend:
             self.reconnects += 1
-            self._write(s, b"".join(line + b"\n" for line in resend))
+        self._write(s, self.hello + b"".join(line + b"\n" for line in resend))
         return s
 
     def _drop(self, s: socket.socket) -> None:
@@ -105,6 +109,10 @@ class KvClient:
                 self._answer(line)
 
     def _answer(self, line: bytes) -> None:
+        if line.startswith(b"HELLO "):
+            if line != b"HELLO OK":
+                self.hello_refused = line
+            return
         rid = line.split(b" ", 1)[0].decode("ascii", "replace")
         now = time.monotonic()
         with self._lock:

@@ -20,6 +20,7 @@ import uuid
 from pathlib import Path
 
 from harness.client import KvClient
+from kvmrr_log.client_ids import declared_scope, scoped_request_id
 from kvmrr_log.kafka import ensure_topics
 from harness.logstats import log_bytes, released_outputs, released_seqs
 from kvmrr_log.paths import REPO
@@ -194,9 +195,11 @@ class FtCluster:
         if live is None:
             return None
         released = live.last("live")["released_seq"]
-        new_ids = {_request_id(o["data"]) for o in released_outputs(self.bootstrap, self.vm)
-                   if o["seq"] > released}
-        times = [a for rid, (_, a) in client.answer_times().items() if rid in new_ids]
+        new_ids = {o["data"].split(b" ", 1)[0]
+                   for o in released_outputs(self.bootstrap, self.vm) if o["seq"] > released}
+        scope = declared_scope(client.name)     # the gateway's ids for this client's
+        times = [a for rid, (_, a) in client.answer_times().items()
+                 if scoped_request_id(scope, rid.encode()) in new_ids]
         return round(min(times) - t_kill, 3) if times else None
 
     # -- the end ----------------------------------------------------------------------------
@@ -250,6 +253,3 @@ class FtCluster:
         for n in self.nodes.values():
             n.kill()
 
-
-def _request_id(data: bytes) -> str:
-    return data.split(b" ", 1)[0].decode("ascii", "replace")

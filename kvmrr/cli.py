@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import re
 import sys
 from collections import Counter
 from pathlib import Path
@@ -12,6 +14,7 @@ from kvmrr_log.guest_images import load_guest
 from kvmrr_log.percentiles import percentile_ms
 from kvmrr_log.kafka import FencedError, KafkaLogError
 from kvmrr_log.urls import FileLog, LogUrlError, parse_log_url
+from kvmrr.gateway import Limits
 from recorder.archive_sink import ArchiveSink
 from recorder.loadgen import KvLoad
 from recorder.pacing import DEFAULT_MAX_LAG_MS, pacer_for
@@ -29,6 +32,108 @@ class UsageError(Exception):
     pass
 
 
+# -- option values: every one range-checked at parse time (exit 2, one line) --------------
+MAX_ICOUNT = 1 << 62          # instruction counts: the core's are 64-bit
+LEGAL_ID = re.compile(r"[A-Za-z0-9._-]+")   # Kafka's topic characters (VM and backup ids)
+VM_ID_MAX = 200               # kvmrr.<vm>.succession within Kafka's 249
+BACKUP_ID_MAX = 64
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argparse parser whose errors are one line, `kvmrr: error: ...`, exit 2."""
+
+    def error(self, message: str):
+        first = message.splitlines()[0] if message else "bad arguments"
+        self.exit(EXIT_BAD_INPUT, f"kvmrr: error: {first} (see {self.prog} --help)\n")
+
+
+def _number(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
+def _fmt(n: int) -> str:
+    return f"2^{n.bit_length() - 1}" if n >= 1 << 32 and n & (n - 1) == 0 else str(n)
+
+
+def _count(lo: int, hi: int, *, zero: str | None = None):
+    """A whole number in lo..hi (1e6 is accepted as 1000000); zero: what 0 means, when 0
+    is allowed besides lo..hi."""
+    def parse(text: str) -> int:
+        t = text.strip()
+        try:
+            value = int(t, 10)
+        except ValueError:
+            f = _number(t)
+            if f != int(f):
+                raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+            value = int(f)
+        if value == 0 and zero is not None:
+            return 0
+        if not lo <= value <= hi:
+            also = f", or 0 for {zero}" if zero is not None else ""
+            raise argparse.ArgumentTypeError(f"{text} is out of range {lo}..{_fmt(hi)}"
+                                             f"{also}")
+        return value
+    return parse
+
+
+def _real(lo: float, hi: float, *, above: bool = False):
+    """A finite number in lo..hi (above: lo itself excluded)."""
+    def parse(text: str) -> float:
+        value = _number(text)
+        if value < lo or (above and value == lo) or value > hi:
+            low = f"above {lo:g}" if above else f"at least {lo:g}"
+            raise argparse.ArgumentTypeError(f"{text} is out of range: {low} and at most "
+                                             f"{hi:g}")
+        return value
+    return parse
+
+
+def _ident(what: str, max_len: int):
+    def parse(text: str) -> str:
+        if not text or len(text) > max_len or not LEGAL_ID.fullmatch(text):
+            raise argparse.ArgumentTypeError(
+                f"{what} {text!r} must be 1..{max_len} characters of A-Z a-z 0-9 . _ -")
+        return text
+    return parse
+
+
+def _nonempty(what: str, max_len: int = 4096):
+    def parse(text: str) -> str:
+        if not text.strip() or len(text) > max_len or "\0" in text:
+            raise argparse.ArgumentTypeError(f"{what} {text!r} must be 1..{max_len} "
+                                             "characters")
+        return text
+    return parse
+
+
+def _listen(text: str) -> tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r}: use HOST:PORT, PORT 0..65535")
+    return host.strip("[]"), int(port)
+
+
+def _commit(text: str) -> str:
+    from recorder.service import CommitPolicy
+    try:
+        policy = CommitPolicy.parse(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if policy.backups > 16:
+        raise argparse.ArgumentTypeError(f"{text!r}: at most backups:16")
+    return text
+
+
+PORT = _count(1, 65535, zero="none")
+
+
 def _console(quiet: bool, to_stderr: bool):
     out = sys.stderr if to_stderr else sys.stdout
 
@@ -37,13 +142,6 @@ def _console(quiet: bool, to_stderr: bool):
             out.write(ev["data"].decode("utf-8", "replace"))
             out.flush()
     return show
-
-
-def _file_only(url: str) -> FileLog:
-    log = parse_log_url(url)
-    if not isinstance(log, FileLog):
-        raise UsageError("kafka:// logs need the Kafka log support (issue 3); use file:PATH")
-    return log
 
 
 def _load(args) -> KvLoad | None:
@@ -88,7 +186,7 @@ def cmd_run(args, log=None) -> int:
         sink = KafkaSink(log.bootstrap, log.vm_id, serve=args.serve,
                          policy=_policy(args.commit))
         if args.serve:
-            inputs = KafkaInputs(log.bootstrap, log.vm_id)
+            inputs = KafkaInputs(log.bootstrap, log.vm_id, held_back=sink.held_back)
         pacer = pacer_for(log.bootstrap, log.vm_id, args.max_backup_lag_ms)
         session_kwargs["vm_id"] = log.vm_id
         session = RecordSession(guest, sink, heartbeat_every_ns=args.heartbeat_ms * 1_000_000,
@@ -270,24 +368,43 @@ def cmd_follow(args) -> int:
 def cmd_gateway(args) -> int:
     import asyncio
 
-    from kvmrr.gateway import Gateway
+    from kvmrr.gateway import DeclaredNames, Gateway, TokenFile
     from kvmrr.logsetup import configure
     log = parse_log_url(args.log)
     if isinstance(log, FileLog):
         raise UsageError("the gateway serves a VM on Kafka: --log kafka://HOST:PORT/VM")
-    host, _, port = args.listen.rpartition(":")
-    if not host or not port.isdigit():
-        raise UsageError(f"--listen {args.listen!r}: use HOST:PORT")
+    host, port = args.listen
+    try:
+        identity = TokenFile(args.tokens) if args.tokens else DeclaredNames()
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    limits = Limits(max_clients=args.max_clients, idle_timeout_s=args.idle_timeout,
+                    max_pending=args.max_pending, retry_window_s=args.retry_window,
+                    max_answers=args.max_answers)
+    _room_for_connections(limits.max_clients)
     configure()
-    gw = Gateway(log.bootstrap, log.vm_id)
+    gw = Gateway(log.bootstrap, log.vm_id, limits=limits, identity=identity)
 
     def ready(bound: int) -> None:
         print(f"kvmrr gateway: listening on {host}:{bound} for VM {log.vm_id}", flush=True)
     try:
-        asyncio.run(gw.serve(host, int(port), ready))
+        asyncio.run(gw.serve(host, port, ready))
     except KeyboardInterrupt:
         pass
     return 0
+
+
+def _room_for_connections(n: int) -> None:
+    """Raise the soft limit on open files so that n connections (and Kafka's) fit."""
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = n + 256
+    if soft != resource.RLIM_INFINITY and soft < want:
+        new = want if hard == resource.RLIM_INFINITY else min(want, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+        if new < want:
+            raise UsageError(f"--max-clients {n} needs {want} open files; the hard limit "
+                             f"is {hard}")
 
 
 def cmd_archive(args) -> int:
@@ -304,16 +421,57 @@ def cmd_archive(args) -> int:
     return 0
 
 
+def _inspect_log(args) -> str:
+    """`inspect --log LOG`, or the older `inspect LOG`."""
+    if args.log and args.log_arg and args.log != args.log_arg:
+        raise UsageError(f"two logs given ({args.log_arg} and --log {args.log}): give one")
+    url = args.log or args.log_arg
+    if not url:
+        raise UsageError("inspect needs a log: --log file:PATH.avro or kafka://HOST:PORT/VM")
+    return url
+
+
+def _kafka_records(log):
+    """A log on Kafka as inspect reads it: its header, then its snapshots (what they are,
+    not their memory), then its committed records up to the current end."""
+    from kvmrr_log.kafka import topics
+    from kvmrr_log.topic_reader import LogTopicReader, read_header
+    header = read_header(log.bootstrap, log.vm_id)
+
+    def records():
+        for topic in (topics(log.vm_id).snapshots, topics(log.vm_id).log):
+            reader = LogTopicReader(log.bootstrap, log.vm_id, topic)
+            size = 0
+            try:
+                for rec, _ in reader.records(0):
+                    if rec["kind"] != "Snapshot":
+                        yield rec
+                        continue
+                    size = len(rec["blob"]) + (size if rec["chunk"] else 0)
+                    if rec["chunk"] == rec["chunks"] - 1:
+                        yield dict(rec, blob=b"", bytes=size)
+            finally:
+                reader.close()
+    return header, records()
+
+
 def cmd_inspect(args) -> int:
-    log = _file_only(args.log)
-    header, records = read_archive(log.path)
+    url = _inspect_log(args)
+    log = parse_log_url(url)
+    if isinstance(log, FileLog):
+        header, records = read_archive(log.path)
+        name, size = str(log.path), log.path.stat().st_size
+    else:
+        header, records = _kafka_records(log)
+        name, size = url, None
     kinds: Counter[str] = Counter()
     snapshots, batches, last_icount = [], 0, 0
     events_out = []
     for rec in records:
         if rec["kind"] == "Snapshot":
             snapshots.append({"icount": rec["icount"], "next_seq": rec["next_seq"],
-                              "bytes": len(rec["blob"]), "state_hash": rec["state_hash"]})
+                              "bytes": rec.get("bytes", len(rec["blob"])),
+                              "state_hash": rec["state_hash"]})
         elif rec["kind"] == "EventBatch":
             batches += 1
             for i, ev in enumerate(rec["events"]):
@@ -326,13 +484,13 @@ def cmd_inspect(args) -> int:
     hdr = {k: v for k, v in header.items() if k != "kind"}
     summary = {"header": hdr, "snapshots": snapshots, "batches": batches,
                "events_by_kind": dict(kinds), "events": sum(kinds.values()),
-               "last_icount": last_icount, "log_bytes": log.path.stat().st_size}
+               "last_icount": last_icount, "log_bytes": size}
     if args.json:
         if args.events:
             summary["event_list"] = events_out
         print(json.dumps(summary, sort_keys=True))
         return 0
-    print(f"{log.path}: guest {header['guest_name']} (sha256 {header['guest_sha256'][:16]}…), "
+    print(f"{name}: guest {header['guest_name']} (sha256 {header['guest_sha256'][:16]}…), "
           f"vm {header['vm_id']}, counter {header['counter']}")
     print(f"  icount: {header['icount_semantics']}")
     print(f"  {len(snapshots)} snapshot(s) at icount "
@@ -350,108 +508,142 @@ def cmd_demo(args) -> int:
     return run_demo(args)
 
 
-def _guest_opts(p: argparse.ArgumentParser) -> None:
+def _mode_opt(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mode", default="auto", choices=("auto", "fast", "step"),
                    help="instruction counter (auto: the best exact one here)")
-    p.add_argument("--max-instructions", type=int, default=None, metavar="N")
-    p.add_argument("--seconds", type=float, default=None, metavar="S",
-                   help="stop after S seconds of wall-clock time")
-    p.add_argument("--bootargs", default="", help="key=value ... passed to the guest")
-    p.add_argument("--vm", default="vm0", help="VM id")
-    p.add_argument("--load", type=float, default=None, metavar="RATE",
-                   help="built-in kvstore client: requests/s (default 200 for kvstore)")
-    p.add_argument("--seed", type=int, default=1, help="seed of the built-in client")
-    p.add_argument("--checksum-every", type=int, default=1_000_000, metavar="N")
-    p.add_argument("--snapshot-every", type=int, default=0, metavar="N",
-                   help="also snapshot every N instructions")
-    p.add_argument("--compression", default="deflate", choices=("deflate", "null"))
-    p.add_argument("--heartbeat-ms", type=int, default=100,
-                   help="kafka logs: a heartbeat every this many ms")
-    p.add_argument("--metrics-port", type=int, default=0,
-                   help="kafka logs: Prometheus on 127.0.0.1:PORT")
-    _service_opts(p)
+
+
+def _output_opts(p: argparse.ArgumentParser, quiet_help: str = "do not show the guest console"
+                 ) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object at the end")
-    p.add_argument("--quiet", action="store_true", help="do not show the guest console")
+    p.add_argument("--quiet", action="store_true", help=quiet_help)
 
 
-def _service_opts(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--txn-ms", type=float, default=10.0, metavar="MS",
+def _record_opts(p: argparse.ArgumentParser) -> None:
+    """What a recording takes, as a primary from the start or after a takeover."""
+    p.add_argument("--max-instructions", type=_count(1, MAX_ICOUNT), default=None,
+                   metavar="N", help="stop at N instructions")
+    p.add_argument("--checksum-every", type=_count(1000, MAX_ICOUNT, zero="never"),
+                   default=1_000_000, metavar="N",
+                   help="a state checksum in the log every N instructions (0: never)")
+    p.add_argument("--snapshot-every", type=_count(10_000, MAX_ICOUNT, zero="never"),
+                   default=0, metavar="N",
+                   help="also snapshot every N instructions (0: only at the start)")
+    p.add_argument("--heartbeat-ms", type=_count(1, 60_000), default=100, metavar="MS",
+                   help="kafka logs: a heartbeat every this many ms")
+    p.add_argument("--txn-ms", type=_real(0.1, 60_000), default=10.0, metavar="MS",
                    help="kafka logs: the recorder publishes (one transaction) every MS ms")
     p.add_argument("--serve", action="store_true",
                    help="kafka logs: take requests from kvmrr.<vm>.in and release responses "
                         "to kvmrr.<vm>.out (as the new primary, for a backup)")
-    p.add_argument("--commit", default="log", metavar="POLICY",
+    p.add_argument("--commit", type=_commit, default="log", metavar="POLICY",
                    help="when a response may leave: 'log' (its log is committed) or "
-                        "'backups:N' (and N backups acked receiving it)")
-    p.add_argument("--max-backup-lag-ms", type=float, default=DEFAULT_MAX_LAG_MS, metavar="MS",
+                        "'backups:N' (and N backups acked receiving it), N 1..16")
+    p.add_argument("--max-backup-lag-ms", type=_real(0, 3_600_000), default=DEFAULT_MAX_LAG_MS,
+                   metavar="MS",
                    help="kafka logs: slow the guest down while the most advanced backup "
                         "is more than MS ms of its progress behind (0: never)")
+    p.add_argument("--metrics-port", type=PORT, default=0, metavar="PORT",
+                   help="kafka logs: Prometheus on 127.0.0.1:PORT (0: none)")
+
+
+def _guest_opts(p: argparse.ArgumentParser) -> None:
+    _mode_opt(p)
+    p.add_argument("--seconds", type=_real(0, 10_000_000, above=True), default=None,
+                   metavar="S", help="stop after S seconds of wall-clock time")
+    p.add_argument("--bootargs", default="", help="key=value ... passed to the guest")
+    p.add_argument("--vm", type=_ident("VM id", VM_ID_MAX), default="vm0", help="VM id")
+    p.add_argument("--load", type=_real(0, 100_000), default=None, metavar="RATE",
+                   help="built-in kvstore client: requests/s, at most 100000 (default 200 "
+                        "for kvstore; 0: none)")
+    p.add_argument("--seed", type=_count(0, 1 << 62), default=1,
+                   help="seed of the built-in client")
+    p.add_argument("--compression", default="deflate", choices=("deflate", "null"))
+    _record_opts(p)
+    _output_opts(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="kvmrr", description=__doc__)
+    ap = _Parser(prog="kvmrr", description=__doc__)
     sub = ap.add_subparsers(dest="verb", required=True)
+    guest = _nonempty("guest")
+    log_url = _nonempty("log")
     p = sub.add_parser("run", help="run a guest, recording nothing")
-    p.add_argument("guest", help="hello, ticks, kvstore or a path to an ELF")
+    p.add_argument("guest", type=guest, help="hello, ticks, kvstore or a path to an ELF")
     _guest_opts(p)
     p.set_defaults(fn=cmd_run)
     p = sub.add_parser("record", help="run a guest and record its log")
-    p.add_argument("guest")
-    p.add_argument("--log", required=True, help="file:PATH.avro or kafka://HOST:PORT/VM")
+    p.add_argument("guest", type=guest)
+    p.add_argument("--log", type=log_url, required=True,
+                   help="file:PATH.avro or kafka://HOST:PORT/VM")
     _guest_opts(p)
     p.set_defaults(fn=cmd_record)
     p = sub.add_parser("replay", help="replay a log and verify it against the record")
-    p.add_argument("--log", required=True, help="file:PATH.avro or kafka://HOST:PORT/VM")
-    p.add_argument("--mode", default="auto", choices=("auto", "fast", "step"))
-    p.add_argument("--until", type=int, default=None, metavar="ICOUNT",
+    p.add_argument("--log", type=log_url, required=True,
+                   help="file:PATH.avro or kafka://HOST:PORT/VM")
+    _mode_opt(p)
+    p.add_argument("--until", type=_count(0, MAX_ICOUNT), default=None, metavar="ICOUNT",
                    help="stop exactly at this instruction count")
     p.add_argument("--dump", choices=("regs",), default=None)
     p.add_argument("--start", choices=("first", "latest"), default="first",
                    help="snapshot to start from (latest: the last one before --until)")
-    p.add_argument("--guest", default=None, help="guest image to use instead of the built-in")
-    p.add_argument("--json", action="store_true")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--guest", type=guest, default=None,
+                   help="guest image to use instead of the built-in")
+    _output_opts(p)
     p.set_defaults(fn=cmd_replay)
     p = sub.add_parser("follow", help="a backup: follow a live log on Kafka and replay it")
-    p.add_argument("--log", required=True, help="kafka://HOST:PORT/VM")
-    p.add_argument("--backup-id", required=True)
-    p.add_argument("--mode", default="auto", choices=("auto", "fast", "step"))
+    p.add_argument("--log", type=log_url, required=True, help="kafka://HOST:PORT/VM")
+    p.add_argument("--backup-id", type=_ident("backup id", BACKUP_ID_MAX), required=True)
+    _mode_opt(p)
     p.add_argument("--start", choices=("first", "latest"), default="latest")
-    p.add_argument("--idle-timeout", type=float, default=30.0, metavar="S",
-                   help="give up after S seconds without a new record")
-    p.add_argument("--metrics-port", type=int, default=0, help="Prometheus on 127.0.0.1:PORT")
-    p.add_argument("--failover-timeout", type=float, default=0.0, metavar="S",
+    p.add_argument("--idle-timeout", type=_real(0, 10_000_000, above=True), default=30.0,
+                   metavar="S", help="give up after S seconds without a new record")
+    p.add_argument("--failover-timeout", type=_real(0, 3600), default=0.0, metavar="S",
                    help="take over when the primary is silent for S seconds (0: never)")
-    p.add_argument("--max-instructions", type=int, default=None, metavar="N",
-                   help="as the new primary: stop at N")
-    p.add_argument("--checksum-every", type=int, default=1_000_000, metavar="N")
-    p.add_argument("--snapshot-every", type=int, default=0, metavar="N")
-    p.add_argument("--heartbeat-ms", type=int, default=100)
-    _service_opts(p)
-    p.add_argument("--guest", default=None)
-    p.add_argument("--json", action="store_true")
-    p.add_argument("--quiet", action="store_true")
+    _record_opts(p)
+    p.add_argument("--guest", type=guest, default=None)
+    _output_opts(p)
     p.set_defaults(fn=cmd_follow)
     p = sub.add_parser("gateway", help="TCP clients in front of a served VM: one request "
                                        "per line, one response per request")
-    p.add_argument("--log", required=True, help="kafka://HOST:PORT/VM")
-    p.add_argument("--listen", default="127.0.0.1:7070", help="HOST:PORT (port 0: any)")
+    p.add_argument("--log", type=log_url, required=True, help="kafka://HOST:PORT/VM")
+    p.add_argument("--listen", type=_listen, default="127.0.0.1:7070",
+                   help="HOST:PORT (port 0: any)")
+    p.add_argument("--tokens", type=_nonempty("tokens file"), default=None, metavar="FILE",
+                   help="clients must say HELLO <token>; FILE has '<name> <token>' lines, "
+                        "mode 600 (without it: HELLO <name>, unauthenticated)")
+    d = Limits()
+    p.add_argument("--max-clients", type=_count(1, 100_000), default=d.max_clients,
+                   metavar="N", help="open connections at most")
+    p.add_argument("--idle-timeout", type=_real(0, 86_400, above=True),
+                   default=d.idle_timeout_s, metavar="S",
+                   help="close a connection silent for S seconds with nothing pending")
+    p.add_argument("--max-pending", type=_count(1, 100_000), default=d.max_pending,
+                   metavar="N", help="unanswered requests per connection at most")
+    p.add_argument("--retry-window", type=_real(1, 7 * 86_400), default=d.retry_window_s,
+                   metavar="S", help="a retry within S seconds gets the stored answer")
+    p.add_argument("--max-answers", type=_count(1, 10_000_000), default=d.max_answers,
+                   metavar="N", help="request ids and answers kept, at most N of each")
     p.set_defaults(fn=cmd_gateway)
     p = sub.add_parser("archive", help="export a log on Kafka to an Avro archive")
-    p.add_argument("--log", required=True, help="kafka://HOST:PORT/VM")
-    p.add_argument("-o", "--output", required=True, help="PATH.avro")
+    p.add_argument("--log", type=log_url, required=True, help="kafka://HOST:PORT/VM")
+    p.add_argument("-o", "--output", type=_nonempty("output"), required=True,
+                   help="PATH.avro")
     p.add_argument("--start", choices=("first", "latest"), default="first")
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=cmd_archive)
     p = sub.add_parser("inspect", help="show a log's header and event counts")
-    p.add_argument("log", help="file:PATH.avro")
+    p.add_argument("log_arg", nargs="?", type=log_url, default=None, metavar="LOG",
+                   help="the log, as --log (the older form)")
+    p.add_argument("--log", type=log_url, default=None,
+                   help="file:PATH.avro or kafka://HOST:PORT/VM")
     p.add_argument("--events", action="store_true", help="list the events themselves")
-    p.add_argument("--json", action="store_true")
-    p.add_argument("--quiet", action="store_true", help="(accepted for symmetry)")
+    _output_opts(p, quiet_help="(accepted for symmetry)")
     p.set_defaults(fn=cmd_inspect)
     p = sub.add_parser("demo", help="the main job (make run)")
-    p.add_argument("--workdir", default="build/demo")
-    p.add_argument("--compose", default=None, metavar="ENV_FILE",
+    p.add_argument("--workdir", type=_nonempty("workdir"), default="build/demo")
+    p.add_argument("--compose", type=_nonempty("compose env file"), default=None,
+                   metavar="ENV_FILE",
                    help="run it against the docker-compose cluster configured by ENV_FILE "
                         "(compose/.env; make compose-demo)")
     p.set_defaults(fn=cmd_demo)
@@ -459,8 +651,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Exit codes: 0 done, 1 a divergence, 3 fenced, 2 anything else that went wrong
+    (always one line on stderr, never a traceback), 130 interrupted."""
     try:
+        args = build_parser().parse_args(argv)
         return args.fn(args)
     except FencedError as exc:
         print(f"kvmrr: {exc}", file=sys.stderr)
@@ -471,12 +665,20 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_DIVERGED
     except (KvmrrError, ReplayError, LogFormatError, LogUrlError, UsageError, KafkaLogError,
             OSError) as exc:
-        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        print(f"kvmrr: error: {msg}", file=sys.stderr)
+        print(f"kvmrr: error: {_one_line(exc)}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("kvmrr: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:      # a bug, or input nobody foresaw: still one line
+        print(f"kvmrr: error: unexpected {type(exc).__name__}: {_one_line(exc)}",
+              file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:500] if text else type(exc).__name__
 
 
 if __name__ == "__main__":

@@ -93,25 +93,44 @@ def cluster_size(admin: AdminClient, bootstrap: str) -> int:
     return len(md.brokers)
 
 
+HOUR_MS = 3_600_000
+MIB = 1 << 20
+LOG_MESSAGE_BYTES = 2 * MIB        # = the recorder producer's message.max.bytes
+# What Kafka keeps of each topic, and the largest record batch it takes (docs/limits.md).
+# The log, its snapshots and the released responses are kept for good: a replay from icount
+# 0 needs the first snapshot and every batch, and a new primary finds what was released at
+# the end of .out (retention would empty it).  Trimming them is an operator's act
+# (`kvmrr archive`, then delete the VM's topics).  Acks matter only while fresh, requests
+# once consumed (the log records how far): they expire, in segments small enough to go.
+TOPIC_SETTINGS: dict[str, dict[str, str]] = {
+    "log": {"retention.ms": "-1", "retention.bytes": "-1",
+            "max.message.bytes": str(LOG_MESSAGE_BYTES)},
+    "snapshots": {"retention.ms": "-1", "retention.bytes": "-1",
+                  "max.message.bytes": str(LOG_MESSAGE_BYTES)},  # 512 KiB chunks
+    "acks": {"retention.ms": str(HOUR_MS), "retention.bytes": "-1",
+             "segment.ms": str(HOUR_MS // 6), "max.message.bytes": str(MIB)},
+    "inputs": {"retention.ms": str(7 * 24 * HOUR_MS), "retention.bytes": "-1",
+               "segment.ms": str(HOUR_MS), "max.message.bytes": str(MIB)},
+    "outputs": {"retention.ms": "-1", "retention.bytes": "-1",
+                "max.message.bytes": str(MIB)},
+    "succession": {"retention.ms": "-1", "retention.bytes": "-1",
+                   "max.message.bytes": str(64 * 1024)},     # it holds no messages
+}
+
+
 def ensure_topics(bootstrap: str, vm: str) -> Topics:
-    """Create the VM's topics if missing: one partition for the log (total order);
-    replication 3 and min ISR 2 on a cluster of three or more, 1 and 1 on a single node."""
+    """Create the VM's topics if missing: one partition each (total order); replication 3
+    and min ISR 2 on a cluster of three or more, 1 and 1 on a single node; retention and
+    the largest batch per TOPIC_SETTINGS.  Topics that exist are left as they are."""
     admin = admin_client(bootstrap)
     brokers = cluster_size(admin, bootstrap)
     rf = min(3, brokers)
     min_isr = 2 if rf >= 3 else 1
     t = topics(vm)
     existing = set(admin.list_topics(timeout=CONNECT_TIMEOUT_S).topics)
-    common = {"min.insync.replicas": str(min_isr), "retention.ms": "-1",
-              "retention.bytes": "-1", "unclean.leader.election.enable": "false"}
-    wanted = [
-        NewTopic(t.log, 1, rf, config=common),
-        NewTopic(t.snapshots, 1, rf, config=dict(common, **{"max.message.bytes": str(2 << 20)})),
-        NewTopic(t.acks, 1, rf, config=common),
-        NewTopic(t.inputs, 1, rf, config=common),
-        NewTopic(t.outputs, 1, rf, config=common),
-        NewTopic(t.succession, 1, rf, config=common),
-    ]
+    common = {"min.insync.replicas": str(min_isr), "unclean.leader.election.enable": "false"}
+    wanted = [NewTopic(getattr(t, kind), 1, rf, config=dict(common, **settings))
+              for kind, settings in TOPIC_SETTINGS.items()]
     missing = [nt for nt in wanted if nt.topic not in existing]
     if missing:
         for name, fut in admin.create_topics(missing, operation_timeout=20).items():

@@ -156,8 +156,12 @@ def read_header(bootstrap: str, vm: str, timeout: float = 15.0) -> dict:
         reader.close()
 
 
-def read_snapshots(bootstrap: str, vm: str, timeout: float = 15.0) -> list[dict]:
-    """Every complete snapshot committed so far, joined, in log order."""
+def read_snapshots(bootstrap: str, vm: str, timeout: float = 15.0, *,
+                   start: str | None = None, until: int | None = None) -> list[dict]:
+    """The complete snapshots committed so far, joined, in log order: every one, or with
+    start ("first" or "latest") only the one a replay from there would choose (the first,
+    or the last at or before icount until), so that a long log's snapshots are not all
+    held in memory at once."""
     reader = LogTopicReader(bootstrap, vm, topics(vm).snapshots)
     snaps, chunks = [], []
     try:
@@ -178,7 +182,12 @@ def read_snapshots(bootstrap: str, vm: str, timeout: float = 15.0) -> list[dict]
             chunks.append(record)
             if len(chunks) == record["chunks"]:
                 try:
-                    snaps.append(join_snapshot(chunks))
+                    snap = join_snapshot(chunks)
+                    if start is None:
+                        snaps.append(snap)
+                    elif until is None or snap["icount"] <= until:
+                        if start == "latest" or not snaps:
+                            snaps[:] = [snap]
                 except LogFormatError as exc:
                     raise KafkaLogError(f"{reader.topic} offset {offset}: {exc}") from None
                 chunks = []

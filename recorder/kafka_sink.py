@@ -22,9 +22,11 @@ import warnings
 
 from confluent_kafka import KafkaError, KafkaException, Producer
 
-from kvmrr_log.kafka import (SNAPSHOT_CHUNK_BYTES, WRITER_HEADER, FencedError, KafkaLogError,
-                            client_conf, ensure_topics, recorder_transactional_ids, topics,
-                            transactional_id, watermarks)
+from kvmrr_log.kafka import (LOG_MESSAGE_BYTES, SNAPSHOT_CHUNK_BYTES, WRITER_HEADER,
+                             FencedError, KafkaLogError, client_conf, ensure_topics,
+                             recorder_transactional_ids, topics, transactional_id,
+                             watermarks)
+from kvmrr_log.reservoir import DEFAULT_SIZE, Reservoir
 from recorder import metrics
 from recorder.service import AckWatch, CommitPolicy, released_seq
 from schemas import encode_message, icount_key, split_snapshot
@@ -34,6 +36,7 @@ INIT_TIMEOUT_S = 10.0
 FENCE_ATTEMPT_S = 0.05     # see init_transactional_producer
 RELEASE_POLL_S = 0.005     # backups:N: how often held responses look at the acks
 NIC = 1                    # the output channel of responses
+MAX_HELD = 10_000          # responses held for release before the inputs wait
 
 
 def init_transactional_producer(conf: dict, timeout: float) -> Producer:
@@ -106,16 +109,19 @@ warnings.filterwarnings("ignore", message="Producer abort_transaction failed dur
 class KafkaSink:
     def __init__(self, bootstrap: str, vm: str, *, max_pending: int = 2000,
                  serve: bool = False, policy: CommitPolicy = CommitPolicy(),
-                 takeover: bool = False):
+                 takeover: bool = False, latency_samples: int | None = DEFAULT_SIZE):
         """takeover: the log exists (a backup taking over): skip the topic check, every
-        millisecond here is failover time."""
+        millisecond here is failover time.  latency_samples: the commit and release
+        latencies are a bounded uniform sample of this many (kvmrr_log.reservoir); None
+        keeps every one, in order (benchmarks of a bounded run)."""
         self.bootstrap = bootstrap
         self.vm = vm
         self.topics = topics(vm) if takeover else ensure_topics(bootstrap, vm)
         self.txn_id = transactional_id(vm)       # the writer, in every record's header
         conf = dict(client_conf(bootstrap), **{
             "enable.idempotence": True, "acks": "all",
-            "linger.ms": 1, "transaction.timeout.ms": 60000, "message.max.bytes": 2 << 20,
+            "linger.ms": 1, "transaction.timeout.ms": 60000,
+            "message.max.bytes": LOG_MESSAGE_BYTES,
             "compression.type": "lz4",   # snapshots are mostly zero pages
             "error_cb": self._client_error,
         })
@@ -130,7 +136,8 @@ class KafkaSink:
         t2 = time.monotonic()
         self.serving = serve
         self.policy = policy
-        self._held: list[tuple[float, dict]] = []   # (slice began, Output) not released
+        self._held: list[tuple[float, dict]] = []   # (slice began, Output) not released:
+        # at most about MAX_HELD, as the inputs wait while held_back() (KafkaInputs)
         # after the fence above nothing more reaches .out behind our back: what is there
         # is released for good and must never be released again
         # (docs/ARCHITECTURE.md §6.6)
@@ -139,7 +146,9 @@ class KafkaSink:
                          "log_end": round((t2 - t1) * 1000, 1),
                          "released_seq": round((time.monotonic() - t2) * 1000, 1)}
         self.acks = AckWatch(bootstrap, vm) if serve and policy.backups else None
-        self.output_latencies: list[float] = []     # s, its slice began -> released
+        def latencies():
+            return [] if latency_samples is None else Reservoir(latency_samples)
+        self.output_latencies = latencies()     # s, its slice began -> released
         self._slice_began = time.monotonic()
         self.outputs_released = 0
         self._slice: list[dict] = []
@@ -147,12 +156,17 @@ class KafkaSink:
         self.error: Exception | None = None
         self._last_log_offset = -1   # where the next log message lands is known exactly
                                      # once the previous transaction has committed
-        self.commit_latencies: list[float] = []   # seconds, slice handed over -> committed
+        self.commit_latencies = latencies()   # seconds, slice handed over -> committed
         self.bytes_published = 0
         self.messages = 0
         self._thread = threading.Thread(target=self._publish_loop, name="kvmrr-publisher",
                                          daemon=True)
         self._thread.start()
+
+    def held_back(self) -> bool:
+        """Too many responses wait for their release (backups:N without enough backups
+        acking): the service's inputs should wait, so that they stop growing."""
+        return len(self._held) >= MAX_HELD
 
     def _log_end(self) -> int:
         return max(watermarks(self.bootstrap, self.topics.log)[1], 0)

@@ -21,6 +21,7 @@ DEFAULT_MAX_LAG_MS = 1000.0   # `--max-backup-lag-ms`: about the failover's catc
 PAUSE_MAX_S = 0.02      # per slice: the primary never stops, it only slows down
 LIVE_S = 2.0            # a backup heard from within this long counts
 TRAIL_S = 120.0         # how much of the primary's progress is remembered
+TRAIL_SLICES = 20_000   # ... and at most this many slices of it (2 min of 6 ms slices)
 
 
 class BackupPacer:
@@ -29,7 +30,9 @@ class BackupPacer:
         self.acks = AckWatch(bootstrap, vm)
         self.max_lag_s = max_lag_s
         self.me = me
-        self._trail: deque[tuple[float, int]] = deque()   # (monotonic, icount) per slice
+        # (monotonic, icount) per slice, at most TRAIL_SLICES: with very short slices the
+        # oldest go first, and a lag beyond them reads as shorter than it is
+        self._trail: deque[tuple[float, int]] = deque(maxlen=TRAIL_SLICES)
         self.paused_s = 0.0
         self.lag_s = 0.0        # the last lag seen, for the record's summary
 

@@ -21,6 +21,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass
+from typing import Callable
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
 
@@ -28,6 +29,7 @@ from kvmrr_log.kafka import (WRITER_HEADER, KafkaLogError, client_conf, scan_top
                             transactional_id, watermarks)
 from schemas import LogFormatError, decode_message
 
+MAX_BACKUPS = 64        # backup ids an AckWatch keeps track of
 NIC_MTU = 2048          # KVMRR_NIC_MTU: longer requests are cut to it, as the NIC would
 
 
@@ -52,8 +54,12 @@ class KafkaInputs:
     """The primary's consumer of .in, from start_offset: 0 for a new VM, the position in the
     log for a new primary."""
 
-    def __init__(self, bootstrap: str, vm: str, start_offset: int = 0):
+    def __init__(self, bootstrap: str, vm: str, start_offset: int = 0,
+                 held_back: Callable[[], bool] | None = None):
+        """held_back(): while true, no more requests go into the NIC (the responses
+        already produced cannot leave yet: KafkaSink.held_back)."""
         self.topic = topics(vm).inputs
+        self.held_back = held_back
         self.consumer = Consumer(dict(client_conf(bootstrap), **{
             "group.id": f"kvmrr.{vm}.inputs", "enable.auto.commit": False,
             "isolation.level": "read_committed", "auto.offset.reset": "earliest",
@@ -82,6 +88,9 @@ class KafkaInputs:
                     self.error = msg.error().str()
                 continue
             packet = (msg.value() or b"")[:NIC_MTU]
+            while self.held_back is not None and self.held_back() and \
+                    not self._stop.is_set():
+                time.sleep(0.01)
             while not self._stop.is_set():
                 with self._lock:
                     if machine.nic_push(packet):
@@ -116,6 +125,8 @@ class AckWatch:
         self.consumer.assign([TopicPartition(self.topic, 0, OFFSET_BEGINNING)])
         self.received: dict[str, int] = {}
         self.replayed: dict[str, tuple[int, int]] = {}   # (icount, wall_ns it was sent)
+        # one entry per backup id, at most MAX_BACKUPS: a new id beyond that evicts the
+        # one heard from longest ago (which can only hold outputs back, never release one)
 
     def poll(self) -> None:
         for msg in self.consumer.consume(500, 0):
@@ -127,6 +138,9 @@ class AckWatch:
                 continue      # not ours to judge: the ack only ever holds outputs back
             if ack.get("kind") == "Ack":
                 b = ack["backup_id"]
+                if b not in self.received and len(self.received) >= MAX_BACKUPS:
+                    stale = min(self.replayed, key=lambda k: self.replayed[k][1])
+                    del self.received[stale], self.replayed[stale]
                 self.received[b] = max(self.received.get(b, -1), ack["received_icount"])
                 before = self.replayed.get(b, (-1, 0))[0]
                 self.replayed[b] = (max(before, ack["replayed_icount"]), ack["wall_ns"])

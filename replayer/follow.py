@@ -25,6 +25,7 @@ from schemas import encode_message
 
 ACK_EVERY_S = 0.05
 LAG_LOG_EVERY_S = 1.0
+LAG_SAMPLES = 3600         # one a LAG_LOG_EVERY_S: the last hour
 RECENT_OUTPUTS = 100_000   # replayed responses kept, to find those a takeover must release
 ASK_END_TIMEOUT_S = 5.0    # a live leader answers in milliseconds
 
@@ -50,7 +51,8 @@ class Follower:
         while True:
             try:
                 self.header = read_header(bootstrap, vm)
-                snapshot = choose_snapshot(read_snapshots(bootstrap, vm), start, until)
+                snapshot = choose_snapshot(read_snapshots(bootstrap, vm, start=start,
+                                                          until=until), start, until)
                 break
             except (KafkaLogError, ReplayError):
                 if time.monotonic() >= deadline:
@@ -69,7 +71,8 @@ class Follower:
                                                backup=backup_id or "-")
         self.acks = Producer(dict(client_conf(bootstrap), acks="all")) if backup_id else None
         self._last_ack = self._last_lag_log = 0.0
-        self.lag_samples: list[tuple[float, int, float]] = []   # (t, lag instr, lag s)
+        self.lag_samples: deque[tuple[float, int, float]] = deque(maxlen=LAG_SAMPLES)
+        #                                                  (t, lag instr, lag s), the last
         self.on_output = on_output
         self.recent_outputs: deque[dict] = deque(maxlen=RECENT_OUTPUTS)
         self._succession = None
@@ -262,7 +265,8 @@ class Follower:
                     position = s.next_input_offset
                     if position < 0:     # no batch since our snapshot: ask the log itself
                         position = input_position(self.bootstrap, self.vm)
-                    inputs = KafkaInputs(self.bootstrap, self.vm, position)
+                    inputs = KafkaInputs(self.bootstrap, self.vm, position,
+                                         held_back=sink.held_back)
             except (KafkaLogError, KafkaException) as exc:
                 raise TakeoverAborted(f"after the fence: {exc}") from None
             s.machine.go_live(record_opts.pop("checksum_every"))

@@ -9,7 +9,7 @@ the guest past the last event it was given: a gap, a cut or a bad record stops i
 from __future__ import annotations
 
 import time
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
@@ -79,7 +79,9 @@ class ReplaySession:
         self.stopped_at_until = False
         self.received_icount = 0
         self.next_input_offset = -1   # a served VM: where its input stands in the log
-        self.heartbeats: list[tuple[int, int]] = []   # (icount, primary wall ns), for lag
+        # (icount, primary wall ns), for lag: those the replay has not passed, and the
+        # last one it passed
+        self.heartbeats: deque[tuple[int, int]] = deque()
         self._started = 0.0
 
     # -- feeding ------------------------------------------------------------------
@@ -136,6 +138,7 @@ class ReplaySession:
         if horizon is not None:
             self.machine.set_horizon(horizon)
         self._run_until_starved()
+        self._forget_heartbeats()
         if self.stopped_at_until:
             return False
         if self.end is not None:
@@ -150,11 +153,17 @@ class ReplaySession:
     def lag_seconds(self) -> float:
         """How far behind the primary's wall clock the replay is: the age of the newest
         heartbeat the replay has reached."""
-        reached = [wall for icount, wall in self.heartbeats if icount <= self.icount]
-        if not reached:
+        self._forget_heartbeats()
+        if not self.heartbeats or self.heartbeats[0][0] > self.icount:
             return 0.0
-        del self.heartbeats[:len(reached) - 1]
-        return max(0.0, (time.time_ns() - reached[-1]) / 1e9)
+        return max(0.0, (time.time_ns() - self.heartbeats[0][1]) / 1e9)
+
+    def _forget_heartbeats(self) -> None:
+        """Keep the last heartbeat passed and those ahead: the list stays as long as the
+        replay's lag, not the log."""
+        icount = self.icount
+        while len(self.heartbeats) > 1 and self.heartbeats[1][0] <= icount:
+            self.heartbeats.popleft()
 
     # -- running --------------------------------------------------------------------
     def _drain(self) -> None:

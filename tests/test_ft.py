@@ -18,6 +18,7 @@ import pytest
 
 from ftchecks import assert_verified
 from harness.ftcluster import FtCluster, wait_for
+from kvmrr_log.client_ids import declared_scope, scoped_request_id
 from kvmrr_log.kafka import scan_topic, topics
 from harness.logstats import released_seqs
 
@@ -148,18 +149,20 @@ def test_gateway_answers_a_retried_request_once(cluster, kafka):
 
     def ask(line: bytes) -> bytes:
         with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
-            s.sendall(line + b"\n")
+            s.sendall(b"HELLO x\n" + line + b"\n")     # the same client each time
             buf = b""
-            while not buf.endswith(b"\n"):
+            while buf.count(b"\n") < 2:
                 chunk = s.recv(4096)
                 assert chunk, "the gateway closed the connection"
                 buf += chunk
-            return buf.rstrip(b"\n")
+            hello, answer = buf.rstrip(b"\n").split(b"\n")
+            assert hello == b"HELLO OK"
+            return answer
     first = ask(b"x-1 PUT k1 hello")
     assert first.startswith(b"x-1 OK t=")
     assert ask(b"x-1 PUT k1 hello") == first          # a retry: the stored answer
     with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
-        s.sendall(b"x-2 PUT k1 again\nx-2 PUT k1 again\n")   # the same id twice in a row
+        s.sendall(b"HELLO x\nx-2 PUT k1 again\nx-2 PUT k1 again\n")   # the same id twice
         time.sleep(2)
         s.settimeout(0.5)
         got = b""
@@ -176,7 +179,8 @@ def test_gateway_answers_a_retried_request_once(cluster, kafka):
     assert ask(b"x-3 GET k1").endswith(b" again")
     ids = [m.value().split(b" ")[0] for m in scan_topic(kafka.split(",")[0],
                                                       topics(ft.vm).inputs, committed=False)]
-    assert ids.count(b"x-1") == 1 and ids.count(b"x-2") == 1, ids
+    x1, x2 = (scoped_request_id(declared_scope("x"), rid) for rid in (b"x-1", b"x-2"))
+    assert ids.count(x1) == 1 and ids.count(x2) == 1, ids
     seqs = released_seqs(kafka.split(",")[0], ft.vm)
     assert len(seqs) == len(set(seqs))
 
