@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from libkvmrr._kvmrr import ffi, lib
 
-ABI_VERSION = 2
+ABI_VERSION = 3
 _ERR_LEN = 512
 _TAKE_BATCH = 1024
 

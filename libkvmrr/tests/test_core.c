@@ -12,6 +12,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <cpuid.h>
 
 #include "internal.h"
 
@@ -852,6 +853,116 @@ static const uint8_t clock_code[] = {
 };
 
 /* ---- tests ---- */
+
+/* What the guest sees.  CPUID executed by a guest answers kvmrr's model for every leaf
+ * KVM_SET_CPUID2 governs on this host, and kvmrr_cpu_seen() reports exactly what a guest
+ * gets for the rest (on kvm_pvm, leaf 1 ECX/EDX, leaf 7 and leaf 0xd come from the host
+ * CPU): the hash a log states.  KVM's own leaves are gone, and its paravirtual MSRs
+ * refuse a write (#GP, here a triple fault: no IDT). */
+static const uint32_t cpuid_leaves[] = {
+    0, 1, 2, 3, 4, 5, 6, 7, 0xd, 0x40000000, 0x40000001, 0x40000100, 0x80000000,
+    0x80000001, 0x80000002, 0x80000003, 0x80000004, 0x80000007, 0x80000008, 0x80000009,
+};
+/* the same leaves' places in kvmrr_cpu_seen()'s answers (-1: not probed there) */
+static const int cpuid_seen_index[] = {
+    0, 1, 2, 3, 4, 5, 6, 7, 9, 11, 12, -1, 13, 14, 15, 16, 17, 20, 21, 22,
+};
+/* leaves whose answer KVM_SET_CPUID2 does not decide here: not compared with the model */
+static bool cpuid_host_decides(uint32_t leaf, int reg)
+{
+    return (leaf == 1 && reg >= 2) || leaf == 7 || leaf == 0xd || leaf == 0x40000100
+           || leaf == 0x80000009;
+}
+#define CPUID_NLEAVES (sizeof(cpuid_leaves) / sizeof(cpuid_leaves[0]))
+#define CPUID_OUT 0x200000
+
+static void test_cpu_model(void)
+{
+    static const uint8_t text[] = {
+        0xbe, 0x40, 0x00, 0x10, 0x00,   /* 0:  mov esi, 0x100040 (the leaf list) */
+        0xbf, 0x00, 0x00, 0x20, 0x00,   /* 5:  mov edi, 0x200000 */
+        0x8b, 0x06,                     /* a:  mov eax, [rsi] */
+        0x83, 0xf8, 0xff,               /* c:  cmp eax, -1 */
+        0x74, 0x19,                     /* f:  je 2a */
+        0x31, 0xc9,                     /* 11: xor ecx, ecx */
+        0x0f, 0xa2,                     /* 13: cpuid */
+        0x89, 0x07, 0x89, 0x5f, 0x04,   /* 15: mov [rdi], eax; mov [rdi+4], ebx */
+        0x89, 0x4f, 0x08, 0x89, 0x57, 0x0c, /* 1a: mov [rdi+8], ecx; mov [rdi+12], edx */
+        0x48, 0x83, 0xc6, 0x04,         /* 20: add rsi, 4 */
+        0x48, 0x83, 0xc7, 0x10,         /* 24: add rdi, 16 */
+        0xeb, 0xe0,                     /* 28: jmp a */
+        0xb9, 0x01, 0x4d, 0x56, 0x4b,   /* 2a: mov ecx, 0x4b564d01 (MSR_KVM_SYSTEM_TIME_NEW) */
+        0xb8, 0x01, 0x00, 0x00, 0x00,   /* 2f: mov eax, 1 (enable kvmclock) */
+        0x31, 0xd2,                     /* 34: xor edx, edx */
+        0x0f, 0x30,                     /* 36: wrmsr */
+        0xb0, 0x07, 0xe6, 0xf4,         /* 38: mov al, 7; out 0xf4, al */
+    };
+    uint8_t code[0x40 + sizeof(cpuid_leaves) + 4];
+    memset(code, 0, sizeof(code));
+    memcpy(code, text, sizeof(text));
+    memcpy(code + 0x40, cpuid_leaves, sizeof(cpuid_leaves));
+    memset(code + 0x40 + sizeof(cpuid_leaves), 0xff, 4);
+    struct guest g;
+    CHECK(guest_build(&g, code, sizeof(code)));
+    char name[64];
+    uint64_t hash = 0;
+    CHECK(kvmrr_cpu_model(name, sizeof(name), &hash) > 10 && hash && strlen(name));
+    for (int counter = 0; counter <= 1; counter++) {
+        char err[256];
+        struct kvmrr_vm *vm = vm_new(&g, KVMRR_MODE_RUN, counter, 0, err, sizeof(err));
+        CHECKF(vm, "%s", err);
+        struct kvmrr_result res;
+        run_until(vm, -1, &res);
+        uint32_t seen[CPUID_NLEAVES][4];
+        memcpy(seen, vm->mem + CPUID_OUT, sizeof(seen));
+        kvmrr_vm_destroy(vm);
+        if (getenv("KVMRR_TEST_SHOW_CPUID"))
+            for (size_t i = 0; i < CPUID_NLEAVES; i++)
+                printf("  %s cpuid 0x%08x: %08x %08x %08x %08x\n", counter_name(counter),
+                       cpuid_leaves[i], seen[i][0], seen[i][1], seen[i][2], seen[i][3]);
+        uint32_t probed[4 * 32];
+        uint64_t seen_hash = 0, seen_hash2 = 0;
+        int words = kvmrr_cpu_seen(probed, 4 * 32, &seen_hash, err, sizeof(err));
+        CHECKF(words == 4 * 23, "kvmrr_cpu_seen: %d (%s)", words, err);
+        CHECK(kvmrr_cpu_seen(NULL, 0, &seen_hash2, err, sizeof(err)) == words
+              && seen_hash2 == seen_hash);
+        int host_decided = 0;
+        for (size_t i = 0; i < CPUID_NLEAVES; i++) {
+            uint32_t want[4] = { 0, 0, 0, 0 };   /* absent leaves read as leaf 7 */
+            cpu_model_leaf(cpuid_leaves[i], want);
+            for (int r = 0; r < 4; r++) {
+                if (cpuid_host_decides(cpuid_leaves[i], r)) {
+                    host_decided += seen[i][r] != want[r];
+                    continue;
+                }
+                CHECKF(seen[i][r] == want[r], "%s: CPUID 0x%x reg %d: guest saw %08x, the "
+                       "model says %08x", counter_name(counter), cpuid_leaves[i], r,
+                       seen[i][r], want[r]);
+            }
+            int k = cpuid_seen_index[i];
+            CHECKF(k < 0 || memcmp(seen[i], &probed[4 * k], 16) == 0, "CPUID 0x%x: the guest "
+                   "saw %08x %08x %08x %08x, kvmrr_cpu_seen %08x %08x %08x %08x",
+                   cpuid_leaves[i], seen[i][0], seen[i][1], seen[i][2], seen[i][3],
+                   probed[4 * k], probed[4 * k + 1], probed[4 * k + 2], probed[4 * k + 3]);
+        }
+        if (counter == 0 && host_decided)
+            printf("  note: %d CPUID registers answered by the host CPU, not the model\n",
+                   host_decided);
+        /* leaf 1 ECX: no hypervisor bit (31), TSC deadline (24), x2APIC (21); no KVM
+         * signature; 0x80000001: no RDTSCP (27), long mode (29) */
+        CHECK((seen[1][2] & (1u << 31 | 1u << 24 | 1u << 21)) == 0);
+        CHECK(seen[9][0] == 0 && seen[9][1] == 0 && seen[9][2] == 0 && seen[9][3] == 0);
+        CHECK((seen[13][3] & (1u << 27)) == 0 && (seen[13][3] & (1u << 29)));
+        unsigned a, b, c, d;
+        __cpuid(1, a, b, c, d);
+        CHECKF(c != seen[1][2], "host and guest agree on leaf 1 ECX %08x: passthrough?", c);
+        /* (where the count stands after a fault is run.c's business: only the place) */
+        CHECKF(res.stop == KVMRR_STOP_ERROR && strstr(res.message, "triple fault")
+               && strstr(res.message, "rip 0x100036"),
+               "%s: a kvmclock MSR write: %s at %lld (%s), expected #GP at the WRMSR",
+               counter_name(counter), stop_name(res.stop), (long long)res.icount, res.message);
+    }
+}
 
 static void test_calibrate(void)
 {
@@ -1898,6 +2009,7 @@ int main(void)
     RUN(test_elf_load_errors);
     /* KVM */
     RUN(test_calibrate);
+    RUN(test_cpu_model);
     RUN(test_probe_icount);
     RUN(test_exact_stop);
     RUN(test_snapshot_roundtrip);
