@@ -85,6 +85,8 @@ struct kvmrr_event *queue_push(struct event_queue *q, const struct kvmrr_event *
 struct kvmrr_event *queue_peek(struct event_queue *q);
 void queue_pop(struct event_queue *q);
 void queue_clear(struct event_queue *q);
+/* A fed event: 0, or -1 with err[] saying which field is out of range. */
+int event_validate(const struct kvmrr_event *ev, char *err, size_t err_len);
 
 struct nic_packet { uint32_t len; uint8_t data[KVMRR_NIC_MTU]; };
 

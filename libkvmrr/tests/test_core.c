@@ -15,6 +15,8 @@
 #include <cpuid.h>
 
 #include "internal.h"
+#include "snapshot_format.h"
+#include <stddef.h>
 
 /* ------------------------------------------------------------------ the harness */
 
@@ -41,6 +43,9 @@ static void note_failure(int line, const char *fmt, ...)
 
 static void run_test(const char *name, void (*fn)(void))
 {
+    const char *only = getenv("KVMRR_TEST");   /* run only the tests whose name has this */
+    if (only && !strstr(name, only))
+        return;
     g_cur_failed = false;
     g_why[0] = 0;
     fn();
@@ -1777,6 +1782,271 @@ static void test_snapshot_midrecord(void)
     recording_free(&r);
 }
 
+
+/* ---- forged input: a snapshot or a log is input from outside ---- */
+
+static uint64_t g_fuzz_state = 0x243f6a8885a308d3ull;
+static uint64_t fuzz_next(void)
+{
+    uint64_t x = g_fuzz_state;   /* xorshift64*: the same mutations on every run */
+    x ^= x >> 12; x ^= x << 25; x ^= x >> 27;
+    g_fuzz_state = x;
+    return x * 0x2545f4914f6cdd1dull;
+}
+
+/* Make a forged blob's checksum right, so the validation behind it is what answers. */
+static void snap_reseal(uint8_t *blob, size_t len)
+{
+    uint64_t sum = kvmrr_hash64(blob, len - 8, 0);
+    memcpy(blob + len - 8, &sum, 8);
+}
+
+#define FIELD(blob, type, off) ((type *)((blob) + (off)))
+#define SNAP_CORE_OFF (sizeof(struct snap_header) + sizeof(struct snap_vcpu))
+#define SNAP_DEV_OFF (SNAP_CORE_OFF + offsetof(struct snap_core, dev))
+
+/* Every field the core interprets, forged one at a time with the checksum made right:
+ * refused with a message naming it, and the VM left as it was.  Then random forgeries
+ * (bit flips, truncations, fields set to extremes, with and without a right checksum):
+ * restore answers 0 or -1, never crashes, and what it accepts runs (to an error or a
+ * stop) without crashing either.  KVMRR_FUZZ_ITERS sets how many (default 1000). */
+static void test_snapshot_forged(void)
+{
+    struct guest g;
+    uint8_t code[IG_LEN];
+    CHECK(guest_build(&g, code, timer_guest(code, 200)));
+    char err[256];
+    struct kvmrr_vm *vm = vm_new(&g, KVMRR_MODE_RECORD, KVMRR_COUNTER_FAST, 0, err, sizeof(err));
+    CHECKF(vm, "%s", err);
+    struct kvmrr_result res;
+    run_until(vm, 20000, &res);
+    CHECKF(res.stop == KVMRR_STOP_ICOUNT, "%s (%s)", stop_name(res.stop), res.message);
+    size_t len = 0, cap = kvmrr_vm_snapshot_size(vm);
+    uint8_t *snap = malloc(cap), *bad = malloc(cap);
+    CHECK(kvmrr_vm_snapshot_save(vm, snap, cap, &len) == 0 && len == cap);
+    uint64_t h0 = kvmrr_vm_state_hash(vm);
+    const struct snap_header *hdr = (const struct snap_header *)snap;
+    size_t msr_off = SNAP_FIXED;
+
+    struct forged { size_t off; int width; uint64_t value; const char *word; } cases[] = {
+        { SNAP_DEV_OFF + offsetof(struct kvmrr_devices, serial_len), 4, 300, "serial" },
+        { SNAP_DEV_OFF + offsetof(struct kvmrr_devices, serial_len), 4, 0x7fffffff, "serial" },
+        { SNAP_DEV_OFF + offsetof(struct kvmrr_devices, serial_len), 4, 256, "serial" },
+        { SNAP_DEV_OFF + offsetof(struct kvmrr_devices, nic_rx_cap), 8, 1ull << 40, "NIC" },
+        { SNAP_DEV_OFF + offsetof(struct kvmrr_devices, nic_rx_len), 8, 4096, "NIC" },
+        { SNAP_DEV_OFF + offsetof(struct kvmrr_devices, nic_rx_addr), 8, 1ull << 33, "NIC" },
+        { SNAP_DEV_OFF + offsetof(struct kvmrr_devices, timer_period_ns), 8, 7, "timer" },
+        { SNAP_CORE_OFF + offsetof(struct snap_core, halted), 4, 2, "core flags" },
+        { SNAP_CORE_OFF + offsetof(struct snap_core, frame_rflags_gpa), 8, GUEST_MEM - 4, "frame" },
+        { SNAP_CORE_OFF + offsetof(struct snap_core, delivery_tf), 8, 1, "delivery" },
+        { SNAP_CORE_OFF + offsetof(struct snap_core, last_checksum), 8, 1ull << 40, "checksum icount" },
+        { sizeof(struct snap_header) + offsetof(struct snap_vcpu, events)
+          + offsetof(struct kvm_vcpu_events, exception.nr), 1, 200, "events" },
+        { sizeof(struct snap_header) + offsetof(struct snap_vcpu, xcrs), 4, 1000, "XCR" },
+        { offsetof(struct snap_header, version), 4, 1, "older" },
+        { offsetof(struct snap_header, version), 4, 3, "newer" },
+        { offsetof(struct snap_header, header_size), 4, 0, "section sizes" },
+        { offsetof(struct snap_header, vcpu_size), 4, 0xffffffff, "section sizes" },
+        { offsetof(struct snap_header, core_size), 4, 8, "section sizes" },
+        { offsetof(struct snap_header, nmsrs), 4, 0xffffffff, "MSRs" },
+        { offsetof(struct snap_header, nmsrs), 4, 1, "bytes" },
+        { offsetof(struct snap_header, total_size), 8, ~0ull, "bytes" },
+        { offsetof(struct snap_header, mem_size), 8, 1ull << 63, "byte VM" },
+        { offsetof(struct snap_header, icount), 8, ~0ull, "negative" },
+        { offsetof(struct snap_header, cpu_model_hash), 8, 12345, "CPU model" },
+        { msr_off + offsetof(struct kvm_msr_entry, index), 4, 0xdeadbeef, "MSR 0x" },
+        { msr_off + offsetof(struct kvm_msr_entry, reserved), 4, 1, "MSR entry" },
+    };
+    CHECK(hdr->nmsrs > 0);
+    for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+        memcpy(bad, snap, len);
+        memcpy(bad + cases[i].off, &cases[i].value, (size_t)cases[i].width);
+        snap_reseal(bad, len);
+        err[0] = 0;
+        int rc = kvmrr_vm_snapshot_restore(vm, bad, len, err, sizeof(err));
+        CHECKF(rc == -1 && strstr(err, cases[i].word), "forged field at %zu = 0x%llx: rc %d "
+               "\"%s\", expected a message with \"%s\"", cases[i].off,
+               (unsigned long long)cases[i].value, rc, err, cases[i].word);
+        CHECKF(kvmrr_vm_icount(vm) == 20000 && kvmrr_vm_state_hash(vm) == h0,
+               "forged field at %zu: the refused blob changed the VM", cases[i].off);
+    }
+    /* KVM itself refuses some vCPU states the core does not interpret: the vCPU is put
+     * back (a CR0 with PG but not PE is invalid). */
+    memcpy(bad, snap, len);
+    struct snap_vcpu *cv = FIELD(bad, struct snap_vcpu, sizeof(struct snap_header));
+    cv->sregs.cr0 = 1ull << 31;
+    snap_reseal(bad, len);
+    err[0] = 0;
+    int krc = kvmrr_vm_snapshot_restore(vm, bad, len, err, sizeof(err));
+    CHECKF(krc == -1 && strstr(err, "KVM refused"), "CR0.PG without PE: rc %d \"%s\"", krc, err);
+    CHECKF(kvmrr_vm_state_hash(vm) == h0, "KVM's refusal left the vCPU changed");
+    /* The honest blob still restores. */
+    CHECKF(kvmrr_vm_snapshot_restore(vm, snap, len, err, sizeof(err)) == 0, "%s", err);
+
+    int iters = getenv("KVMRR_FUZZ_ITERS") ? atoi(getenv("KVMRR_FUZZ_ITERS")) : 1000;
+    int refused = 0, accepted = 0, ran = 0;
+    size_t state_len = SNAP_FIXED + hdr->nmsrs * sizeof(struct kvm_msr_entry);
+    static const uint64_t extremes[] = { 0, 1, 0x7f, 0xff, 0x100, 0x7fffffff, 0x80000000,
+                                         0xffffffff, 1ull << 32, 1ull << 63, ~0ull };
+    for (int it = 0; it < iters; it++) {
+        size_t blen = len;
+        memcpy(bad, snap, len);
+        bool reseal = true;
+        switch (fuzz_next() % 5) {
+        case 0:   /* bit flips in the state */
+            for (int k = 1 + (int)(fuzz_next() % 8); k > 0; k--) {
+                size_t off = fuzz_next() % state_len;
+                bad[off] ^= (uint8_t)(1u << (fuzz_next() % 8));
+            }
+            break;
+        case 1:   /* a field of the state set to an extreme */
+        {
+            size_t off = (fuzz_next() % (state_len / 4)) * 4;
+            uint64_t v = extremes[fuzz_next() % (sizeof(extremes) / sizeof(extremes[0]))];
+            memcpy(bad + off, &v, off + 8 <= state_len && fuzz_next() % 2 ? 8 : 4);
+            break;
+        }
+        case 2:   /* a flip anywhere, checksum left wrong */
+            bad[fuzz_next() % len] ^= (uint8_t)(1u << (fuzz_next() % 8));
+            reseal = false;
+            break;
+        case 3:   /* truncated or cut short */
+            blen = fuzz_next() % 3 == 0 ? fuzz_next() % 128 : fuzz_next() % len;
+            reseal = false;
+            break;
+        default:  /* a flip in RAM: valid, the guest just computes on */
+            bad[state_len + fuzz_next() % (len - state_len - 8)] ^= 1;
+            break;
+        }
+        if (reseal)
+            snap_reseal(bad, len);
+        err[0] = 0;
+        int rc = kvmrr_vm_snapshot_restore(vm, bad, blen, err, sizeof(err));
+        if (rc < 0) {
+            refused++;
+            CHECKF(err[0] && !strchr(err, '\n'), "iteration %d: refused without a one-line "
+                   "message: \"%s\"", it, err);
+            CHECKF(kvmrr_vm_icount(vm) == 20000 && kvmrr_vm_state_hash(vm) == h0,
+                   "iteration %d: the refused blob (%s) changed the VM", it, err);
+            continue;
+        }
+        CHECKF(rc == 0, "iteration %d: restore returned %d", it, rc);
+        accepted++;
+        if (it % 10 == 0) {   /* run some of what was accepted: it must not crash us */
+            struct kvmrr_limits lim = { .stop_icount = kvmrr_vm_icount(vm) + 2000,
+                                        .deadline_ns = now_ns(CLOCK_MONOTONIC) + 100000000 };
+            kvmrr_vm_run(vm, &lim, &res);
+            CHECKF(res.stop >= KVMRR_STOP_EXITED && res.stop <= KVMRR_STOP_ERROR,
+                   "iteration %d: stop %d", it, res.stop);
+            ran++;
+        }
+        CHECKF(kvmrr_vm_snapshot_restore(vm, snap, len, err, sizeof(err)) == 0,
+               "iteration %d: the honest blob no longer restores: %s", it, err);
+        CHECKF(kvmrr_vm_state_hash(vm) == h0, "iteration %d: restored to another state", it);
+    }
+    printf("  %d forged snapshots: %d refused, %d accepted (%d of them run)\n", iters, refused,
+           accepted, ran);
+    free(snap);
+    free(bad);
+    kvmrr_vm_destroy(vm);
+}
+
+
+/* Forged events: one field of one event of a real recording set to something else
+ * (another kind, icount, RIP, vector, port, size, channel, payload length, a payload
+ * without data).  Feeding refuses it with a one-line message, or the replay ends in a
+ * divergence, an error or a stop: never a crash.  Unmutated, the replay matches. */
+static uint8_t g_fuzz_payload[8192];
+
+static void fuzz_events_of(const struct guest *g, const struct recording *r, int iters,
+                           int outcomes[8], int *refused, char *why, size_t why_len)
+{
+    why[0] = 0;
+    struct kvmrr_event *evs = malloc((size_t)r->evs.n * sizeof(*evs));
+    static const uint64_t extremes[] = { 0, 1, 31, 32, 33, 255, 256, 0xffff, 0x10000,
+                                         0x7fffffff, 1ull << 63, ~0ull, (uint64_t)-5 };
+#define EXTREME() extremes[fuzz_next() % (sizeof(extremes) / sizeof(extremes[0]))]
+    for (int it = 0; it < iters; it++) {
+        memcpy(evs, r->evs.ev, (size_t)r->evs.n * sizeof(*evs));
+        struct kvmrr_event *e = &evs[fuzz_next() % (uint64_t)r->evs.n];
+        switch (fuzz_next() % 9) {
+        case 0: e->kind = (int32_t)(fuzz_next() % 10); break;
+        case 1: e->icount += (int64_t)(fuzz_next() % 7) - 3; break;
+        case 2: e->icount = (int64_t)EXTREME(); break;
+        case 3: e->rip ^= 1ull << (fuzz_next() % 48); break;
+        case 4: e->a = EXTREME(); break;
+        case 5: e->b = EXTREME(); break;
+        case 6: e->c = EXTREME(); e->d = EXTREME(); break;
+        case 7: e->len = (uint32_t)(fuzz_next() % 5000); e->data = g_fuzz_payload; break;
+        default: e->len = 1 + (uint32_t)(fuzz_next() % 64); e->data = NULL; break;
+        }
+        struct replay_out o;
+        char w[512];
+        int rc = replay_guest(g, KVMRR_COUNTER_FAST, r, evs, r->evs.n, r->res.icount, &o, w,
+                              sizeof(w));
+        if (rc < 0) {
+            if (!strstr(w, "feed: ") || strchr(w, '\n')) {
+                snprintf(why, why_len, "iteration %d: %.400s", it, w);
+                break;
+            }
+            (*refused)++;
+            continue;
+        }
+        if (o.res.stop < KVMRR_STOP_EXITED || o.res.stop > KVMRR_STOP_ERROR) {
+            snprintf(why, why_len, "iteration %d: stop %d", it, o.res.stop);
+            break;
+        }
+        outcomes[o.res.stop]++;
+    }
+#undef EXTREME
+    free(evs);
+}
+
+static void test_events_forged(void)
+{
+    memset(g_fuzz_payload, 0xa5, sizeof(g_fuzz_payload));
+    struct guest gt, gc, go;
+    uint8_t code[IG_LEN];
+    CHECK(guest_build(&gt, code, timer_guest(code, 300)));
+    CHECK(guest_build(&gc, clock_code, sizeof(clock_code)));
+    CHECK(guest_build(&go, output_code, sizeof(output_code)));
+    struct { const struct guest *g; kvmrr_icount_t stop; const char *name; } gs[] = {
+        { &gt, 20000, "timer" }, { &gc, -1, "clock" }, { &go, -1, "output" },
+    };
+    int total = getenv("KVMRR_FUZZ_ITERS") ? atoi(getenv("KVMRR_FUZZ_ITERS")) / 10 : 100;
+    int outcomes[8] = { 0 }, refused = 0;
+    for (size_t k = 0; k < sizeof(gs) / sizeof(gs[0]); k++) {
+        struct recording r;
+        char why[512];
+        CHECKF(record_guest(gs[k].g, KVMRR_COUNTER_FAST, 10000, gs[k].stop, &r, why,
+                            sizeof(why)) == 0, "%s: %s", gs[k].name, why);
+        struct replay_out o;
+        int rc = replay_guest(gs[k].g, KVMRR_COUNTER_FAST, &r, r.evs.ev, r.evs.n, r.res.icount,
+                              &o, why, sizeof(why));
+        bool honest = rc == 0 && o.hash == r.hash
+                      && (o.res.stop == KVMRR_STOP_ICOUNT || o.res.stop == KVMRR_STOP_EXITED);
+        int n = r.evs.n;
+        if (honest)
+            fuzz_events_of(gs[k].g, &r, k == 0 ? total / 2 : total / 4, outcomes, &refused,
+                           why, sizeof(why));
+        recording_free(&r);
+        CHECKF(honest, "%s: the unforged log does not replay: rc %d %s", gs[k].name, rc, why);
+        CHECKF(!why[0], "%s (%d events): %s", gs[k].name, n, why);
+    }
+    printf("  forged logs: %d refused at feed; replays ended %d diverged, %d error, %d at the "
+           "stop, %d exited, %d waiting for events\n", refused, outcomes[KVMRR_STOP_DIVERGED],
+           outcomes[KVMRR_STOP_ERROR], outcomes[KVMRR_STOP_ICOUNT], outcomes[KVMRR_STOP_EXITED],
+           outcomes[KVMRR_STOP_NEED_EVENTS]);
+    /* A negative vector (a corrupt archive's int) is refused, not injected. */
+    struct kvmrr_event neg = { .kind = KVMRR_EV_INTERRUPT, .icount = 5, .a = (uint64_t)-5 };
+    char err[256] = "";
+    struct kvmrr_vm *vm = vm_new(&gt, KVMRR_MODE_REPLAY, KVMRR_COUNTER_FAST, 0, err, sizeof(err));
+    CHECKF(vm, "%s", err);
+    int rc = kvmrr_vm_feed_events(vm, &neg, 1, err, sizeof(err));
+    kvmrr_vm_destroy(vm);
+    CHECKF(rc == -1 && strstr(err, "vector"), "vector -5: rc %d \"%s\"", rc, err);
+}
+
 /* More events than the record buffer holds: EVENTS_FULL, take, run on. */
 static void test_events_full(void)
 {
@@ -2020,6 +2290,8 @@ int main(void)
     RUN(test_timer_stack);
     RUN(test_breakpoint_replay);
     RUN(test_snapshot_midrecord);
+    RUN(test_snapshot_forged);
+    RUN(test_events_forged);
     RUN(test_events_full);
     RUN(test_feed_errors);
     RUN(test_insn_events);
