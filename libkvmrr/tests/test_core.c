@@ -12,6 +12,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <sys/ioctl.h>
 #include <cpuid.h>
 
 #include "internal.h"
@@ -2047,6 +2048,125 @@ static void test_events_forged(void)
     CHECKF(rc == -1 && strstr(err, "vector"), "vector -5: rc %d \"%s\"", rc, err);
 }
 
+
+/* Restore anywhere: a replay stopped at some icount is snapshotted, and a fresh VM that
+ * restores that snapshot and is fed the events not yet applied replays to the end of
+ * the record with its state hash and registers.  The points are spread over the run,
+ * and some are the icounts of Interrupt events, where the replay stops with the
+ * interrupt injected but not delivered (checked through KVM: the test asserts at least
+ * one such point).  A few points are replayed on with the other counter too. */
+static int restore_and_finish(const struct guest *g, int counter, const uint8_t *snap,
+                              size_t len, const struct kvmrr_event *evs, int n,
+                              const struct recording *r, char *why, size_t why_len)
+{
+    char err[256];
+    struct kvmrr_vm *b = vm_new(g, KVMRR_MODE_REPLAY, counter, 0, err, sizeof(err));
+    if (!b)
+        return ERRF(why, why_len, "create: %s", err);
+    struct kvmrr_result res = { 0 };
+    int rc = 0;
+    if (kvmrr_vm_snapshot_restore(b, snap, len, err, sizeof(err)) < 0
+        || kvmrr_vm_feed_events(b, evs, n, err, sizeof(err)) < 0)
+        rc = ERRF(why, why_len, "restore/feed: %s", err);
+    if (rc == 0) {
+        kvmrr_vm_set_horizon(b, r->res.icount);
+        run_until(b, r->res.icount, &res);
+        uint64_t regs[KVMRR_NREGS];
+        regs_of(b, regs);
+        int d = regs_diff(r->regs, regs);
+        if (res.stop != KVMRR_STOP_ICOUNT || res.icount != r->res.icount)
+            rc = ERRF(why, why_len, "%s: %s at %lld (%s)", counter_name(counter),
+                      stop_name(res.stop), (long long)res.icount, res.message);
+        else if (kvmrr_vm_state_hash(b) != r->hash || d >= 0)
+            rc = ERRF(why, why_len, "%s: state differs at the end (%s)", counter_name(counter),
+                      d >= 0 ? reg_names[d] : "hash");
+    }
+    kvmrr_vm_destroy(b);
+    return rc;
+}
+
+static void restore_anywhere(const struct guest *g, kvmrr_icount_t stop, int npoints,
+                             int *tested, int *in_flight)
+{
+    struct recording r;
+    char why[512];
+    CHECKF(record_guest(g, KVMRR_COUNTER_FAST, 10000, stop, &r, why, sizeof(why)) == 0, "%s", why);
+    int nirq = count_kind(&r.evs, KVMRR_EV_INTERRUPT);
+    CHECKF(r.res.icount > 1000 && nirq >= 4, "record: %lld instructions, %d interrupts (%s)",
+           (long long)r.res.icount, nirq, r.res.message);
+    /* points: evenly spread, and the icounts of interrupts spread over the run */
+    kvmrr_icount_t points[64];
+    int np = 0;
+    for (int k = 1; k <= npoints / 2; k++)
+        points[np++] = r.res.icount * k / (npoints / 2 + 1) + k;   /* odd places */
+    for (int i = 0, seen = 0; i < r.evs.n && np < npoints; i++) {
+        if (r.evs.ev[i].kind != KVMRR_EV_INTERRUPT)
+            continue;
+        if (seen++ % (nirq / (npoints - npoints / 2) + 1) == 0)
+            points[np++] = r.evs.ev[i].icount;
+    }
+    char err[256];
+    for (int p = 0; p < np; p++) {
+        struct kvmrr_vm *a = vm_new(g, KVMRR_MODE_REPLAY, KVMRR_COUNTER_FAST, 0, err, sizeof(err));
+        CHECKF(a, "%s", err);
+        CHECKF(kvmrr_vm_snapshot_restore(a, r.snap, r.snap_len, err, sizeof(err)) == 0
+               && kvmrr_vm_feed_events(a, r.evs.ev, r.evs.n, err, sizeof(err)) == 0, "%s", err);
+        kvmrr_vm_set_horizon(a, r.res.icount);
+        struct kvmrr_result res;
+        run_until(a, points[p], &res);
+        struct kvm_vcpu_events kev;
+        bool injected = ioctl(a->vcpu_fd, KVM_GET_VCPU_EVENTS, &kev) == 0 && kev.interrupt.injected;
+        size_t cap = kvmrr_vm_snapshot_size(a), len = 0;
+        uint8_t *snap = malloc(cap);
+        int saved = kvmrr_vm_snapshot_save(a, snap, cap, &len);
+        int pending = kvmrr_vm_pending_events(a);
+        /* the VM that took the snapshot finishes too: taking it changed nothing */
+        run_until(a, r.res.icount, &res);
+        uint64_t a_hash = kvmrr_vm_state_hash(a);
+        kvmrr_vm_destroy(a);
+        if (saved != 0 || a_hash != r.hash || res.icount != r.res.icount)
+            free(snap);
+        CHECKF(saved == 0, "point %lld: snapshot failed", (long long)points[p]);
+        CHECKF(a_hash == r.hash && res.icount == r.res.icount, "point %lld: the replay that "
+               "snapshotted ended %s at %lld with %s hash", (long long)points[p],
+               stop_name(res.stop), (long long)res.icount, a_hash == r.hash ? "the" : "another");
+        const struct kvmrr_event *rest = r.evs.ev + (r.evs.n - pending);
+        int rc = restore_and_finish(g, KVMRR_COUNTER_FAST, snap, len, rest, pending, &r, why,
+                                    sizeof(why));
+        if (rc == 0 && p % 4 == 0)
+            rc = restore_and_finish(g, KVMRR_COUNTER_STEP, snap, len, rest, pending, &r, why,
+                                    sizeof(why));
+        free(snap);
+        CHECKF(rc == 0, "restored at icount %lld (%d events left%s): %s", (long long)points[p],
+               pending, injected ? ", an interrupt in flight" : "", why);
+        (*tested)++;
+        *in_flight += injected;
+    }
+    recording_free(&r);
+}
+
+static void test_restore_anywhere(void)
+{
+    struct guest gt, gs, gh;
+    uint8_t c1[IG_LEN], c2[IG_LEN], c3[IG_LEN];
+    CHECK(guest_build(&gt, c1, long_spin_guest(c1, 500)));
+    CHECK(guest_build(&gs, c2, stack_guest(c2, 700)));
+    CHECK(guest_build(&gh, c3, hlt_guest(c3, 300)));
+    int tested = 0, in_flight = 0;
+    restore_anywhere(&gt, 60000, 12, &tested, &in_flight);
+    if (g_cur_failed)
+        return;
+    restore_anywhere(&gs, 60000, 12, &tested, &in_flight);
+    if (g_cur_failed)
+        return;
+    restore_anywhere(&gh, 3000, 8, &tested, &in_flight);
+    if (g_cur_failed)
+        return;
+    printf("  %d restore points, %d with an interrupt injected and not yet delivered\n",
+           tested, in_flight);
+    CHECKF(in_flight > 0, "no point caught an interrupt between injection and delivery");
+}
+
 /* More events than the record buffer holds: EVENTS_FULL, take, run on. */
 static void test_events_full(void)
 {
@@ -2292,6 +2412,7 @@ int main(void)
     RUN(test_snapshot_midrecord);
     RUN(test_snapshot_forged);
     RUN(test_events_forged);
+    RUN(test_restore_anywhere);
     RUN(test_events_full);
     RUN(test_feed_errors);
     RUN(test_insn_events);
