@@ -11,7 +11,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Protocol
 
-from libkvmrr import DEFAULT_MEM_SIZE, GuestError, Machine
+from libkvmrr import DEFAULT_MEM_SIZE, GuestError, Machine, cpu_model
 from kvmrr import __version__
 from kvmrr.guests import GuestImage
 from kvmrr.verify import ICOUNT_SEMANTICS, OutputDigest
@@ -104,7 +104,7 @@ class RecordSession:
             "memory_bytes": self.machine.mem_size, "bootargs": self.bootargs,
             "counter": self.counter, "icount_semantics": ICOUNT_SEMANTICS,
             "checksum_every": self.checksum_every, "created_wall_ns": time.time_ns(),
-            "kvmrr_version": __version__,
+            "kvmrr_version": __version__, "cpu_model": cpu_model(),
         }
 
     def snapshot(self) -> None:

@@ -13,7 +13,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
-from libkvmrr import GuestError, Machine
+from libkvmrr import GuestError, Machine, cpu_model
 from kvmrr.guests import GuestImage, load_guest
 from kvmrr.verify import ICOUNT_SEMANTICS, OutputDigest
 from replayer.errors import DivergenceError, ReplayError
@@ -50,6 +50,12 @@ def check_header(header: dict, guest: GuestImage | None) -> GuestImage:
         raise ReplayError("the log counts instructions as "
                           f"\"{header['icount_semantics']}\", which this host cannot "
                           "reproduce")
+    # CPUID is guest-visible: a host whose guests get other answers cannot replay.  (A log
+    # from before the model was stated says nothing, and is replayed as before.)
+    if header.get("cpu_model") and header["cpu_model"] != cpu_model():
+        raise ReplayError(f"the log was recorded on CPU model {header['cpu_model']}, but a "
+                          f"guest here sees {cpu_model()}: this host cannot give the same "
+                          "CPUID answers")
     image = guest or load_guest(header["guest_name"])
     if image.sha256 != header["guest_sha256"]:
         raise ReplayError(f"the log was recorded with guest image sha256 "
