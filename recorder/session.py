@@ -105,6 +105,7 @@ class RecordSession:
             "counter": self.counter, "icount_semantics": ICOUNT_SEMANTICS,
             "checksum_every": self.checksum_every, "created_wall_ns": time.time_ns(),
             "kvmrr_version": __version__, "cpu_model": cpu_model(),
+            "guest_image": self.guest.elf,
         }
 
     def snapshot(self) -> None:
