@@ -203,6 +203,8 @@ bool cpu_model_leaf(uint32_t function, uint32_t out[4])
  * What a guest actually sees.  KVM_SET_CPUID2 is not the whole story on every host: on
  * this one (kvm_pvm) the guest reads leaf 1 ECX/EDX, leaf 7 and leaf 0xd from the host
  * CPU, with a few bits masked, whatever the table says; every other leaf answers as set.
+ * Nor does the table gate what those bits offer there: a guest may set CR4.OSXSAVE and
+ * XSETBV although the model has no XSAVE (so snapshots carry XCR0 all the same).
  * So the core runs the leaves a guest would ask in a probe VM and hashes the answers:
  * that hash, not the table's, is what a log must state and a replaying host must match.
  */

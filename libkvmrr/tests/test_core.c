@@ -978,6 +978,56 @@ static void test_calibrate(void)
     CHECKF(strstr(why, "exact") && strstr(why, "2002"), "why \"%s\"", why);
 }
 
+/* XCR0 travels in snapshots.  The model hides XSAVE, yet on this host (kvm_pvm) a guest
+ * can set CR4.OSXSAVE and XSETBV anyway (KVM_SET_CPUID2 does not gate them here), so a
+ * snapshot must carry XCR0: a guest sets it to x87|SSE, the VM is snapshotted and a fresh
+ * VM restored from it has the same XCR0. */
+static void test_snapshot_xcr0(void)
+{
+    static const uint8_t text[] = {
+        0x0f, 0x20, 0xe0,               /* 0:  mov rax, cr4 */
+        0x48, 0x0f, 0xba, 0xe8, 0x12,   /* 3:  bts rax, 18 (OSXSAVE) */
+        0x0f, 0x22, 0xe0,               /* 8:  mov cr4, rax */
+        0x31, 0xc9,                     /* b:  xor ecx, ecx (XCR0) */
+        0xb8, 0x03, 0x00, 0x00, 0x00,   /* d:  mov eax, 3 (x87 | SSE) */
+        0x31, 0xd2,                     /* 12: xor edx, edx */
+        0x0f, 0x01, 0xd1,               /* 14: xsetbv */
+        0x90,                           /* 17: nop (stop here) */
+        0xb0, 0x07, 0xe6, 0xf4,         /* 18: mov al, 7; out 0xf4, al */
+    };
+    struct guest g;
+    CHECK(guest_build(&g, text, sizeof(text)));
+    char err[256];
+    struct kvmrr_vm *vm = vm_new(&g, KVMRR_MODE_RUN, KVMRR_COUNTER_STEP, 0, err, sizeof(err));
+    CHECKF(vm, "%s", err);
+    struct kvmrr_result res;
+    run_until(vm, 7, &res);
+    struct kvm_xcrs x1 = { 0 }, x2 = { 0 };
+    int got = ioctl(vm->vcpu_fd, KVM_GET_XCRS, &x1);
+    size_t cap = kvmrr_vm_snapshot_size(vm), len = 0;
+    uint8_t *snap = malloc(cap);
+    int saved = kvmrr_vm_snapshot_save(vm, snap, cap, &len);
+    kvmrr_vm_destroy(vm);
+    if (res.stop != KVMRR_STOP_ICOUNT || got < 0 || saved < 0)
+        free(snap);
+    CHECKF(res.stop == KVMRR_STOP_ICOUNT, "guest setting XCR0: %s at %lld (%s)",
+           stop_name(res.stop), (long long)res.icount, res.message);
+    CHECK(got == 0 && saved == 0);
+    CHECKF(x1.nr_xcrs >= 1 && x1.xcrs[0].xcr == 0 && x1.xcrs[0].value == 3,
+           "XCR0 after XSETBV: %u XCRs, value 0x%llx", x1.nr_xcrs,
+           (unsigned long long)x1.xcrs[0].value);
+    struct kvmrr_vm *b = vm_new(&g, KVMRR_MODE_RUN, KVMRR_COUNTER_STEP, 0, err, sizeof(err));
+    int rc = b ? kvmrr_vm_snapshot_restore(b, snap, len, err, sizeof(err)) : -1;
+    if (b) {
+        ioctl(b->vcpu_fd, KVM_GET_XCRS, &x2);
+        kvmrr_vm_destroy(b);
+    }
+    free(snap);
+    CHECKF(rc == 0, "%s", err);
+    CHECKF(x2.nr_xcrs >= 1 && x2.xcrs[0].value == 3, "restored XCR0: %u XCRs, value 0x%llx",
+           x2.nr_xcrs, (unsigned long long)x2.xcrs[0].value);
+}
+
 static void test_probe_icount(void)
 {
     struct guest g;
@@ -2400,6 +2450,7 @@ int main(void)
     /* KVM */
     RUN(test_calibrate);
     RUN(test_cpu_model);
+    RUN(test_snapshot_xcr0);
     RUN(test_probe_icount);
     RUN(test_exact_stop);
     RUN(test_snapshot_roundtrip);
