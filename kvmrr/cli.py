@@ -481,7 +481,9 @@ def cmd_inspect(args) -> int:
                     shown = {k: (v.hex() if isinstance(v, bytes) else v) for k, v in ev.items()}
                     shown["seq"] = rec["first_seq"] + i
                     events_out.append(shown)
-    hdr = {k: v for k, v in header.items() if k != "kind"}
+    image = header.get("guest_image") or b""
+    hdr = {k: v for k, v in header.items() if k not in ("kind", "guest_image")}
+    hdr["guest_image_bytes"] = len(image)
     summary = {"header": hdr, "snapshots": snapshots, "batches": batches,
                "events_by_kind": dict(kinds), "events": sum(kinds.values()),
                "last_icount": last_icount, "log_bytes": size}
@@ -490,8 +492,12 @@ def cmd_inspect(args) -> int:
             summary["event_list"] = events_out
         print(json.dumps(summary, sort_keys=True))
         return 0
-    print(f"{name}: guest {header['guest_name']} (sha256 {header['guest_sha256'][:16]}…), "
-          f"vm {header['vm_id']}, counter {header['counter']}")
+    print(f"{name}: guest {header['guest_name']}, vm {header['vm_id']}, "
+          f"counter {header['counter']}")
+    carried = f"{len(image)} bytes carried in the log" if image else "not carried in the log"
+    print(f"  image: {header['guest_name']} sha256 {header['guest_sha256']} ({carried})")
+    if header.get("cpu_model"):
+        print(f"  cpu: {header['cpu_model']}")
     print(f"  icount: {header['icount_semantics']}")
     print(f"  {len(snapshots)} snapshot(s) at icount "
           f"{', '.join(str(s['icount']) for s in snapshots)}; {batches} batches; "

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from libkvmrr._kvmrr import ffi, lib
 
-ABI_VERSION = 2
+ABI_VERSION = 3
 _ERR_LEN = 512
 _TAKE_BATCH = 1024
 
@@ -78,6 +78,19 @@ def calibrate() -> tuple[str, str]:
     if code < 0:
         raise KvmrrError(f"cannot calibrate the instruction counter: {_str(why)}")
     return ("fast" if code == lib.KVMRR_COUNTER_FAST else "step"), _str(why)
+
+
+def cpu_model() -> str:
+    """The CPU a guest sees on this host: the model's name and the hash of the CPUID
+    answers a probe guest actually got ('kvmrr-x86-64-v1:0123456789abcdef').  A log states
+    it; a host that gives other answers cannot replay the log."""
+    name = ffi.new("char[]", 64)
+    lib.kvmrr_cpu_model(name, 64, ffi.NULL)
+    seen = ffi.new("uint64_t *")
+    err = _err_buf()
+    if lib.kvmrr_cpu_seen(ffi.NULL, 0, seen, err, _ERR_LEN) < 0:
+        raise KvmrrError(f"cannot probe the CPU model a guest sees: {_str(err)}")
+    return f"{_str(name)}:{seen[0]:016x}"
 
 
 def hash64(data: bytes, seed: int = 0) -> int:
@@ -192,7 +205,15 @@ class VmHandle:
         arr = ffi.new("struct kvmrr_event[]", len(events))
         keep: list = []
         for i, d in enumerate(events):
-            _dict_to_event(d, arr[i], keep)
+            try:
+                _dict_to_event(d, arr[i], keep)
+            except (OverflowError, TypeError, ValueError, KeyError, AttributeError) as exc:
+                # a corrupt or forged log: a field missing, of the wrong type, or beyond
+                # the machine word the core holds it in
+                kind = d.get("kind") if isinstance(d, dict) else None
+                raise KvmrrError(f"event {i} ({kind or 'no kind'}) has a field that is "
+                                 f"missing or out of range: "
+                                 f"{type(exc).__name__}: {exc}".splitlines()[0]) from None
         err = _err_buf()
         if lib.kvmrr_vm_feed_events(self._vm, arr, len(events), err, _ERR_LEN) < 0:
             raise KvmrrError(_str(err))
@@ -238,6 +259,12 @@ class VmHandle:
             "actual_hash": d.actual_hash,
         }
 
+    def msrs_skipped(self) -> list[int]:
+        """MSRs KVM lists that a snapshot cannot carry (they do not read or write back)."""
+        out = ffi.new("uint32_t[]", 512)
+        n = lib.kvmrr_vm_msrs_skipped(self._vm, out, 512)
+        return [out[i] for i in range(min(n, 512))]
+
     def stats(self) -> dict[str, int]:
         s = ffi.new("struct kvmrr_stats *")
         lib.kvmrr_vm_stats(self._vm, s)
@@ -253,6 +280,8 @@ class VmHandle:
         return bytes(ffi.buffer(buf, n[0]))
 
     def restore(self, blob: bytes) -> None:
+        if not isinstance(blob, (bytes, bytearray, memoryview)):
+            raise KvmrrError(f"a snapshot blob must be bytes, not {type(blob).__name__}")
         err = _err_buf()
         if lib.kvmrr_vm_snapshot_restore(self._vm, blob, len(blob), err, _ERR_LEN) < 0:
             raise KvmrrError(_str(err))

@@ -4,6 +4,7 @@ from __future__ import annotations
 import functools
 
 from libkvmrr._bindings import KvmrrError, RunResult, VmHandle, calibrate
+from libkvmrr._bindings import cpu_model as _probe_cpu_model
 
 DEFAULT_MEM_SIZE = 8 << 20
 
@@ -12,6 +13,13 @@ DEFAULT_MEM_SIZE = 8 << 20
 def best_counter() -> tuple[str, str]:
     """The exact counter this host supports, and why (calibrated once per process)."""
     return calibrate()
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_model() -> str:
+    """The CPU model a guest sees on this host, with the hash of its CPUID answers
+    (probed once per process)."""
+    return _probe_cpu_model()
 
 
 def resolve_counter(requested: str) -> tuple[str, str]:
@@ -97,3 +105,7 @@ class Machine:
 
     def restore(self, blob: bytes) -> None:
         self._vm.restore(blob)
+
+    def msrs_skipped(self) -> list[int]:
+        """MSRs KVM lists here that snapshots cannot carry."""
+        return self._vm.msrs_skipped()

@@ -11,10 +11,10 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Protocol
 
-from libkvmrr import DEFAULT_MEM_SIZE, GuestError, Machine
-from kvmrr_log.version import __version__
+from libkvmrr import DEFAULT_MEM_SIZE, GuestError, Machine, cpu_model
 from kvmrr_log.guest_images import GuestImage
 from kvmrr_log.verify import ICOUNT_SEMANTICS, OutputDigest
+from kvmrr_log.version import __version__
 from recorder.loadgen import KvLoad
 from schemas import FORMAT_VERSION
 
@@ -104,7 +104,8 @@ class RecordSession:
             "memory_bytes": self.machine.mem_size, "bootargs": self.bootargs,
             "counter": self.counter, "icount_semantics": ICOUNT_SEMANTICS,
             "checksum_every": self.checksum_every, "created_wall_ns": time.time_ns(),
-            "kvmrr_version": __version__,
+            "kvmrr_version": __version__, "cpu_model": cpu_model(),
+            "guest_image": self.guest.elf,
         }
 
     def snapshot(self) -> None:

@@ -8,13 +8,14 @@ the guest past the last event it was given: a gap, a cut or a bad record stops i
 """
 from __future__ import annotations
 
+import hashlib
 import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
-from libkvmrr import GuestError, Machine
-from kvmrr_log.guest_images import GuestImage, load_guest
+from libkvmrr import GuestError, Machine, cpu_model
+from kvmrr_log.guest_images import GuestImage, guest_from_bytes, load_guest
 from kvmrr_log.verify import ICOUNT_SEMANTICS, OutputDigest
 from replayer.errors import DivergenceError, ReplayError
 from replayer.report import format_divergence
@@ -50,7 +51,23 @@ def check_header(header: dict, guest: GuestImage | None) -> GuestImage:
         raise ReplayError("the log counts instructions as "
                           f"\"{header['icount_semantics']}\", which this host cannot "
                           "reproduce")
-    image = guest or load_guest(header["guest_name"])
+    # CPUID is guest-visible: a host whose guests get other answers cannot replay.  (A log
+    # from before the model was stated says nothing, and is replayed as before.)
+    if header.get("cpu_model") and header["cpu_model"] != cpu_model():
+        raise ReplayError(f"the log was recorded on CPU model {header['cpu_model']}, but a "
+                          f"guest here sees {cpu_model()}: this host cannot give the same "
+                          "CPUID answers")
+    # The log carries its image (logs from before it did name a built-in one).
+    carried = header.get("guest_image") or b""
+    if carried and hashlib.sha256(carried).hexdigest() != header["guest_sha256"]:
+        raise ReplayError("the guest image the log carries does not match the log's "
+                          "guest_sha256: the log is corrupt")
+    if guest is not None:
+        image = guest
+    elif carried:
+        image = guest_from_bytes(header["guest_name"], carried, "in the log")
+    else:
+        image = load_guest(header["guest_name"])
     if image.sha256 != header["guest_sha256"]:
         raise ReplayError(f"the log was recorded with guest image sha256 "
                           f"{header['guest_sha256'][:16]}…, but {image.path} has "
@@ -93,6 +110,13 @@ class ReplaySession:
         self.machine = Machine(self.image.elf, mode="replay", counter=self.counter,
                                bootargs=self.header["bootargs"],
                                mem_size=self.header["memory_bytes"])
+        # The snapshot, not the image, is what the replay runs: a first snapshot must be
+        # the state this image boots into, or labels could pass off one guest's log as
+        # another's.
+        if snapshot["icount"] == 0 and self.machine.state_hash() != snapshot["state_hash"]:
+            raise ReplayError(f"the log's initial snapshot is not the state guest image "
+                              f"{self.image.name} (sha256 {self.image.sha256[:16]}…) boots "
+                              "into: the image or the snapshot was replaced")
         self.machine.restore(snapshot["blob"])
         if self.machine.state_hash() != snapshot["state_hash"]:
             raise ReplayError(f"snapshot at icount {snapshot['icount']} does not restore "

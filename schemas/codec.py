@@ -229,7 +229,7 @@ def _to_avro(kind: str, record: dict, catalog: SchemaCatalog) -> dict:
     ignores, so only a batch's events need rewriting: into (union branch, event) tuples,
     which name the branch instead of letting fastavro guess it from the fields."""
     if kind != "EventBatch":
-        return record
+        return _with_defaults(kind, record, catalog)
     names = catalog.event_names
     try:
         events = [(names[event["kind"]], event) for event in record["events"]]
@@ -238,6 +238,22 @@ def _to_avro(kind: str, record: dict, catalog: SchemaCatalog) -> dict:
                                  f"{', '.join(names)}: {_one_line(exc)}") from None
     return {"first_seq": record.get("first_seq"), "events": events,
             "next_input_offset": record.get("next_input_offset", -1)}
+
+
+def _with_defaults(kind: str, record: dict, catalog: SchemaCatalog) -> dict:
+    """A record written without a field added later gets the field's default.  fastavro
+    would write a bytes field's default as given, the JSON string Avro specifies, and fail
+    on it: so defaults are filled here, bytes encoded as Avro says (ISO-8859-1)."""
+    fields = catalog.current_schema(kind).get("fields", ())
+    missing = [f for f in fields if f["name"] not in record and "default" in f]
+    if not missing:
+        return record
+    filled = dict(record)
+    for f in missing:
+        default = f["default"]
+        filled[f["name"]] = (default.encode("latin-1") if f["type"] == "bytes"
+                             and isinstance(default, str) else default)
+    return filled
 
 
 def _from_avro(kind: str, datum: dict) -> dict:

@@ -162,3 +162,15 @@ def test_inspect_counts_events(recordings, tmp_path_factory):
 def test_run_hello():
     proc = kvmrr("run", "hello")
     assert "hello from kvmrr" in proc.stdout
+
+
+def test_a_log_of_another_cpu_model_is_refused(recordings, tmp_path_factory, tmp_path):
+    path, rec = record(recordings, tmp_path_factory, "kvstore", "fast", KVSTORE)
+    header, records = read_archive(path)
+    assert header["cpu_model"].startswith("kvmrr-x86-64-v1:")
+    other = tmp_path / "other-cpu.avro"
+    with ArchiveWriter(other, dict(header, cpu_model="kvmrr-x86-64-v1:0000000000000000")) as out:
+        for r in records:
+            out.write(r)
+    line = _one_line_error(kvmrr("replay", "--log", f"file:{other}", check=False))
+    assert "CPU model" in line and "CPUID" in line

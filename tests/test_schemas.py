@@ -78,7 +78,8 @@ def header(**changes):
             "memory_bytes": 64 << 20, "bootargs": "n=1000 seed=7", "counter": "fast",
             "icount_semantics": "x86-retired;rep=1+per-1KiB-chunk;kvm-insn-emulation-v1",
             "checksum_every": 1_000_000, "created_wall_ns": 1_795_000_000_123_456_789,
-            "kvmrr_version": "0.1.0", **changes}
+            "kvmrr_version": "0.1.0", "cpu_model": "kvmrr-x86-64-v1:0123456789abcdef",
+            "guest_image": b"\x7fELF" + bytes(60), **changes}
 
 
 def snapshot(blob=b"\x7fKVMRR-SNAPSHOT" + bytes(range(256)) * 40):
@@ -490,3 +491,10 @@ def test_a_registered_old_writer_without_a_defaulted_field_reads_with_the_defaul
     record = decode_message(buf.getvalue(), [(schemas.SCHEMA_HEADER, fingerprint)],
                             catalog=next_release)
     assert record["events"] == [{**typical_events()[0], "vcpu": 0}]
+
+
+def test_a_header_written_without_the_fields_added_later_reads_their_defaults():
+    old = {k: v for k, v in header().items() if k not in ("cpu_model", "guest_image")}
+    value, headers = schemas.encode_message(old)
+    back = schemas.decode_message(value, headers)
+    assert back["cpu_model"] == "" and back["guest_image"] == b""

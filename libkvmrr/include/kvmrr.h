@@ -14,7 +14,7 @@
 #include <stdint.h>
 
 /* Bumped on any change to this header; the binding refuses a library of another version. */
-enum { KVMRR_ABI_VERSION = 2 };   /* 2: kvmrr_stats.breakpoints */
+enum { KVMRR_ABI_VERSION = 3 };   /* 2: kvmrr_stats.breakpoints; 3: CPU model, MSRs skipped */
 
 /* Guest instructions retired since the VM's first instruction (docs/ARCHITECTURE.md §2.1). */
 typedef int64_t kvmrr_icount_t;
@@ -149,7 +149,23 @@ uint64_t kvmrr_vm_state_hash(struct kvmrr_vm *vm);
 void kvmrr_vm_divergence(struct kvmrr_vm *vm, struct kvmrr_divergence *out);
 void kvmrr_vm_stats(struct kvmrr_vm *vm, struct kvmrr_stats *out);
 
-/* Snapshot of the whole VM: magic, version, state, memory, checksum. */
+/* The fixed CPU model every guest sees (its CPUID table): writes its name, sets *hash to
+ * the xxh64 of its leaves (either may be NULL); returns the number of leaves. */
+int kvmrr_cpu_model(char *name, size_t name_len, uint64_t *hash);
+
+/* The CPUID answers a guest actually gets on this host, which need not be the model's
+ * (some hosts answer some leaves from the host CPU): runs the leaves a guest asks in a
+ * probe VM.  Copies up to max_words answers (eax, ebx, ecx, edx per leaf), sets *hash to
+ * their xxh64, returns the number of words; -1 with err[] if the probe cannot run.  A
+ * log states the hash; a host whose hash differs cannot replay it. */
+int kvmrr_cpu_seen(uint32_t *out, int max_words, uint64_t *hash, char *err, size_t err_len);
+
+/* MSRs that KVM lists but a snapshot cannot carry (they do not read, or do not write
+ * back): copies up to max indices, returns how many there are. */
+int kvmrr_vm_msrs_skipped(struct kvmrr_vm *vm, uint32_t *out, int max);
+
+/* Snapshot of the whole VM: magic, version, sizes, vCPU and core state, MSRs, memory,
+ * checksum.  Restore validates every field first and changes nothing if it refuses. */
 size_t kvmrr_vm_snapshot_size(struct kvmrr_vm *vm);
 int kvmrr_vm_snapshot_save(struct kvmrr_vm *vm, uint8_t *buf, size_t cap, size_t *len);
 int kvmrr_vm_snapshot_restore(struct kvmrr_vm *vm, const uint8_t *buf, size_t len,

@@ -123,3 +123,25 @@ void devices_input_apply(struct kvmrr_devices *dev, struct pio_access *io, uint6
         io->value = (uint32_t)value;
     }
 }
+
+/* The invariants devices_pio() keeps, checked on state read back from outside (a
+ * snapshot): a serial line is flushed at KVMRR_SERIAL_LINE bytes, so a longer one would
+ * write past serial_buf; addresses and periods come from 32-bit port writes. */
+int devices_validate(const struct kvmrr_devices *dev, uint64_t mem_size, char *err,
+                     size_t err_len)
+{
+    if (dev->serial_len >= KVMRR_SERIAL_LINE)
+        return ERRF(err, err_len, "device state: serial line of %u bytes, at most %d",
+                    dev->serial_len, KVMRR_SERIAL_LINE - 1);
+    if (dev->timer_period_ns % 1000 || dev->timer_period_ns / 1000 > UINT32_MAX)
+        return ERRF(err, err_len, "device state: timer period %llu ns is not one the guest "
+                    "can program", (unsigned long long)dev->timer_period_ns);
+    if (dev->nic_rx_addr > UINT32_MAX || dev->nic_tx_addr > UINT32_MAX)
+        return ERRF(err, err_len, "device state: NIC buffer address beyond 32 bits");
+    if (dev->nic_rx_cap > KVMRR_NIC_MTU || dev->nic_rx_len > KVMRR_NIC_MTU)
+        return ERRF(err, err_len, "device state: NIC rx buffer of %llu bytes holding %llu, "
+                    "at most %d", (unsigned long long)dev->nic_rx_cap,
+                    (unsigned long long)dev->nic_rx_len, KVMRR_NIC_MTU);
+    (void)mem_size;   /* addresses are checked against RAM where they are used */
+    return 0;
+}

@@ -75,3 +75,44 @@ void queue_clear(struct event_queue *q)
 {
     q->head = q->count = 0;
 }
+
+/* A logged event is input from outside (an archive, Kafka): check what the replay will
+ * use of it before it is queued.  Whether it matches the guest is the replay's check. */
+int event_validate(const struct kvmrr_event *ev, char *err, size_t err_len)
+{
+    if (ev->kind < KVMRR_EV_INTERRUPT || ev->kind > KVMRR_EV_CHECKSUM)
+        return ERRF(err, err_len, "unknown kind %d", ev->kind);
+    if (ev->icount < 0)
+        return ERRF(err, err_len, "negative icount %lld", (long long)ev->icount);
+    bool payload = ev->kind == KVMRR_EV_DMA || ev->kind == KVMRR_EV_OUTPUT;
+    if (!payload && ev->len)
+        return ERRF(err, err_len, "kind %d carries no payload, this one has %u bytes",
+                    ev->kind, ev->len);
+    if (ev->len > KVMRR_NIC_MTU)
+        return ERRF(err, err_len, "payload of %u bytes is too large (at most %d)", ev->len,
+                    KVMRR_NIC_MTU);
+    if (ev->len && !ev->data)
+        return ERRF(err, err_len, "a %u-byte payload without data", ev->len);
+    switch (ev->kind) {
+    case KVMRR_EV_INTERRUPT:
+        /* 0-31 are the CPU's exceptions; devices raise 32 and up */
+        if (ev->a < 32 || ev->a > 255)
+            return ERRF(err, err_len, "interrupt vector %llu outside 32..255",
+                        (unsigned long long)ev->a);
+        break;
+    case KVMRR_EV_PORT_IN:
+        if (ev->a > 0xffff || (ev->b != 1 && ev->b != 2 && ev->b != 4))
+            return ERRF(err, err_len, "port read of port %llu size %llu",
+                        (unsigned long long)ev->a, (unsigned long long)ev->b);
+        break;
+    case KVMRR_EV_MMIO_READ:
+        if (ev->b != 1 && ev->b != 2 && ev->b != 4 && ev->b != 8)
+            return ERRF(err, err_len, "MMIO read of size %llu", (unsigned long long)ev->b);
+        break;
+    case KVMRR_EV_OUTPUT:
+        if (ev->a != KVMRR_CHANNEL_SERIAL && ev->a != KVMRR_CHANNEL_NIC)
+            return ERRF(err, err_len, "output on unknown channel %llu", (unsigned long long)ev->a);
+        break;
+    }
+    return 0;
+}

@@ -2,7 +2,7 @@
  * internal.h - the VM object and the functions the core's files share.
  * One file per concern: vm.c (KVM objects), x86.c (long-mode setup), loader.c (ELF),
  * devices.c (port I/O models), counter.c (icount backends), events.c (queues),
- * run.c (the run loop), snapshot.c, hash.c.
+ * run.c (the run loop), snapshot.c, hash.c, cpu_model.c (the CPUID the guest sees).
  */
 #ifndef KVMRR_INTERNAL_H
 #define KVMRR_INTERNAL_H
@@ -61,6 +61,10 @@ void devices_input_apply(struct kvmrr_devices *dev, struct pio_access *io, uint6
 bool devices_nic_ready(const struct kvmrr_devices *dev, uint64_t mem_size);
 uint32_t devices_nic_deliver(struct kvmrr_devices *dev, uint8_t *mem, const uint8_t *data,
                              uint32_t len);
+/* Device state read back from a snapshot: 0, or -1 with err[] if it breaks an invariant
+ * the models rely on. */
+int devices_validate(const struct kvmrr_devices *dev, uint64_t mem_size, char *err,
+                     size_t err_len);
 
 /* ---- events (events.c) ---- */
 struct event_slot {
@@ -81,6 +85,8 @@ struct kvmrr_event *queue_push(struct event_queue *q, const struct kvmrr_event *
 struct kvmrr_event *queue_peek(struct event_queue *q);
 void queue_pop(struct event_queue *q);
 void queue_clear(struct event_queue *q);
+/* A fed event: 0, or -1 with err[] saying which field is out of range. */
+int event_validate(const struct kvmrr_event *ev, char *err, size_t err_len);
 
 struct nic_packet { uint32_t len; uint8_t data[KVMRR_NIC_MTU]; };
 
@@ -132,6 +138,13 @@ struct kvmrr_vm {
 
     struct kvmrr_divergence div;
     struct kvmrr_stats stats;
+
+    /* the CPU model (cpu_model.c) and the MSRs a snapshot carries (snapshot.c) */
+    uint64_t cpu_model_hash;
+    uint32_t *snap_msrs;             /* KVM's MSR list, those that read and write back */
+    int snap_nmsrs;
+    uint32_t *skipped_msrs;          /* listed by KVM, but not readable or not writable */
+    int skipped_nmsrs;
 };
 
 /* vm.c */
@@ -160,6 +173,15 @@ int  counter_open(struct kvmrr_vm *vm);
 int  counter_read_stat(struct kvmrr_vm *vm, uint64_t *value);
 int  counter_sync(struct kvmrr_vm *vm);   /* fast: icount from the statistic */
 void counter_rebase(struct kvmrr_vm *vm, kvmrr_icount_t icount);
+
+/* cpu_model.c: KVM_SET_CPUID2 with kvmrr's fixed model; refuses a host that lacks it */
+int cpu_model_set(struct kvmrr_vm *vm, char *err, size_t err_len);
+/* The model's answer to CPUID leaf function, subleaf 0 (false: no such leaf, so the
+ * guest reads the highest basic leaf instead, Intel's rule). */
+bool cpu_model_leaf(uint32_t function, uint32_t out[4]);
+
+/* snapshot.c: which of KVM's MSRs a snapshot saves (after the CPU model is set) */
+int snapshot_msrs_init(struct kvmrr_vm *vm, char *err, size_t err_len);
 
 /* hash.c */
 uint64_t state_hash(struct kvmrr_vm *vm);

@@ -1088,14 +1088,13 @@ int kvmrr_vm_feed_events(struct kvmrr_vm *vm, const struct kvmrr_event *events, 
         return ERRF(err, err_len, "events can only be fed to a replaying VM");
     for (int i = 0; i < n; i++) {
         const struct kvmrr_event *ev = &events[i];
-        if (ev->kind < KVMRR_EV_INTERRUPT || ev->kind > KVMRR_EV_CHECKSUM)
-            return ERRF(err, err_len, "event %d has unknown kind %d", i, ev->kind);
+        char why[160];
+        if (event_validate(ev, why, sizeof(why)) < 0)
+            return ERRF(err, err_len, "event %d at icount %lld: %s", i, (long long)ev->icount, why);
         if (ev->icount < vm->last_event_icount)
             return ERRF(err, err_len, "event at icount %lld comes after one at %lld: "
                         "the log goes backwards", (long long)ev->icount,
                         (long long)vm->last_event_icount);
-        if (ev->len > KVMRR_NIC_MTU * 2)
-            return ERRF(err, err_len, "event payload of %u bytes is too large", ev->len);
         if (!queue_push(&vm->replay, ev, ev->data, ev->len))
             return ERRF(err, err_len, "out of memory");
         vm->last_event_icount = ev->icount;

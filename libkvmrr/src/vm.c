@@ -12,24 +12,6 @@
 
 int kvmrr_abi_version(void) { return KVMRR_ABI_VERSION; }
 
-static int set_cpuid(struct kvmrr_vm *vm, char *err, size_t err_len)
-{
-    int n = 128;
-    struct kvm_cpuid2 *cpuid = calloc(1, sizeof(*cpuid) + n * sizeof(struct kvm_cpuid_entry2));
-    if (!cpuid)
-        return ERRF(err, err_len, "out of memory");
-    cpuid->nent = n;
-    if (ioctl(vm->kvm_fd, KVM_GET_SUPPORTED_CPUID, cpuid) < 0) {
-        free(cpuid);
-        return ERRF(err, err_len, "KVM_GET_SUPPORTED_CPUID: %s", strerror(errno));
-    }
-    int rc = ioctl(vm->vcpu_fd, KVM_SET_CPUID2, cpuid);
-    free(cpuid);
-    if (rc < 0)
-        return ERRF(err, err_len, "KVM_SET_CPUID2: %s", strerror(errno));
-    return 0;
-}
-
 static int vm_open(struct kvmrr_vm *vm, char *err, size_t err_len)
 {
     vm->kvm_fd = open("/dev/kvm", O_RDWR | O_CLOEXEC);
@@ -77,7 +59,9 @@ static int vm_open(struct kvmrr_vm *vm, char *err, size_t err_len)
     }
     /* Registers travel with every exit: no GET_REGS ioctl per single-step. */
     vm->run->kvm_valid_regs = KVM_SYNC_X86_REGS;
-    return set_cpuid(vm, err, err_len);
+    if (cpu_model_set(vm, err, err_len) < 0)
+        return -1;
+    return snapshot_msrs_init(vm, err, err_len);
 }
 
 struct kvmrr_vm *kvmrr_vm_create(const struct kvmrr_config *cfg, const uint8_t *elf,
@@ -146,6 +130,8 @@ void kvmrr_vm_destroy(struct kvmrr_vm *vm)
     queue_free(&vm->recorded);
     queue_free(&vm->replay);
     free(vm->nic_queue);
+    free(vm->snap_msrs);
+    free(vm->skipped_msrs);
     if (vm->run)
         munmap(vm->run, vm->run_size);
     if (vm->mem)

@@ -12,8 +12,12 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <sys/ioctl.h>
+#include <cpuid.h>
 
 #include "internal.h"
+#include "snapshot_format.h"
+#include <stddef.h>
 
 /* ------------------------------------------------------------------ the harness */
 
@@ -40,6 +44,9 @@ static void note_failure(int line, const char *fmt, ...)
 
 static void run_test(const char *name, void (*fn)(void))
 {
+    const char *only = getenv("KVMRR_TEST");   /* run only the tests whose name has this */
+    if (only && !strstr(name, only))
+        return;
     g_cur_failed = false;
     g_why[0] = 0;
     fn();
@@ -853,12 +860,172 @@ static const uint8_t clock_code[] = {
 
 /* ---- tests ---- */
 
+/* What the guest sees.  CPUID executed by a guest answers kvmrr's model for every leaf
+ * KVM_SET_CPUID2 governs on this host, and kvmrr_cpu_seen() reports exactly what a guest
+ * gets for the rest (on kvm_pvm, leaf 1 ECX/EDX, leaf 7 and leaf 0xd come from the host
+ * CPU): the hash a log states.  KVM's own leaves are gone, and its paravirtual MSRs
+ * refuse a write (#GP, here a triple fault: no IDT). */
+static const uint32_t cpuid_leaves[] = {
+    0, 1, 2, 3, 4, 5, 6, 7, 0xd, 0x40000000, 0x40000001, 0x40000100, 0x80000000,
+    0x80000001, 0x80000002, 0x80000003, 0x80000004, 0x80000007, 0x80000008, 0x80000009,
+};
+/* the same leaves' places in kvmrr_cpu_seen()'s answers (-1: not probed there) */
+static const int cpuid_seen_index[] = {
+    0, 1, 2, 3, 4, 5, 6, 7, 9, 11, 12, -1, 13, 14, 15, 16, 17, 20, 21, 22,
+};
+/* leaves whose answer KVM_SET_CPUID2 does not decide here: not compared with the model */
+static bool cpuid_host_decides(uint32_t leaf, int reg)
+{
+    return (leaf == 1 && reg >= 2) || leaf == 7 || leaf == 0xd || leaf == 0x40000100
+           || leaf == 0x80000009;
+}
+#define CPUID_NLEAVES (sizeof(cpuid_leaves) / sizeof(cpuid_leaves[0]))
+#define CPUID_OUT 0x200000
+
+static void test_cpu_model(void)
+{
+    static const uint8_t text[] = {
+        0xbe, 0x40, 0x00, 0x10, 0x00,   /* 0:  mov esi, 0x100040 (the leaf list) */
+        0xbf, 0x00, 0x00, 0x20, 0x00,   /* 5:  mov edi, 0x200000 */
+        0x8b, 0x06,                     /* a:  mov eax, [rsi] */
+        0x83, 0xf8, 0xff,               /* c:  cmp eax, -1 */
+        0x74, 0x19,                     /* f:  je 2a */
+        0x31, 0xc9,                     /* 11: xor ecx, ecx */
+        0x0f, 0xa2,                     /* 13: cpuid */
+        0x89, 0x07, 0x89, 0x5f, 0x04,   /* 15: mov [rdi], eax; mov [rdi+4], ebx */
+        0x89, 0x4f, 0x08, 0x89, 0x57, 0x0c, /* 1a: mov [rdi+8], ecx; mov [rdi+12], edx */
+        0x48, 0x83, 0xc6, 0x04,         /* 20: add rsi, 4 */
+        0x48, 0x83, 0xc7, 0x10,         /* 24: add rdi, 16 */
+        0xeb, 0xe0,                     /* 28: jmp a */
+        0xb9, 0x01, 0x4d, 0x56, 0x4b,   /* 2a: mov ecx, 0x4b564d01 (MSR_KVM_SYSTEM_TIME_NEW) */
+        0xb8, 0x01, 0x00, 0x00, 0x00,   /* 2f: mov eax, 1 (enable kvmclock) */
+        0x31, 0xd2,                     /* 34: xor edx, edx */
+        0x0f, 0x30,                     /* 36: wrmsr */
+        0xb0, 0x07, 0xe6, 0xf4,         /* 38: mov al, 7; out 0xf4, al */
+    };
+    uint8_t code[0x40 + sizeof(cpuid_leaves) + 4];
+    memset(code, 0, sizeof(code));
+    memcpy(code, text, sizeof(text));
+    memcpy(code + 0x40, cpuid_leaves, sizeof(cpuid_leaves));
+    memset(code + 0x40 + sizeof(cpuid_leaves), 0xff, 4);
+    struct guest g;
+    CHECK(guest_build(&g, code, sizeof(code)));
+    char name[64];
+    uint64_t hash = 0;
+    CHECK(kvmrr_cpu_model(name, sizeof(name), &hash) > 10 && hash && strlen(name));
+    for (int counter = 0; counter <= 1; counter++) {
+        char err[256];
+        struct kvmrr_vm *vm = vm_new(&g, KVMRR_MODE_RUN, counter, 0, err, sizeof(err));
+        CHECKF(vm, "%s", err);
+        struct kvmrr_result res;
+        run_until(vm, -1, &res);
+        uint32_t seen[CPUID_NLEAVES][4];
+        memcpy(seen, vm->mem + CPUID_OUT, sizeof(seen));
+        kvmrr_vm_destroy(vm);
+        if (getenv("KVMRR_TEST_SHOW_CPUID"))
+            for (size_t i = 0; i < CPUID_NLEAVES; i++)
+                printf("  %s cpuid 0x%08x: %08x %08x %08x %08x\n", counter_name(counter),
+                       cpuid_leaves[i], seen[i][0], seen[i][1], seen[i][2], seen[i][3]);
+        uint32_t probed[4 * 32];
+        uint64_t seen_hash = 0, seen_hash2 = 0;
+        int words = kvmrr_cpu_seen(probed, 4 * 32, &seen_hash, err, sizeof(err));
+        CHECKF(words == 4 * 23, "kvmrr_cpu_seen: %d (%s)", words, err);
+        CHECK(kvmrr_cpu_seen(NULL, 0, &seen_hash2, err, sizeof(err)) == words
+              && seen_hash2 == seen_hash);
+        int host_decided = 0;
+        for (size_t i = 0; i < CPUID_NLEAVES; i++) {
+            uint32_t want[4] = { 0, 0, 0, 0 };   /* absent leaves read as leaf 7 */
+            cpu_model_leaf(cpuid_leaves[i], want);
+            for (int r = 0; r < 4; r++) {
+                if (cpuid_host_decides(cpuid_leaves[i], r)) {
+                    host_decided += seen[i][r] != want[r];
+                    continue;
+                }
+                CHECKF(seen[i][r] == want[r], "%s: CPUID 0x%x reg %d: guest saw %08x, the "
+                       "model says %08x", counter_name(counter), cpuid_leaves[i], r,
+                       seen[i][r], want[r]);
+            }
+            int k = cpuid_seen_index[i];
+            CHECKF(k < 0 || memcmp(seen[i], &probed[4 * k], 16) == 0, "CPUID 0x%x: the guest "
+                   "saw %08x %08x %08x %08x, kvmrr_cpu_seen %08x %08x %08x %08x",
+                   cpuid_leaves[i], seen[i][0], seen[i][1], seen[i][2], seen[i][3],
+                   probed[4 * k], probed[4 * k + 1], probed[4 * k + 2], probed[4 * k + 3]);
+        }
+        if (counter == 0 && host_decided)
+            printf("  note: %d CPUID registers answered by the host CPU, not the model\n",
+                   host_decided);
+        /* leaf 1 ECX: no hypervisor bit (31), TSC deadline (24), x2APIC (21); no KVM
+         * signature; 0x80000001: no RDTSCP (27), long mode (29) */
+        CHECK((seen[1][2] & (1u << 31 | 1u << 24 | 1u << 21)) == 0);
+        CHECK(seen[9][0] == 0 && seen[9][1] == 0 && seen[9][2] == 0 && seen[9][3] == 0);
+        CHECK((seen[13][3] & (1u << 27)) == 0 && (seen[13][3] & (1u << 29)));
+        unsigned a, b, c, d;
+        __cpuid(1, a, b, c, d);
+        CHECKF(c != seen[1][2], "host and guest agree on leaf 1 ECX %08x: passthrough?", c);
+        /* (where the count stands after a fault is run.c's business: only the place) */
+        CHECKF(res.stop == KVMRR_STOP_ERROR && strstr(res.message, "triple fault")
+               && strstr(res.message, "rip 0x100036"),
+               "%s: a kvmclock MSR write: %s at %lld (%s), expected #GP at the WRMSR",
+               counter_name(counter), stop_name(res.stop), (long long)res.icount, res.message);
+    }
+}
+
 static void test_calibrate(void)
 {
     char why[256] = "";
     int c = kvmrr_calibrate(why, sizeof(why));
     CHECKF(c == KVMRR_COUNTER_FAST, "calibrate returned %d: %s", c, why);
     CHECKF(strstr(why, "exact") && strstr(why, "2002"), "why \"%s\"", why);
+}
+
+/* XCR0 travels in snapshots.  The model hides XSAVE, yet on this host (kvm_pvm) a guest
+ * can set CR4.OSXSAVE and XSETBV anyway (KVM_SET_CPUID2 does not gate them here), so a
+ * snapshot must carry XCR0: a guest sets it to x87|SSE, the VM is snapshotted and a fresh
+ * VM restored from it has the same XCR0. */
+static void test_snapshot_xcr0(void)
+{
+    static const uint8_t text[] = {
+        0x0f, 0x20, 0xe0,               /* 0:  mov rax, cr4 */
+        0x48, 0x0f, 0xba, 0xe8, 0x12,   /* 3:  bts rax, 18 (OSXSAVE) */
+        0x0f, 0x22, 0xe0,               /* 8:  mov cr4, rax */
+        0x31, 0xc9,                     /* b:  xor ecx, ecx (XCR0) */
+        0xb8, 0x03, 0x00, 0x00, 0x00,   /* d:  mov eax, 3 (x87 | SSE) */
+        0x31, 0xd2,                     /* 12: xor edx, edx */
+        0x0f, 0x01, 0xd1,               /* 14: xsetbv */
+        0x90,                           /* 17: nop (stop here) */
+        0xb0, 0x07, 0xe6, 0xf4,         /* 18: mov al, 7; out 0xf4, al */
+    };
+    struct guest g;
+    CHECK(guest_build(&g, text, sizeof(text)));
+    char err[256];
+    struct kvmrr_vm *vm = vm_new(&g, KVMRR_MODE_RUN, KVMRR_COUNTER_STEP, 0, err, sizeof(err));
+    CHECKF(vm, "%s", err);
+    struct kvmrr_result res;
+    run_until(vm, 7, &res);
+    struct kvm_xcrs x1 = { 0 }, x2 = { 0 };
+    int got = ioctl(vm->vcpu_fd, KVM_GET_XCRS, &x1);
+    size_t cap = kvmrr_vm_snapshot_size(vm), len = 0;
+    uint8_t *snap = malloc(cap);
+    int saved = kvmrr_vm_snapshot_save(vm, snap, cap, &len);
+    kvmrr_vm_destroy(vm);
+    if (res.stop != KVMRR_STOP_ICOUNT || got < 0 || saved < 0)
+        free(snap);
+    CHECKF(res.stop == KVMRR_STOP_ICOUNT, "guest setting XCR0: %s at %lld (%s)",
+           stop_name(res.stop), (long long)res.icount, res.message);
+    CHECK(got == 0 && saved == 0);
+    CHECKF(x1.nr_xcrs >= 1 && x1.xcrs[0].xcr == 0 && x1.xcrs[0].value == 3,
+           "XCR0 after XSETBV: %u XCRs, value 0x%llx", x1.nr_xcrs,
+           (unsigned long long)x1.xcrs[0].value);
+    struct kvmrr_vm *b = vm_new(&g, KVMRR_MODE_RUN, KVMRR_COUNTER_STEP, 0, err, sizeof(err));
+    int rc = b ? kvmrr_vm_snapshot_restore(b, snap, len, err, sizeof(err)) : -1;
+    if (b) {
+        ioctl(b->vcpu_fd, KVM_GET_XCRS, &x2);
+        kvmrr_vm_destroy(b);
+    }
+    free(snap);
+    CHECKF(rc == 0, "%s", err);
+    CHECKF(x2.nr_xcrs >= 1 && x2.xcrs[0].value == 3, "restored XCR0: %u XCRs, value 0x%llx",
+           x2.nr_xcrs, (unsigned long long)x2.xcrs[0].value);
 }
 
 static void test_probe_icount(void)
@@ -1666,6 +1833,390 @@ static void test_snapshot_midrecord(void)
     recording_free(&r);
 }
 
+
+/* ---- forged input: a snapshot or a log is input from outside ---- */
+
+static uint64_t g_fuzz_state = 0x243f6a8885a308d3ull;
+static uint64_t fuzz_next(void)
+{
+    uint64_t x = g_fuzz_state;   /* xorshift64*: the same mutations on every run */
+    x ^= x >> 12; x ^= x << 25; x ^= x >> 27;
+    g_fuzz_state = x;
+    return x * 0x2545f4914f6cdd1dull;
+}
+
+/* Make a forged blob's checksum right, so the validation behind it is what answers. */
+static void snap_reseal(uint8_t *blob, size_t len)
+{
+    uint64_t sum = kvmrr_hash64(blob, len - 8, 0);
+    memcpy(blob + len - 8, &sum, 8);
+}
+
+#define FIELD(blob, type, off) ((type *)((blob) + (off)))
+#define SNAP_CORE_OFF (sizeof(struct snap_header) + sizeof(struct snap_vcpu))
+#define SNAP_DEV_OFF (SNAP_CORE_OFF + offsetof(struct snap_core, dev))
+
+/* Every field the core interprets, forged one at a time with the checksum made right:
+ * refused with a message naming it, and the VM left as it was.  Then random forgeries
+ * (bit flips, truncations, fields set to extremes, with and without a right checksum):
+ * restore answers 0 or -1, never crashes, and what it accepts runs (to an error or a
+ * stop) without crashing either.  KVMRR_FUZZ_ITERS sets how many (default 1000). */
+static void test_snapshot_forged(void)
+{
+    struct guest g;
+    uint8_t code[IG_LEN];
+    CHECK(guest_build(&g, code, timer_guest(code, 200)));
+    char err[256];
+    struct kvmrr_vm *vm = vm_new(&g, KVMRR_MODE_RECORD, KVMRR_COUNTER_FAST, 0, err, sizeof(err));
+    CHECKF(vm, "%s", err);
+    struct kvmrr_result res;
+    run_until(vm, 20000, &res);
+    CHECKF(res.stop == KVMRR_STOP_ICOUNT, "%s (%s)", stop_name(res.stop), res.message);
+    size_t len = 0, cap = kvmrr_vm_snapshot_size(vm);
+    uint8_t *snap = malloc(cap), *bad = malloc(cap);
+    CHECK(kvmrr_vm_snapshot_save(vm, snap, cap, &len) == 0 && len == cap);
+    uint64_t h0 = kvmrr_vm_state_hash(vm);
+    const struct snap_header *hdr = (const struct snap_header *)snap;
+    size_t msr_off = SNAP_FIXED;
+
+    struct forged { size_t off; int width; uint64_t value; const char *word; } cases[] = {
+        { SNAP_DEV_OFF + offsetof(struct kvmrr_devices, serial_len), 4, 300, "serial" },
+        { SNAP_DEV_OFF + offsetof(struct kvmrr_devices, serial_len), 4, 0x7fffffff, "serial" },
+        { SNAP_DEV_OFF + offsetof(struct kvmrr_devices, serial_len), 4, 256, "serial" },
+        { SNAP_DEV_OFF + offsetof(struct kvmrr_devices, nic_rx_cap), 8, 1ull << 40, "NIC" },
+        { SNAP_DEV_OFF + offsetof(struct kvmrr_devices, nic_rx_len), 8, 4096, "NIC" },
+        { SNAP_DEV_OFF + offsetof(struct kvmrr_devices, nic_rx_addr), 8, 1ull << 33, "NIC" },
+        { SNAP_DEV_OFF + offsetof(struct kvmrr_devices, timer_period_ns), 8, 7, "timer" },
+        { SNAP_CORE_OFF + offsetof(struct snap_core, halted), 4, 2, "core flags" },
+        { SNAP_CORE_OFF + offsetof(struct snap_core, frame_rflags_gpa), 8, GUEST_MEM - 4, "frame" },
+        { SNAP_CORE_OFF + offsetof(struct snap_core, delivery_tf), 8, 1, "delivery" },
+        { SNAP_CORE_OFF + offsetof(struct snap_core, last_checksum), 8, 1ull << 40, "checksum icount" },
+        { sizeof(struct snap_header) + offsetof(struct snap_vcpu, events)
+          + offsetof(struct kvm_vcpu_events, exception.nr), 1, 200, "events" },
+        { sizeof(struct snap_header) + offsetof(struct snap_vcpu, xcrs), 4, 1000, "XCR" },
+        { offsetof(struct snap_header, version), 4, 1, "older" },
+        { offsetof(struct snap_header, version), 4, 3, "newer" },
+        { offsetof(struct snap_header, header_size), 4, 0, "section sizes" },
+        { offsetof(struct snap_header, vcpu_size), 4, 0xffffffff, "section sizes" },
+        { offsetof(struct snap_header, core_size), 4, 8, "section sizes" },
+        { offsetof(struct snap_header, nmsrs), 4, 0xffffffff, "MSRs" },
+        { offsetof(struct snap_header, nmsrs), 4, 1, "bytes" },
+        { offsetof(struct snap_header, total_size), 8, ~0ull, "bytes" },
+        { offsetof(struct snap_header, mem_size), 8, 1ull << 63, "byte VM" },
+        { offsetof(struct snap_header, icount), 8, ~0ull, "negative" },
+        { offsetof(struct snap_header, cpu_model_hash), 8, 12345, "CPU model" },
+        { msr_off + offsetof(struct kvm_msr_entry, index), 4, 0xdeadbeef, "MSR 0x" },
+        { msr_off + offsetof(struct kvm_msr_entry, reserved), 4, 1, "MSR entry" },
+    };
+    CHECK(hdr->nmsrs > 0);
+    for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+        memcpy(bad, snap, len);
+        memcpy(bad + cases[i].off, &cases[i].value, (size_t)cases[i].width);
+        snap_reseal(bad, len);
+        err[0] = 0;
+        int rc = kvmrr_vm_snapshot_restore(vm, bad, len, err, sizeof(err));
+        CHECKF(rc == -1 && strstr(err, cases[i].word), "forged field at %zu = 0x%llx: rc %d "
+               "\"%s\", expected a message with \"%s\"", cases[i].off,
+               (unsigned long long)cases[i].value, rc, err, cases[i].word);
+        CHECKF(kvmrr_vm_icount(vm) == 20000 && kvmrr_vm_state_hash(vm) == h0,
+               "forged field at %zu: the refused blob changed the VM", cases[i].off);
+    }
+    /* KVM itself refuses some vCPU states the core does not interpret: the vCPU is put
+     * back (a CR0 with PG but not PE is invalid). */
+    memcpy(bad, snap, len);
+    struct snap_vcpu *cv = FIELD(bad, struct snap_vcpu, sizeof(struct snap_header));
+    cv->sregs.cr0 = 1ull << 31;
+    snap_reseal(bad, len);
+    err[0] = 0;
+    int krc = kvmrr_vm_snapshot_restore(vm, bad, len, err, sizeof(err));
+    CHECKF(krc == -1 && strstr(err, "KVM refused"), "CR0.PG without PE: rc %d \"%s\"", krc, err);
+    CHECKF(kvmrr_vm_state_hash(vm) == h0, "KVM's refusal left the vCPU changed");
+    /* The honest blob still restores. */
+    CHECKF(kvmrr_vm_snapshot_restore(vm, snap, len, err, sizeof(err)) == 0, "%s", err);
+
+    int iters = getenv("KVMRR_FUZZ_ITERS") ? atoi(getenv("KVMRR_FUZZ_ITERS")) : 1000;
+    int refused = 0, accepted = 0, ran = 0;
+    size_t state_len = SNAP_FIXED + hdr->nmsrs * sizeof(struct kvm_msr_entry);
+    static const uint64_t extremes[] = { 0, 1, 0x7f, 0xff, 0x100, 0x7fffffff, 0x80000000,
+                                         0xffffffff, 1ull << 32, 1ull << 63, ~0ull };
+    for (int it = 0; it < iters; it++) {
+        size_t blen = len;
+        memcpy(bad, snap, len);
+        bool reseal = true;
+        switch (fuzz_next() % 5) {
+        case 0:   /* bit flips in the state */
+            for (int k = 1 + (int)(fuzz_next() % 8); k > 0; k--) {
+                size_t off = fuzz_next() % state_len;
+                bad[off] ^= (uint8_t)(1u << (fuzz_next() % 8));
+            }
+            break;
+        case 1:   /* a field of the state set to an extreme */
+        {
+            size_t off = (fuzz_next() % (state_len / 4)) * 4;
+            uint64_t v = extremes[fuzz_next() % (sizeof(extremes) / sizeof(extremes[0]))];
+            memcpy(bad + off, &v, off + 8 <= state_len && fuzz_next() % 2 ? 8 : 4);
+            break;
+        }
+        case 2:   /* a flip anywhere, checksum left wrong */
+            bad[fuzz_next() % len] ^= (uint8_t)(1u << (fuzz_next() % 8));
+            reseal = false;
+            break;
+        case 3:   /* truncated or cut short */
+            blen = fuzz_next() % 3 == 0 ? fuzz_next() % 128 : fuzz_next() % len;
+            reseal = false;
+            break;
+        default:  /* a flip in RAM: valid, the guest just computes on */
+            bad[state_len + fuzz_next() % (len - state_len - 8)] ^= 1;
+            break;
+        }
+        if (reseal)
+            snap_reseal(bad, len);
+        err[0] = 0;
+        int rc = kvmrr_vm_snapshot_restore(vm, bad, blen, err, sizeof(err));
+        if (rc < 0) {
+            refused++;
+            CHECKF(err[0] && !strchr(err, '\n'), "iteration %d: refused without a one-line "
+                   "message: \"%s\"", it, err);
+            CHECKF(kvmrr_vm_icount(vm) == 20000 && kvmrr_vm_state_hash(vm) == h0,
+                   "iteration %d: the refused blob (%s) changed the VM", it, err);
+            continue;
+        }
+        CHECKF(rc == 0, "iteration %d: restore returned %d", it, rc);
+        accepted++;
+        if (it % 10 == 0) {   /* run some of what was accepted: it must not crash us */
+            struct kvmrr_limits lim = { .stop_icount = kvmrr_vm_icount(vm) + 2000,
+                                        .deadline_ns = now_ns(CLOCK_MONOTONIC) + 100000000 };
+            kvmrr_vm_run(vm, &lim, &res);
+            CHECKF(res.stop >= KVMRR_STOP_EXITED && res.stop <= KVMRR_STOP_ERROR,
+                   "iteration %d: stop %d", it, res.stop);
+            ran++;
+        }
+        CHECKF(kvmrr_vm_snapshot_restore(vm, snap, len, err, sizeof(err)) == 0,
+               "iteration %d: the honest blob no longer restores: %s", it, err);
+        CHECKF(kvmrr_vm_state_hash(vm) == h0, "iteration %d: restored to another state", it);
+    }
+    printf("  %d forged snapshots: %d refused, %d accepted (%d of them run)\n", iters, refused,
+           accepted, ran);
+    free(snap);
+    free(bad);
+    kvmrr_vm_destroy(vm);
+}
+
+
+/* Forged events: one field of one event of a real recording set to something else
+ * (another kind, icount, RIP, vector, port, size, channel, payload length, a payload
+ * without data).  Feeding refuses it with a one-line message, or the replay ends in a
+ * divergence, an error or a stop: never a crash.  Unmutated, the replay matches. */
+static uint8_t g_fuzz_payload[8192];
+
+static void fuzz_events_of(const struct guest *g, const struct recording *r, int iters,
+                           int outcomes[8], int *refused, char *why, size_t why_len)
+{
+    why[0] = 0;
+    struct kvmrr_event *evs = malloc((size_t)r->evs.n * sizeof(*evs));
+    static const uint64_t extremes[] = { 0, 1, 31, 32, 33, 255, 256, 0xffff, 0x10000,
+                                         0x7fffffff, 1ull << 63, ~0ull, (uint64_t)-5 };
+#define EXTREME() extremes[fuzz_next() % (sizeof(extremes) / sizeof(extremes[0]))]
+    for (int it = 0; it < iters; it++) {
+        memcpy(evs, r->evs.ev, (size_t)r->evs.n * sizeof(*evs));
+        struct kvmrr_event *e = &evs[fuzz_next() % (uint64_t)r->evs.n];
+        switch (fuzz_next() % 9) {
+        case 0: e->kind = (int32_t)(fuzz_next() % 10); break;
+        case 1: e->icount += (int64_t)(fuzz_next() % 7) - 3; break;
+        case 2: e->icount = (int64_t)EXTREME(); break;
+        case 3: e->rip ^= 1ull << (fuzz_next() % 48); break;
+        case 4: e->a = EXTREME(); break;
+        case 5: e->b = EXTREME(); break;
+        case 6: e->c = EXTREME(); e->d = EXTREME(); break;
+        case 7: e->len = (uint32_t)(fuzz_next() % 5000); e->data = g_fuzz_payload; break;
+        default: e->len = 1 + (uint32_t)(fuzz_next() % 64); e->data = NULL; break;
+        }
+        struct replay_out o;
+        char w[512];
+        int rc = replay_guest(g, KVMRR_COUNTER_FAST, r, evs, r->evs.n, r->res.icount, &o, w,
+                              sizeof(w));
+        if (rc < 0) {
+            if (!strstr(w, "feed: ") || strchr(w, '\n')) {
+                snprintf(why, why_len, "iteration %d: %.400s", it, w);
+                break;
+            }
+            (*refused)++;
+            continue;
+        }
+        if (o.res.stop < KVMRR_STOP_EXITED || o.res.stop > KVMRR_STOP_ERROR) {
+            snprintf(why, why_len, "iteration %d: stop %d", it, o.res.stop);
+            break;
+        }
+        outcomes[o.res.stop]++;
+    }
+#undef EXTREME
+    free(evs);
+}
+
+static void test_events_forged(void)
+{
+    memset(g_fuzz_payload, 0xa5, sizeof(g_fuzz_payload));
+    struct guest gt, gc, go;
+    uint8_t code[IG_LEN];
+    CHECK(guest_build(&gt, code, timer_guest(code, 300)));
+    CHECK(guest_build(&gc, clock_code, sizeof(clock_code)));
+    CHECK(guest_build(&go, output_code, sizeof(output_code)));
+    struct { const struct guest *g; kvmrr_icount_t stop; const char *name; } gs[] = {
+        { &gt, 20000, "timer" }, { &gc, -1, "clock" }, { &go, -1, "output" },
+    };
+    int total = getenv("KVMRR_FUZZ_ITERS") ? atoi(getenv("KVMRR_FUZZ_ITERS")) / 10 : 100;
+    int outcomes[8] = { 0 }, refused = 0;
+    for (size_t k = 0; k < sizeof(gs) / sizeof(gs[0]); k++) {
+        struct recording r;
+        char why[512];
+        CHECKF(record_guest(gs[k].g, KVMRR_COUNTER_FAST, 10000, gs[k].stop, &r, why,
+                            sizeof(why)) == 0, "%s: %s", gs[k].name, why);
+        struct replay_out o;
+        int rc = replay_guest(gs[k].g, KVMRR_COUNTER_FAST, &r, r.evs.ev, r.evs.n, r.res.icount,
+                              &o, why, sizeof(why));
+        bool honest = rc == 0 && o.hash == r.hash
+                      && (o.res.stop == KVMRR_STOP_ICOUNT || o.res.stop == KVMRR_STOP_EXITED);
+        int n = r.evs.n;
+        if (honest)
+            fuzz_events_of(gs[k].g, &r, k == 0 ? total / 2 : total / 4, outcomes, &refused,
+                           why, sizeof(why));
+        recording_free(&r);
+        CHECKF(honest, "%s: the unforged log does not replay: rc %d %s", gs[k].name, rc, why);
+        CHECKF(!why[0], "%s (%d events): %s", gs[k].name, n, why);
+    }
+    printf("  forged logs: %d refused at feed; replays ended %d diverged, %d error, %d at the "
+           "stop, %d exited, %d waiting for events\n", refused, outcomes[KVMRR_STOP_DIVERGED],
+           outcomes[KVMRR_STOP_ERROR], outcomes[KVMRR_STOP_ICOUNT], outcomes[KVMRR_STOP_EXITED],
+           outcomes[KVMRR_STOP_NEED_EVENTS]);
+    /* A negative vector (a corrupt archive's int) is refused, not injected. */
+    struct kvmrr_event neg = { .kind = KVMRR_EV_INTERRUPT, .icount = 5, .a = (uint64_t)-5 };
+    char err[256] = "";
+    struct kvmrr_vm *vm = vm_new(&gt, KVMRR_MODE_REPLAY, KVMRR_COUNTER_FAST, 0, err, sizeof(err));
+    CHECKF(vm, "%s", err);
+    int rc = kvmrr_vm_feed_events(vm, &neg, 1, err, sizeof(err));
+    kvmrr_vm_destroy(vm);
+    CHECKF(rc == -1 && strstr(err, "vector"), "vector -5: rc %d \"%s\"", rc, err);
+}
+
+
+/* Restore anywhere: a replay stopped at some icount is snapshotted, and a fresh VM that
+ * restores that snapshot and is fed the events not yet applied replays to the end of
+ * the record with its state hash and registers.  The points are spread over the run,
+ * and some are the icounts of Interrupt events, where the replay stops with the
+ * interrupt injected but not delivered (checked through KVM: the test asserts at least
+ * one such point).  A few points are replayed on with the other counter too. */
+static int restore_and_finish(const struct guest *g, int counter, const uint8_t *snap,
+                              size_t len, const struct kvmrr_event *evs, int n,
+                              const struct recording *r, char *why, size_t why_len)
+{
+    char err[256];
+    struct kvmrr_vm *b = vm_new(g, KVMRR_MODE_REPLAY, counter, 0, err, sizeof(err));
+    if (!b)
+        return ERRF(why, why_len, "create: %s", err);
+    struct kvmrr_result res = { 0 };
+    int rc = 0;
+    if (kvmrr_vm_snapshot_restore(b, snap, len, err, sizeof(err)) < 0
+        || kvmrr_vm_feed_events(b, evs, n, err, sizeof(err)) < 0)
+        rc = ERRF(why, why_len, "restore/feed: %s", err);
+    if (rc == 0) {
+        kvmrr_vm_set_horizon(b, r->res.icount);
+        run_until(b, r->res.icount, &res);
+        uint64_t regs[KVMRR_NREGS];
+        regs_of(b, regs);
+        int d = regs_diff(r->regs, regs);
+        if (res.stop != KVMRR_STOP_ICOUNT || res.icount != r->res.icount)
+            rc = ERRF(why, why_len, "%s: %s at %lld (%s)", counter_name(counter),
+                      stop_name(res.stop), (long long)res.icount, res.message);
+        else if (kvmrr_vm_state_hash(b) != r->hash || d >= 0)
+            rc = ERRF(why, why_len, "%s: state differs at the end (%s)", counter_name(counter),
+                      d >= 0 ? reg_names[d] : "hash");
+    }
+    kvmrr_vm_destroy(b);
+    return rc;
+}
+
+static void restore_anywhere(const struct guest *g, kvmrr_icount_t stop, int npoints,
+                             int *tested, int *in_flight)
+{
+    struct recording r;
+    char why[512];
+    CHECKF(record_guest(g, KVMRR_COUNTER_FAST, 10000, stop, &r, why, sizeof(why)) == 0, "%s", why);
+    int nirq = count_kind(&r.evs, KVMRR_EV_INTERRUPT);
+    CHECKF(r.res.icount > 1000 && nirq >= 4, "record: %lld instructions, %d interrupts (%s)",
+           (long long)r.res.icount, nirq, r.res.message);
+    /* points: evenly spread, and the icounts of interrupts spread over the run */
+    kvmrr_icount_t points[64];
+    int np = 0;
+    for (int k = 1; k <= npoints / 2; k++)
+        points[np++] = r.res.icount * k / (npoints / 2 + 1) + k;   /* odd places */
+    for (int i = 0, seen = 0; i < r.evs.n && np < npoints; i++) {
+        if (r.evs.ev[i].kind != KVMRR_EV_INTERRUPT)
+            continue;
+        if (seen++ % (nirq / (npoints - npoints / 2) + 1) == 0)
+            points[np++] = r.evs.ev[i].icount;
+    }
+    char err[256];
+    for (int p = 0; p < np; p++) {
+        struct kvmrr_vm *a = vm_new(g, KVMRR_MODE_REPLAY, KVMRR_COUNTER_FAST, 0, err, sizeof(err));
+        CHECKF(a, "%s", err);
+        CHECKF(kvmrr_vm_snapshot_restore(a, r.snap, r.snap_len, err, sizeof(err)) == 0
+               && kvmrr_vm_feed_events(a, r.evs.ev, r.evs.n, err, sizeof(err)) == 0, "%s", err);
+        kvmrr_vm_set_horizon(a, r.res.icount);
+        struct kvmrr_result res;
+        run_until(a, points[p], &res);
+        struct kvm_vcpu_events kev;
+        bool injected = ioctl(a->vcpu_fd, KVM_GET_VCPU_EVENTS, &kev) == 0 && kev.interrupt.injected;
+        size_t cap = kvmrr_vm_snapshot_size(a), len = 0;
+        uint8_t *snap = malloc(cap);
+        int saved = kvmrr_vm_snapshot_save(a, snap, cap, &len);
+        int pending = kvmrr_vm_pending_events(a);
+        /* the VM that took the snapshot finishes too: taking it changed nothing */
+        run_until(a, r.res.icount, &res);
+        uint64_t a_hash = kvmrr_vm_state_hash(a);
+        kvmrr_vm_destroy(a);
+        if (saved != 0 || a_hash != r.hash || res.icount != r.res.icount)
+            free(snap);
+        CHECKF(saved == 0, "point %lld: snapshot failed", (long long)points[p]);
+        CHECKF(a_hash == r.hash && res.icount == r.res.icount, "point %lld: the replay that "
+               "snapshotted ended %s at %lld with %s hash", (long long)points[p],
+               stop_name(res.stop), (long long)res.icount, a_hash == r.hash ? "the" : "another");
+        const struct kvmrr_event *rest = r.evs.ev + (r.evs.n - pending);
+        int rc = restore_and_finish(g, KVMRR_COUNTER_FAST, snap, len, rest, pending, &r, why,
+                                    sizeof(why));
+        if (rc == 0 && p % 4 == 0)
+            rc = restore_and_finish(g, KVMRR_COUNTER_STEP, snap, len, rest, pending, &r, why,
+                                    sizeof(why));
+        free(snap);
+        CHECKF(rc == 0, "restored at icount %lld (%d events left%s): %s", (long long)points[p],
+               pending, injected ? ", an interrupt in flight" : "", why);
+        (*tested)++;
+        *in_flight += injected;
+    }
+    recording_free(&r);
+}
+
+static void test_restore_anywhere(void)
+{
+    struct guest gt, gs, gh;
+    uint8_t c1[IG_LEN], c2[IG_LEN], c3[IG_LEN];
+    CHECK(guest_build(&gt, c1, long_spin_guest(c1, 500)));
+    CHECK(guest_build(&gs, c2, stack_guest(c2, 700)));
+    CHECK(guest_build(&gh, c3, hlt_guest(c3, 300)));
+    int tested = 0, in_flight = 0;
+    restore_anywhere(&gt, 60000, 12, &tested, &in_flight);
+    if (g_cur_failed)
+        return;
+    restore_anywhere(&gs, 60000, 12, &tested, &in_flight);
+    if (g_cur_failed)
+        return;
+    restore_anywhere(&gh, 3000, 8, &tested, &in_flight);
+    if (g_cur_failed)
+        return;
+    printf("  %d restore points, %d with an interrupt injected and not yet delivered\n",
+           tested, in_flight);
+    CHECKF(in_flight > 0, "no point caught an interrupt between injection and delivery");
+}
+
 /* More events than the record buffer holds: EVENTS_FULL, take, run on. */
 static void test_events_full(void)
 {
@@ -1898,6 +2449,8 @@ int main(void)
     RUN(test_elf_load_errors);
     /* KVM */
     RUN(test_calibrate);
+    RUN(test_cpu_model);
+    RUN(test_snapshot_xcr0);
     RUN(test_probe_icount);
     RUN(test_exact_stop);
     RUN(test_snapshot_roundtrip);
@@ -1908,6 +2461,9 @@ int main(void)
     RUN(test_timer_stack);
     RUN(test_breakpoint_replay);
     RUN(test_snapshot_midrecord);
+    RUN(test_snapshot_forged);
+    RUN(test_events_forged);
+    RUN(test_restore_anywhere);
     RUN(test_events_full);
     RUN(test_feed_errors);
     RUN(test_insn_events);
