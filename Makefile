@@ -1,5 +1,6 @@
 # kvmrr - every entry point.  `make run` and `make test` do all set-up themselves
-# (venv, pip packages, the C core and its binding, the guests, the Kafka jars) and cache it.
+# (the Debian programs, venv, pip packages, the C core and its binding, the guests, the
+# Kafka jars) and cache it.
 
 PYTHON      ?= python3
 VENV        := .venv
@@ -10,19 +11,31 @@ KAFKA_PORT  ?= 19092
 CORE_SRC    := $(wildcard libkvmrr/src/*.c libkvmrr/src/*.h libkvmrr/include/*.h)
 CORE_CFLAGS := -O2 -g -Wall -Wextra -Werror -Wno-unused-parameter -std=gnu11 -Ilibkvmrr/include -Ilibkvmrr/src
 
+DOCTOR      := setup/doctor
 ENGINE      := compose/images/engine
 COMPOSE     := docker-compose -f compose/docker-compose.yml
 CLUSTER     := kvmrr-kafka1 kvmrr-kafka2 kvmrr-kafka3 kvmrr-primary kvmrr-backup1 kvmrr-backup2 kvmrr-gateway
 # the container tests: no Ryuk (its image cannot be pulled), local images only
 export TESTCONTAINERS_RYUK_DISABLED := true
 
-.PHONY: all build guests run test test-c test-py bench bench-core bench-log bench-ft bench-cluster \
+.PHONY: all doctor build guests run test test-c test-py bench bench-core bench-log bench-ft bench-cluster \
         kafka kafka-cluster kafka-down images compose-up compose-down compose-demo clean distclean
 
 all: build
 
 # ---- set-up --------------------------------------------------------------------------
-$(VENV)/.deps: pyproject.toml
+# Every program the project calls is in setup/programs.tsv; the doctor installs what is
+# missing (apt-get) or stops with the reason.  `make doctor` shows every program; the other
+# targets check a group once and keep a stamp, redone when the list or the doctor changes.
+doctor:
+	$(DOCTOR)
+
+$(BUILD)/.doctor-%: setup/programs.tsv $(DOCTOR)
+	$(DOCTOR) -q $*
+	mkdir -p $(BUILD) && touch $@
+
+# order-only: a new list re-runs the doctor, not the builds that follow it
+$(VENV)/.deps: pyproject.toml | $(BUILD)/.doctor-core
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel cffi
 	$(PY) -m pip install -q -e '.[test,bench]' --no-build-isolation
@@ -33,10 +46,10 @@ $(VENV)/.core: $(VENV)/.deps $(CORE_SRC) libkvmrr/build_ffi.py setup.py
 	$(PY) -m pip install -q -e . --no-deps --no-build-isolation
 	touch $@
 
-guests:
+guests: | $(BUILD)/.doctor-core
 	$(MAKE) -s -C guests OUT=$(CURDIR)/$(BUILD)/guests
 
-$(BUILD)/test_core: $(CORE_SRC) libkvmrr/tests/test_core.c
+$(BUILD)/test_core: $(CORE_SRC) libkvmrr/tests/test_core.c | $(BUILD)/.doctor-core
 	mkdir -p $(BUILD)
 	$(CC) $(CORE_CFLAGS) -o $@ libkvmrr/src/*.c libkvmrr/tests/test_core.c -lpthread
 
@@ -55,8 +68,9 @@ test-py: build
 
 # The container tests (tests/test_compose.py) run when a Docker engine can be started (the
 # images are built first); otherwise they are skipped and say why.  An engine started here
-# is stopped at the end.
-test: build
+# is stopped at the end.  The Docker tier's programs are installed first, so on a machine
+# where dockerd can run the container tests do run.
+test: build $(BUILD)/.doctor-containers
 	$(BUILD)/test_core
 	$(MAKE) -s -C guests test OUT=$(CURDIR)/$(BUILD)/guests
 	@if $(ENGINE) start; then $(MAKE) -s images || exit 1; \
@@ -82,7 +96,7 @@ bench: build
 
 # ---- the docker-compose cluster (compose/; settings in compose/.env) -----------------
 # images: kvmrr/base (debootstrap + docker import), kvmrr/kafka, kvmrr/node; cached
-images: build
+images: build $(BUILD)/.doctor-containers
 	compose/images/build
 
 compose-up: images
@@ -103,10 +117,10 @@ bench-cluster: compose-up
 	rc=$$?; $(MAKE) -s compose-down; exit $$rc
 
 # ---- Kafka (real Apache Kafka from Maven Central, KRaft, loopback) --------------------
-kafka:
+kafka: | $(BUILD)/.doctor-core
 	KAFKA_PORT=$(KAFKA_PORT) $(PYTHON) $(KAFKACTL) start --nodes 1 --port $(KAFKA_PORT)
 
-kafka-cluster:
+kafka-cluster: | $(BUILD)/.doctor-core
 	$(PYTHON) $(KAFKACTL) start --nodes 3 --port $(KAFKA_PORT)
 
 kafka-down:
