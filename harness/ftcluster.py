@@ -23,6 +23,7 @@ from harness.client import KvClient
 from kvmrr_log.kafka import ensure_topics
 from harness.logstats import log_bytes, released_outputs, released_seqs
 from kvmrr_log.paths import REPO
+from kvmrr_log.requests import request_id
 
 
 
@@ -194,7 +195,7 @@ class FtCluster:
         if live is None:
             return None
         released = live.last("live")["released_seq"]
-        new_ids = {_request_id(o["data"]) for o in released_outputs(self.bootstrap, self.vm)
+        new_ids = {request_id(o["data"]) for o in released_outputs(self.bootstrap, self.vm)
                    if o["seq"] > released}
         times = [a for rid, (_, a) in client.answer_times().items() if rid in new_ids]
         return round(min(times) - t_kill, 3) if times else None
@@ -249,7 +250,3 @@ class FtCluster:
     def stop(self) -> None:
         for n in self.nodes.values():
             n.kill()
-
-
-def _request_id(data: bytes) -> str:
-    return data.split(b" ", 1)[0].decode("ascii", "replace")

@@ -25,6 +25,7 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 
 from kvmrr_log.kafka import (WRITER_HEADER, client_conf, ensure_topics, scan_topic,
                             transactional_id)
+from kvmrr_log.requests import NO_ID, request_id, valid_id
 from schemas import LogFormatError, decode_message
 
 MAX_LINE = 2048            # the guest NIC's MTU
@@ -52,7 +53,7 @@ class Gateway:
     # -- state from the topics ----------------------------------------------------------
     def _rebuild(self) -> None:
         for msg in scan_topic(self.bootstrap, self.topics.inputs, committed=False):
-            self.sent.add(_request_id(msg.value() or b""))
+            self.sent.add(request_id(msg.value() or b""))
         self._out_offset = 0
         for msg in scan_topic(self.bootstrap, self.topics.outputs):
             self._take_output(msg)
@@ -76,7 +77,7 @@ class Gateway:
             return None
         self.seqs.add(out["seq"])
         line = out["data"].rstrip(b"\n")
-        rid = _request_id(line)
+        rid = request_id(line)
         if rid in self.answers:
             self.stats["duplicate_outputs"] += 1
             self.log.error("request answered twice", id=rid, seq=out["seq"])
@@ -126,10 +127,12 @@ class Gateway:
                 line = raw.rstrip(b"\r\n")
                 if not line.strip():
                     continue
-                rid = _request_id(line)
-                if not rid or rid == "-" or len(line) > MAX_LINE:
-                    _send(writer, f"{rid or '-'} ERR a request is '<id> <command>' of at most "
-                                  f"{MAX_LINE} bytes".encode())
+                rid = request_id(line)
+                if not valid_id(rid) or len(line) > MAX_LINE:
+                    shown = rid if valid_id(rid) else NO_ID
+                    _send(writer, f"{shown} ERR a request is '<id> <command>' of at most "
+                                  f"{MAX_LINE} bytes, the id 1..32 printable "
+                                  f"characters".encode())
                     continue
                 if rid in self.answers:
                     self.stats["retries"] += 1
@@ -151,7 +154,7 @@ class Gateway:
     def _produce(self, line: bytes) -> None:
         while True:
             try:
-                self.producer.produce(self.topics.inputs, line, _request_id(line).encode())
+                self.producer.produce(self.topics.inputs, line, request_id(line).encode())
                 self.producer.poll(0)
                 return
             except BufferError:
@@ -186,10 +189,6 @@ class Gateway:
                 last = time.monotonic()
                 self.log.info("stats", pending=sum(map(len, self.waiting.values())),
                               **self.stats)
-
-
-def _request_id(line: bytes) -> str:
-    return line.split(b" ", 1)[0].decode("ascii", "replace").strip()
 
 
 def _send(writer: asyncio.StreamWriter, line: bytes) -> None:
