@@ -2,8 +2,10 @@
 client settings the recorder and the backups share."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
+import re
 import time
 from dataclasses import dataclass
 
@@ -36,7 +38,29 @@ class Topics:
                        # the backup that takes over (DESIGN §6)
 
 
+TOPIC_NAME_MAX = 249                       # Kafka's limit on a topic name
+VM_ID_CHARS = re.compile(r"[a-zA-Z0-9._-]+")   # Kafka's legal topic characters
+
+
+class VmIdError(ValueError):
+    """A VM id that cannot name the VM's topics."""
+
+
 def topics(vm: str) -> Topics:
+    """The VM's topics, kvmrr.<vm>.*; VmIdError if the id cannot be part of a topic name."""
+    t = _topic_names(vm)
+    if not VM_ID_CHARS.fullmatch(vm):
+        raise VmIdError(f"VM id {vm!r}: only letters, digits, '.', '_' and '-' can name "
+                        f"its Kafka topics")
+    longest = max(dataclasses.astuple(t), key=len)
+    if len(longest) > TOPIC_NAME_MAX:
+        raise VmIdError(f"VM id of {len(vm)} characters: its topic {longest[:40]}… would be "
+                        f"{len(longest)} long, Kafka allows {TOPIC_NAME_MAX} (at most "
+                        f"{len(vm) - len(longest) + TOPIC_NAME_MAX} for the id)")
+    return t
+
+
+def _topic_names(vm: str) -> Topics:
     return Topics(f"kvmrr.{vm}.log", f"kvmrr.{vm}.snapshots", f"kvmrr.{vm}.acks",
                   f"kvmrr.{vm}.in", f"kvmrr.{vm}.out", f"kvmrr.{vm}.succession")
 
