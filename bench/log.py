@@ -220,7 +220,8 @@ def _transactions(bootstrap: str, topic: str, tid: str, producers: int, n: int) 
     log.addHandler(Count())
     ps = []
     for i in range(producers):
-        ps.append(Producer(dict(client_conf(bootstrap), **{   # as recorder/kafka_sink.py
+        conf = client_conf(bootstrap, f"kvmrr.bench.{tid}.probe{i}")
+        ps.append(Producer(dict(conf, **{   # as recorder/kafka_sink.py
             "transactional.id": f"kvmrr.{tid}.probe{i}", "enable.idempotence": True,
             "acks": "all", "linger.ms": 1, "transaction.timeout.ms": 60000,
             "compression.type": "lz4", "debug": "eos", "log_level": 7, "logger": log})))
@@ -262,8 +263,8 @@ def _replicated_writes(bootstrap: str, topic: str, n: int) -> dict:
     the floor under a commit with librdkafka, which has no KIP-890 (transactions v2)."""
     from confluent_kafka import Producer
     from kvmrr_log.kafka import client_conf
-    p = Producer(dict(client_conf(bootstrap), **{"enable.idempotence": True, "acks": "all",
-                                                 "linger.ms": 0}))
+    p = Producer(dict(client_conf(bootstrap, "kvmrr.bench.replicated"),
+                      **{"enable.idempotence": True, "acks": "all", "linger.ms": 0}))
     for _ in range(5):
         p.produce(topic, b"w" * 200, b"k")
         p.flush(30)

@@ -23,8 +23,8 @@ from collections import defaultdict
 import structlog
 from confluent_kafka import Consumer, Producer, TopicPartition
 
-from kvmrr_log.kafka import (WRITER_HEADER, client_conf, ensure_topics, scan_topic,
-                            transactional_id)
+from kvmrr_log.kafka import (WRITER_HEADER, client_conf, client_id, ensure_topics,
+                            scan_topic, transactional_id)
 from kvmrr_log.requests import NO_ID, request_id, valid_id
 from schemas import LogFormatError, decode_message
 
@@ -38,7 +38,8 @@ class Gateway:
         self.topics = ensure_topics(bootstrap, vm)
         self.writer = transactional_id(vm).encode()
         self.log = structlog.get_logger().bind(vm_id=vm, role="gateway")
-        self.producer = Producer(dict(client_conf(bootstrap), **{
+        self.client_id = client_id(vm, "gateway")
+        self.producer = Producer(dict(client_conf(bootstrap, self.client_id), **{
             "enable.idempotence": True, "acks": "all", "linger.ms": 1}))
         self.sent: set[str] = set()            # ids on .in
         self.answers: dict[str, bytes] = {}    # id -> response line
@@ -52,10 +53,11 @@ class Gateway:
 
     # -- state from the topics ----------------------------------------------------------
     def _rebuild(self) -> None:
-        for msg in scan_topic(self.bootstrap, self.topics.inputs, committed=False):
+        for msg in scan_topic(self.bootstrap, self.topics.inputs, committed=False,
+                              client_id=self.client_id):
             self.sent.add(request_id(msg.value() or b""))
         self._out_offset = 0
-        for msg in scan_topic(self.bootstrap, self.topics.outputs):
+        for msg in scan_topic(self.bootstrap, self.topics.outputs, client_id=self.client_id):
             self._take_output(msg)
             self._out_offset = msg.offset() + 1
         self.log.info("state", sent=len(self.sent), answered=len(self.answers))
@@ -87,7 +89,7 @@ class Gateway:
 
     # -- released responses, on a thread --------------------------------------------------
     def _consume_outputs(self) -> None:
-        c = Consumer(dict(client_conf(self.bootstrap), **{
+        c = Consumer(dict(client_conf(self.bootstrap, self.client_id), **{
             "group.id": f"kvmrr.{self.vm}.gateway", "enable.auto.commit": False,
             "isolation.level": "read_committed", "fetch.wait.max.ms": 5}))
         c.assign([TopicPartition(self.topics.outputs, 0, self._out_offset)])

@@ -96,14 +96,20 @@ else:
     CLIENT_LOG.propagate = False
 
 
-def client_conf(bootstrap: str) -> dict:
-    return {"bootstrap.servers": bootstrap, "client.id": "kvmrr",
+def client_id(vm: str, role: str) -> str:
+    """What a Kafka client says it is (the brokers' logs, quotas, request metrics):
+    kvmrr.<vm>.<role>, the role being recorder, backup.<id>, replay, gateway, archive..."""
+    return f"kvmrr.{vm}.{role}"
+
+
+def client_conf(bootstrap: str, client_id: str = "kvmrr") -> dict:
+    return {"bootstrap.servers": bootstrap, "client.id": client_id,
             "socket.connection.setup.timeout.ms": 5000, "log_level": 3,
             "logger": CLIENT_LOG}
 
 
-def admin_client(bootstrap: str) -> AdminClient:
-    return AdminClient(client_conf(bootstrap))
+def admin_client(bootstrap: str, client_id: str = "kvmrr") -> AdminClient:
+    return AdminClient(client_conf(bootstrap, client_id))
 
 
 def cluster_size(admin: AdminClient, bootstrap: str) -> int:
@@ -119,7 +125,7 @@ def cluster_size(admin: AdminClient, bootstrap: str) -> int:
 def ensure_topics(bootstrap: str, vm: str) -> Topics:
     """Create the VM's topics if missing: one partition for the log (total order);
     replication 3 and min ISR 2 on a cluster of three or more, 1 and 1 on a single node."""
-    admin = admin_client(bootstrap)
+    admin = admin_client(bootstrap, client_id(vm, "admin"))
     brokers = cluster_size(admin, bootstrap)
     rf = min(3, brokers)
     min_isr = 2 if rf >= 3 else 1
@@ -147,10 +153,11 @@ def ensure_topics(bootstrap: str, vm: str) -> Topics:
 
 
 def scan_topic(bootstrap: str, topic: str, *, start: int = OFFSET_BEGINNING,
-               committed: bool = True, timeout: float = 30.0) -> Iterator:
+               committed: bool = True, timeout: float = 30.0,
+               client_id: str = "kvmrr") -> Iterator:
     """Every message of a one-partition topic from start to its current end (raw
     confluent_kafka messages), or a clear error if the broker does not say where that is."""
-    c = Consumer(dict(client_conf(bootstrap), **{
+    c = Consumer(dict(client_conf(bootstrap, client_id), **{
         "group.id": "kvmrr-scan", "enable.auto.commit": False, "enable.partition.eof": True,
         "fetch.wait.max.ms": 10,   # the end is known when an empty fetch returns
         "isolation.level": "read_committed" if committed else "read_uncommitted"}))
@@ -174,10 +181,11 @@ def scan_topic(bootstrap: str, topic: str, *, start: int = OFFSET_BEGINNING,
         c.close()
 
 
-def watermarks(bootstrap: str, topic: str, timeout: float = 15.0) -> tuple[int, int]:
+def watermarks(bootstrap: str, topic: str, timeout: float = 15.0,
+               client_id: str = "kvmrr") -> tuple[int, int]:
     """(low, high) offsets of partition 0, retried while the broker is still electing its
     leader (a topic created a moment ago answers NOT_LEADER for a while)."""
-    c = Consumer(dict(client_conf(bootstrap), **{"group.id": "kvmrr-watermarks"}))
+    c = Consumer(dict(client_conf(bootstrap, client_id), **{"group.id": "kvmrr-watermarks"}))
     deadline = time.monotonic() + timeout
     try:
         while True:

@@ -23,7 +23,7 @@ import warnings
 from confluent_kafka import KafkaError, KafkaException, Producer
 
 from kvmrr_log.kafka import (SNAPSHOT_CHUNK_BYTES, WRITER_HEADER, FencedError, KafkaLogError,
-                            client_conf, ensure_topics, recorder_transactional_ids, topics,
+                            client_conf, client_id, ensure_topics, recorder_transactional_ids, topics,
                             transactional_id, watermarks)
 from recorder import metrics
 from recorder.service import AckWatch, CommitPolicy, released_seq
@@ -113,7 +113,7 @@ class KafkaSink:
         self.vm = vm
         self.topics = topics(vm) if takeover else ensure_topics(bootstrap, vm)
         self.txn_id = transactional_id(vm)       # the writer, in every record's header
-        conf = dict(client_conf(bootstrap), **{
+        conf = dict(client_conf(bootstrap, client_id(vm, "recorder")), **{
             "enable.idempotence": True, "acks": "all",
             "linger.ms": 1, "transaction.timeout.ms": 60000, "message.max.bytes": 2 << 20,
             "compression.type": "lz4",   # snapshots are mostly zero pages
@@ -154,7 +154,8 @@ class KafkaSink:
         self._thread.start()
 
     def _log_end(self) -> int:
-        return max(watermarks(self.bootstrap, self.topics.log)[1], 0)
+        return max(watermarks(self.bootstrap, self.topics.log,
+                              client_id=client_id(self.vm, "recorder"))[1], 0)
 
     # -- vCPU thread ------------------------------------------------------------------
     def write(self, record: dict) -> None:

@@ -16,7 +16,7 @@ from confluent_kafka import OFFSET_BEGINNING, KafkaException, Producer
 
 from libkvmrr import KvmrrError
 from kvmrr_log.guest_images import GuestImage
-from kvmrr_log.kafka import KafkaLogError, client_conf, topics
+from kvmrr_log.kafka import KafkaLogError, client_conf, client_id, topics
 from replayer import metrics
 from replayer.errors import DivergenceError, ReplayError, TakeoverAborted
 from kvmrr_log.topic_reader import LogTopicReader, log_has_ended, read_header, read_snapshots
@@ -46,11 +46,14 @@ class Follower:
         header and first snapshot to be committed."""
         self.bootstrap, self.vm, self.backup_id = bootstrap, vm, backup_id
         self.topics = topics(vm)
+        # who this is to Kafka (client.id): a backup, or a replay of a finished log
+        self.role = f"backup.{backup_id}" if backup_id else "replay"
         deadline = time.monotonic() + wait
         while True:
             try:
-                self.header = read_header(bootstrap, vm)
-                snapshot = choose_snapshot(read_snapshots(bootstrap, vm), start, until)
+                self.header = read_header(bootstrap, vm, role=self.role)
+                snapshot = choose_snapshot(read_snapshots(bootstrap, vm, role=self.role),
+                                           start, until)
                 break
             except (KafkaLogError, ReplayError):
                 if time.monotonic() >= deadline:
@@ -67,7 +70,8 @@ class Follower:
             else OFFSET_BEGINNING
         self.log = structlog.get_logger().bind(vm_id=vm, role="backup",
                                                backup=backup_id or "-")
-        self.acks = Producer(dict(client_conf(bootstrap), acks="all")) if backup_id else None
+        self.acks = Producer(dict(client_conf(bootstrap, client_id(vm, self.role)), acks="all")
+                             ) if backup_id else None
         self._last_ack = self._last_lag_log = 0.0
         self.lag_samples: list[tuple[float, int, float]] = []   # (t, lag instr, lag s)
         self.on_output = on_output
@@ -140,7 +144,7 @@ class Follower:
         """Feed committed batches from self.offset on; True once the End is replayed.
         stop_when(), asked between batches and while idle, may stop it early (False)."""
         reader = self._reader = LogTopicReader(self.bootstrap, self.vm, self.topics.log,
-                                               self.offset)
+                                               self.offset, role=self.role)
         if self.backup_id:
             self.log.info("reading", snapshot_icount=self.snapshot["icount"], offset=self.offset)
         running = True
@@ -196,7 +200,8 @@ class Follower:
             try:
                 self._reader.ask_end(ASK_END_TIMEOUT_S)
                 # a backup that has read all that is committed would have replayed an End
-                ended = not self._reader.at_end and log_has_ended(self.bootstrap, self.vm)
+                ended = not self._reader.at_end and log_has_ended(self.bootstrap, self.vm,
+                                                                    role=self.role)
                 return ended
             except KafkaLogError as exc:
                 self.log.warning("cannot read the log's end; not taking over", error=str(exc))

@@ -33,3 +33,19 @@ def test_cli_refuses_a_bad_vm_id_with_exit_2_and_one_line(verb):
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("kvmrr: error: VM id 'bad$vm'"), lines
+
+
+def test_kafka_clients_are_named_by_role_and_vm():
+    """client.id kvmrr.<vm>.<role> (recorder, backup.<id>, replay, gateway, archive...):
+    every Kafka client the runtime makes says which VM and which part it is."""
+    import ast
+
+    from kvmrr_log.kafka import client_conf, client_id
+    from kvmrr_log.paths import REPO
+    assert client_conf("h:1", client_id("vm1", "backup.b1"))["client.id"] == "kvmrr.vm1.backup.b1"
+    for pkg in ("recorder", "replayer", "kvmrr", "harness", "bench"):
+        for path in (REPO / pkg).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
+                        and node.func.id == "client_conf"):
+                    assert len(node.args) == 2, f"{path}:{node.lineno}: client_conf without an id"
