@@ -16,6 +16,7 @@ import time
 from libkvmrr import best_counter
 from kvmrr import demo
 from harness.containers import wait_healthy
+from harness.localkafka import kafka_version
 from kvmrr_log.paths import REPO
 
 ENV_FILE = REPO / "compose" / ".env"
@@ -25,7 +26,7 @@ NODES = ["primary", "backup1", "backup2", "gateway"]
 
 def _fresh_nodes(vm: str) -> None:
     """The kvmrr containers created again for VM `vm`; the brokers stay as they are."""
-    env = dict(os.environ, KVMRR_VM=vm)
+    env = dict(os.environ, KVMRR_VM=vm, KAFKA_VERSION=kafka_version())
     subprocess.run([*COMPOSE, "rm", "-f", "-s", *NODES], env=env, check=True,
                    capture_output=True)
     subprocess.run([*COMPOSE, "up", "-d", "--no-deps", "primary"], env=env, check=True,

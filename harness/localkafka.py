@@ -23,6 +23,14 @@ def kafkactl(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
                           text=True, timeout=timeout)
 
 
+def kafka_version() -> str:
+    """The Kafka version, written in one place: compose/kafka/pom.xml (`kafkactl version`)."""
+    proc = kafkactl("version", timeout=30)
+    if proc.returncode != 0:
+        raise LocalKafkaError(f"kafkactl version: {proc.stderr.strip()}")
+    return proc.stdout.strip()
+
+
 def port_free(port: int) -> bool:
     with socket.socket() as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

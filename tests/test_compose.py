@@ -19,14 +19,13 @@ import pytest
 from ftchecks import assert_verified
 from harness.containers import ContainerProcess, docker, engine_answers, wait_healthy
 from harness.ftcluster import BACKUP_EVENTS, FtCluster, wait_for
-from harness.localkafka import free_base_port
+from harness.localkafka import free_base_port, kafka_version
 from kvmrr_log.paths import REPO
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 
 ENGINE = REPO / "compose" / "images" / "engine"
-KAFKA_VERSION = "4.1.2"
-IMAGES = (f"kvmrr/kafka:{KAFKA_VERSION}", "kvmrr/node:latest")
+IMAGES = (f"kvmrr/kafka:{kafka_version()}", "kvmrr/node:latest")
 RATE = 60.0          # requests/s, as in test_ft
 CLUSTER_ID = "a3ZtcnItdGVzdHMAAAAAAQ"
 VOTERS = "1@kafka1:9093,2@kafka2:9093,3@kafka3:9093"
