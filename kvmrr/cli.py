@@ -367,7 +367,8 @@ def _guest_opts(p: argparse.ArgumentParser) -> None:
     p.add_argument("--heartbeat-ms", type=int, default=100,
                    help="kafka logs: a heartbeat every this many ms")
     p.add_argument("--metrics-port", type=int, default=0,
-                   help="kafka logs: Prometheus on 127.0.0.1:PORT")
+                   help="kafka logs: Prometheus on $KVMRR_METRICS_ADDR (default "
+                        "127.0.0.1):PORT")
     _service_opts(p)
     p.add_argument("--json", action="store_true", help="print one JSON object at the end")
     p.add_argument("--quiet", action="store_true", help="do not show the guest console")
@@ -418,7 +419,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--start", choices=("first", "latest"), default="latest")
     p.add_argument("--idle-timeout", type=float, default=30.0, metavar="S",
                    help="give up after S seconds without a new record")
-    p.add_argument("--metrics-port", type=int, default=0, help="Prometheus on 127.0.0.1:PORT")
+    p.add_argument("--metrics-port", type=int, default=0,
+                   help="Prometheus on $KVMRR_METRICS_ADDR (default 127.0.0.1):PORT")
     p.add_argument("--failover-timeout", type=float, default=0.0, metavar="S",
                    help="take over when the primary is silent for S seconds (0: never)")
     p.add_argument("--max-instructions", type=int, default=None, metavar="N",
