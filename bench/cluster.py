@@ -13,6 +13,8 @@ import statistics
 import subprocess
 import time
 
+import structlog
+
 from libkvmrr import best_counter
 from kvmrr import demo
 from harness.containers import wait_healthy
@@ -42,7 +44,7 @@ def bench_cluster(quick: bool) -> dict:
     trials = []
     for i in range(1 if quick else 3):
         vm = f"bench{int(time.time())}t{i}"
-        demo.say(f"bench-cluster: trial {i + 1}, VM {vm}")
+        structlog.get_logger().info("trial", bench="cluster", trial=i + 1, vm=vm)
         _fresh_nodes(vm)
         os.environ["KVMRR_VM"] = vm                 # read_env: the shell wins over .env
         trials.append(demo.scenario(demo.compose_cluster(

@@ -33,7 +33,7 @@ from kvmrr_log.paths import REPO
 CONFIG = REPO / "bench" / "sweep.json"
 
 
-def say(msg: str) -> None:
+def say(msg: str) -> None:          # (events and progress next)
     print(f"sweep: {msg}", file=sys.stderr, flush=True)
 
 
@@ -234,7 +234,7 @@ def run(config: Path, quick: bool, out_dir: Path) -> dict:
     on_kafka = [name for name in KAFKA_SECTIONS if name in cfg]   # a section left out of
     if on_kafka:                                                   # the config is skipped
         with tempfile.TemporaryDirectory(prefix="kvmrr-sweep-") as tmp, \
-                LocalKafka(1, f"sweep-{os.getpid()}", say=say) as kafka:
+                LocalKafka(1, f"sweep-{os.getpid()}") as kafka:
             for name in on_kafka:
                 sections[name] = KAFKA_SECTIONS[name](kafka.bootstrap, Path(tmp), cfg[name],
                                                       repeats, counter)

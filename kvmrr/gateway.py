@@ -25,6 +25,7 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 
 from kvmrr_log.kafka import (WRITER_HEADER, client_conf, client_id, ensure_topics,
                             scan_topic, transactional_id)
+from kvmrr_log import events
 from kvmrr_log.requests import NO_ID, request_id, valid_id
 from schemas import LogFormatError, decode_message
 
@@ -170,7 +171,7 @@ class Gateway:
                              daemon=True)
         t.start()
         flusher = asyncio.create_task(self._flush_loop())
-        self.log.info("listening", host=host, port=self.port)
+        self.log.info(events.LISTENING, host=host, port=self.port)
         if ready:
             ready(self.port)
         try:

@@ -14,6 +14,7 @@ from typing import Callable
 import structlog
 from confluent_kafka import OFFSET_BEGINNING, KafkaException, Producer
 
+from kvmrr_log import events
 from libkvmrr import KvmrrError
 from kvmrr_log.guest_images import GuestImage
 from kvmrr_log.kafka import KafkaLogError, client_conf, client_id, topics
@@ -106,7 +107,7 @@ class Follower:
             self._last_ack = now
         if self.backup_id and now - self._last_lag_log >= LAG_LOG_EVERY_S:
             self.lag_samples.append((now, lag_i, lag_s))
-            self.log.info("following", icount=s.icount, lag_instructions=lag_i,
+            self.log.info(events.FOLLOWING, icount=s.icount, lag_instructions=lag_i,
                           lag_ms=round(lag_s * 1000, 1))
             self._last_lag_log = now
 
@@ -136,7 +137,7 @@ class Follower:
         if self.acks:
             self.acks.flush(5)
         if self.backup_id:
-            self.log.info("done", icount=self.session.icount)
+            self.log.info(events.DONE, icount=self.session.icount)
         return self.session.result()
 
     def _follow(self, finished_log: bool, idle_timeout: float | None,
@@ -146,7 +147,7 @@ class Follower:
         reader = self._reader = LogTopicReader(self.bootstrap, self.vm, self.topics.log,
                                                self.offset, role=self.role)
         if self.backup_id:
-            self.log.info("reading", snapshot_icount=self.snapshot["icount"], offset=self.offset)
+            self.log.info(events.READING, snapshot_icount=self.snapshot["icount"], offset=self.offset)
         running = True
         try:
             for record, offset in reader.records(0 if finished_log else idle_timeout,
@@ -204,7 +205,7 @@ class Follower:
                                                                     role=self.role)
                 return ended
             except KafkaLogError as exc:
-                self.log.warning("cannot read the log's end; not taking over", error=str(exc))
+                self.log.warning(events.LOG_END_UNKNOWN, error=str(exc))
                 return True
 
         def primary_gone() -> bool:
@@ -224,7 +225,7 @@ class Follower:
                     raise ReplayError(f"{self.topics.log} offset {self.offset}: no new record "
                                       f"for {give_up_after} s and this backup was not chosen "
                                       f"to take over (replayed to icount {self.session.icount})")
-                self.log.warning("primary silent, taking over", silent_s=failover_timeout,
+                self.log.warning(events.TAKEOVER, silent_s=failover_timeout,
                                  icount=self.session.icount)
                 try:
                     return self._take_over(serve, policy, record_opts)
@@ -232,7 +233,7 @@ class Follower:
                     # Kafka itself is moving (a broker died): the fence or the catch-up
                     # could not finish.  Nothing was released; follow again and decide
                     # afresh after another silent timeout.
-                    self.log.warning("takeover aborted, following again", error=str(exc))
+                    self.log.warning(events.TAKEOVER_ABORTED, error=str(exc))
                     chosen = False
         finally:
             self._leave_succession()
@@ -274,7 +275,7 @@ class Follower:
             pacer = pacer_for(self.bootstrap, self.vm, record_opts.pop("max_backup_lag_ms", 0),
                               me=self.backup_id)
             self._leave_succession()     # the next backup in line takes the role
-            self.log.warning("live", icount=s.icount, next_seq=s.expected_seq,
+            self.log.warning(events.LIVE, icount=s.icount, next_seq=s.expected_seq,
                              released_seq=sink.released_seq,
                              next_input_offset=inputs.start_offset if inputs else None,
                              takeover_ms=_ms_since(t0), **steps)
@@ -292,7 +293,7 @@ class Follower:
             if pacer:
                 pacer.close()
             sink.close()
-        self.log.info("done as primary", icount=result.instructions)
+        self.log.info(events.DONE_AS_PRIMARY, icount=result.instructions)
         return replayed, result
 
     def _hold_unreleased(self, sink) -> None:

@@ -20,6 +20,7 @@ from ftchecks import assert_verified
 from harness.containers import ContainerProcess, docker, engine_answers, wait_healthy
 from harness.ftcluster import BACKUP_EVENTS, FtCluster, wait_for
 from harness.localkafka import free_base_port, kafka_version
+from kvmrr_log import events
 from kvmrr_log.paths import REPO
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
@@ -210,8 +211,8 @@ def test_backup_container_restarted_restores_from_a_snapshot(cluster):
     docker("restart", "-t", "1", nodes.name("b2"))
     b2 = ft.attach("b2", ContainerProcess(nodes.name("b2")), BACKUP_EVENTS)
     client.run(RATE, 2.0)
-    wait_for(lambda: b2.last("reading") and b2.last("reading")["snapshot_icount"] > 0
-             and sum(ln.get("event") == "reading" for ln in b2.lines) == 2,
+    wait_for(lambda: b2.last(events.READING) and b2.last(events.READING)["snapshot_icount"] > 0
+             and len(b2.all(events.READING)) == 2,
              120, "the restarted backup to read from a snapshot")
     client.run(RATE, 2.0)
     res = ft.finish(client)
