@@ -54,6 +54,11 @@ class Progress:
                 left += todo * per
         return left
 
+    def between_points(self) -> None:
+        """The time since the last point went to set-up (a broker started), not to the next
+        point: it counts as elapsed, but no section's time per point is charged with it."""
+        self._last = self.clock()
+
     def point(self, section: str, **fields) -> dict:
         """One point of `section` measured (its figures in fields): log where we are."""
         now = self.clock()

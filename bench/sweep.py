@@ -264,6 +264,7 @@ def run(config: Path, quick: bool, out_dir: Path) -> dict:
     if on_kafka:                                                   # the config is skipped
         with tempfile.TemporaryDirectory(prefix="kvmrr-sweep-") as tmp, \
                 LocalKafka(1, f"sweep-{os.getpid()}") as kafka:
+            progress.between_points()          # the broker's start-up is no point's time
             for name in on_kafka:
                 sections[name] = KAFKA_SECTIONS[name](kafka.bootstrap, Path(tmp), cfg[name],
                                                       repeats, counter, progress)

@@ -58,6 +58,8 @@ def test_progress_counts_points_and_estimates_what_is_left():
         p.point("fast", x=1)
         now[0] += 1
         p.point("fast")
+        now[0] += 50
+        p.between_points()                    # set-up: elapsed, but no point's time
         now[0] += 10
         info = p.point("slow")
         now[0] += 10
@@ -67,7 +69,7 @@ def test_progress_counts_points_and_estimates_what_is_left():
     # after "fast" (1 s a point): the 2 "slow" points to go at the overall mean, 1 s each
     assert told[1]["eta_s"] == 2.0
     # after one "slow" point of 10 s: the other one is charged 10 s
-    assert info["eta_s"] == 10.0 and info["elapsed_s"] == 12.0 and info["elapsed"] == "0:12"
+    assert info["eta_s"] == 10.0 and info["elapsed_s"] == 62.0 and info["elapsed"] == "1:02"
     assert last["eta_s"] == 0.0
 
 
