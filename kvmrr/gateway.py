@@ -26,7 +26,7 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 from kvmrr_log.kafka import (WRITER_HEADER, client_conf, client_id, ensure_topics,
                             scan_topic, transactional_id)
 from kvmrr_log import events
-from kvmrr_log.requests import NO_ID, request_id, valid_id
+from kvmrr_log.requests import ID_MAX, NO_ID, request_id, valid_id
 from schemas import LogFormatError, decode_message
 
 MAX_LINE = 2048            # the guest NIC's MTU
@@ -134,7 +134,7 @@ class Gateway:
                 if not valid_id(rid) or len(line) > MAX_LINE:
                     shown = rid if valid_id(rid) else NO_ID
                     _send(writer, f"{shown} ERR a request is '<id> <command>' of at most "
-                                  f"{MAX_LINE} bytes, the id 1..32 printable "
+                                  f"{MAX_LINE} bytes, the id 1..{ID_MAX} printable "
                                   f"characters".encode())
                     continue
                 if rid in self.answers:
