@@ -7,6 +7,9 @@ VENV        := .venv
 PY          := $(VENV)/bin/python
 BUILD       := build
 KAFKACTL    := compose/kafka/kafkactl
+# the Kafka version: written once, in compose/kafka/pom.xml (<kafka.version>); the image tag
+# kvmrr/kafka:$(KAFKA_VERSION) in compose/docker-compose.yml
+export KAFKA_VERSION := $(shell $(PYTHON) $(KAFKACTL) version)
 KAFKA_PORT  ?= 19092
 CORE_SRC    := $(wildcard libkvmrr/src/*.c libkvmrr/src/*.h libkvmrr/include/*.h)
 CORE_CFLAGS := -O2 -g -Wall -Wextra -Werror -Wno-unused-parameter -std=gnu11 -Ilibkvmrr/include -Ilibkvmrr/src

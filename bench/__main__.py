@@ -33,6 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     args.out = args.out or f"bench/{args.suite}.json"
     # a SIGTERM unwinds like ^C, so the suite's brokers and follower are stopped
     signal.signal(signal.SIGTERM, _interrupted)
+    from kvmrr.logsetup import configure
+    configure()          # progress as structured events on stderr; the result on stdout
     result = _suite(args.suite)(args.quick)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")

@@ -13,9 +13,12 @@ import statistics
 import subprocess
 import time
 
+import structlog
+
 from libkvmrr import best_counter
 from kvmrr import demo
 from harness.containers import wait_healthy
+from harness.localkafka import kafka_version
 from kvmrr_log.paths import REPO
 
 ENV_FILE = REPO / "compose" / ".env"
@@ -25,7 +28,7 @@ NODES = ["primary", "backup1", "backup2", "gateway"]
 
 def _fresh_nodes(vm: str) -> None:
     """The kvmrr containers created again for VM `vm`; the brokers stay as they are."""
-    env = dict(os.environ, KVMRR_VM=vm)
+    env = dict(os.environ, KVMRR_VM=vm, KAFKA_VERSION=kafka_version())
     subprocess.run([*COMPOSE, "rm", "-f", "-s", *NODES], env=env, check=True,
                    capture_output=True)
     subprocess.run([*COMPOSE, "up", "-d", "--no-deps", "primary"], env=env, check=True,
@@ -41,7 +44,7 @@ def bench_cluster(quick: bool) -> dict:
     trials = []
     for i in range(1 if quick else 3):
         vm = f"bench{int(time.time())}t{i}"
-        demo.say(f"bench-cluster: trial {i + 1}, VM {vm}")
+        structlog.get_logger().info("trial", bench="cluster", trial=i + 1, vm=vm)
         _fresh_nodes(vm)
         os.environ["KVMRR_VM"] = vm                 # read_env: the shell wins over .env
         trials.append(demo.scenario(demo.compose_cluster(

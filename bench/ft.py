@@ -16,12 +16,14 @@ from __future__ import annotations
 import os
 import platform
 import statistics
-import sys
 import tempfile
 import time
 from datetime import datetime
 from pathlib import Path
 
+import structlog
+
+from kvmrr_log import events
 from libkvmrr import best_counter
 from harness.ftcluster import FtCluster
 from harness.localkafka import LocalKafka, LocalKafkaError
@@ -30,10 +32,7 @@ from bench.sweep import plain_requests_per_s, served
 RATE_HZ = 150.0
 FAILOVER_FLOOR_S = 2.0
 THROUGHPUT_FLOOR = 0.7
-
-
-def say(msg: str) -> None:
-    print(f"bench-ft: {msg}", file=sys.stderr, flush=True)
+LOG = structlog.get_logger(bench="ft")      # lazy: configured at the start of main
 
 
 def _plain(seconds: float) -> dict:
@@ -79,7 +78,7 @@ def _takeover_steps(ft: FtCluster, wall_kill: float) -> dict:
     live = ft.live_backup()
     if live is None:
         return {}
-    decided, went_live = live.last("primary silent, taking over"), live.last("live")
+    decided, went_live = live.last(events.TAKEOVER), live.last(events.LIVE)
 
     def since_kill(line: dict | None) -> float | None:
         if not line:
@@ -104,19 +103,20 @@ def bench_ft(quick: bool) -> dict:
                    "(docs/ARCHITECTURE.md §8)"}
     t_start = time.monotonic()
     out["plain"] = _plain(seconds)
-    say(f"plain: {out['plain']['requests_per_s']} requests/s")
+    LOG.info("plain", requests_per_s=out["plain"]["requests_per_s"])
     with tempfile.TemporaryDirectory(prefix="kvmrr-bench-ft-") as tmp, \
-            LocalKafka(1, f"bench-ft-{os.getpid()}", say=say) as kafka:
+            LocalKafka(1, f"bench-ft-{os.getpid()}") as kafka:
         work = Path(tmp)
         for commit in ("log", "backups:1"):
             r = out[f"commit_{commit.replace(':', '')}"] = _served(
                 kafka.bootstrap, work, commit, seconds, counter)
-            say(f"--commit {commit}: {r['requests_per_s']} requests/s, output commit p50/p99 "
-                f"{r['output_commit_p50_ms']}/{r['output_commit_p99_ms']} ms")
+            LOG.info("served", commit=commit, requests_per_s=r["requests_per_s"],
+                     output_commit_p50_ms=r["output_commit_p50_ms"],
+                     output_commit_p99_ms=r["output_commit_p99_ms"])
         runs = []
         for trial in range(trials):
             runs.append(_failover(kafka.bootstrap, work, trial, counter))
-            say(f"failover trial {trial}: {runs[-1]}")
+            LOG.info("failover_trial", trial=trial, of=trials, **runs[-1])
     times = [r["first_response_s"] for r in runs]
     ok = [t for t in times if t is not None]
     fresh = [r["first_response_to_a_new_request_s"] for r in runs

@@ -13,6 +13,9 @@ import threading
 import time
 from collections import Counter
 
+import structlog
+
+from kvmrr_log import events
 from libkvmrr import best_counter
 from kvmrr_log.guest_images import load_guest
 from harness.localkafka import LocalKafka, LocalKafkaError, kafkactl
@@ -21,7 +24,7 @@ from bench.core import per_second
 from kvmrr_log.paths import REPO
 from kvmrr_log.percentiles import percentile_ms
 
-
+LOG = structlog.get_logger(bench="log")     # lazy: configured at the start of main
 COMMIT_P99_FLOOR_MS = 20.0
 
 
@@ -33,8 +36,7 @@ class Brokers(LocalKafka):
     """A kafkactl cluster of its own (unique name, free ports), stopped on exit."""
 
     def __init__(self, nodes: int, tag: str):
-        super().__init__(nodes, f"bench-{os.getpid()}-{tag}",
-                         say=lambda m: print(f"bench: {m}", file=sys.stderr, flush=True))
+        super().__init__(nodes, f"bench-{os.getpid()}-{tag}")
 
     def __enter__(self) -> "Brokers":
         try:
@@ -220,7 +222,8 @@ def _transactions(bootstrap: str, topic: str, tid: str, producers: int, n: int) 
     log.addHandler(Count())
     ps = []
     for i in range(producers):
-        ps.append(Producer(dict(client_conf(bootstrap), **{   # as recorder/kafka_sink.py
+        conf = client_conf(bootstrap, f"kvmrr.bench.{tid}.probe{i}")
+        ps.append(Producer(dict(conf, **{   # as recorder/kafka_sink.py
             "transactional.id": f"kvmrr.{tid}.probe{i}", "enable.idempotence": True,
             "acks": "all", "linger.ms": 1, "transaction.timeout.ms": 60000,
             "compression.type": "lz4", "debug": "eos", "log_level": 7, "logger": log})))
@@ -262,8 +265,8 @@ def _replicated_writes(bootstrap: str, topic: str, n: int) -> dict:
     the floor under a commit with librdkafka, which has no KIP-890 (transactions v2)."""
     from confluent_kafka import Producer
     from kvmrr_log.kafka import client_conf
-    p = Producer(dict(client_conf(bootstrap), **{"enable.idempotence": True, "acks": "all",
-                                                 "linger.ms": 0}))
+    p = Producer(dict(client_conf(bootstrap, "kvmrr.bench.replicated"),
+                      **{"enable.idempotence": True, "acks": "all", "linger.ms": 0}))
     for _ in range(5):
         p.produce(topic, b"w" * 200, b"k")
         p.flush(30)
@@ -286,9 +289,9 @@ def _throughput(bootstrap: str, tag: str, quick: bool) -> dict:
         runs[name], _ = _record(bootstrap, vm, guest, bootargs=bootargs, load=load,
                                 max_instructions=budget)
         r = runs[name]
-        print(f"bench: {tag} {name}: {r['events_per_s']} events/s, {r['mb_per_s']} MB/s, "
-              f"commit p50 {r['commit_p50_ms']} ms p99 {r['commit_p99_ms']} ms",
-              file=sys.stderr, flush=True)
+        LOG.info("throughput", cluster=tag, run=name, events_per_s=r["events_per_s"],
+                 mb_per_s=r["mb_per_s"], commit_p50_ms=r["commit_p50_ms"],
+                 commit_p99_ms=r["commit_p99_ms"])
     return runs
 
 
@@ -311,7 +314,7 @@ def _follower_lag(bootstrap: str, tag: str, quick: bool) -> dict:
                 if line.strip():
                     stderr_tail.append(line)
                 continue
-            if ev.get("event") == "following":
+            if ev.get("event") == events.FOLLOWING:
                 samples.append({"t": time.monotonic(), "icount": ev["icount"],
                                 "lag_instructions": ev["lag_instructions"],
                                 "lag_ms": ev["lag_ms"]})
@@ -432,18 +435,17 @@ def bench_log(quick: bool) -> dict:
             bt = entry["bare_transactions"]
             for name in ("one_producer", "recorder_producers"):
                 w = bt[name]
-                print(f"bench: {tag} bare transactions, {name.replace('_', ' ')}: p50 "
-                      f"{w['whole']['p50_ms']} ms p99 {w['whole']['p99_ms']} ms, "
-                      f"{w['concurrent_transactions_retries']} CONCURRENT_TRANSACTIONS "
-                      f"retries", file=sys.stderr, flush=True)
-            print(f"bench: {tag} one replicated write: p50 {bt['replicated_write']['p50_ms']} "
-                  f"ms p99 {bt['replicated_write']['p99_ms']} ms", file=sys.stderr, flush=True)
+                LOG.info("bare_transactions", cluster=tag, producers=name,
+                         p50_ms=w["whole"]["p50_ms"], p99_ms=w["whole"]["p99_ms"],
+                         concurrent_transactions_retries=w["concurrent_transactions_retries"])
+            LOG.info("replicated_write", cluster=tag, p50_ms=bt["replicated_write"]["p50_ms"],
+                     p99_ms=bt["replicated_write"]["p99_ms"])
             if nodes == 3:   # the deployment's shape (replication 3, min ISR 2)
                 entry["follower_lag"] = lag = _follower_lag(b.bootstrap, tag, quick)
-                print(f"bench: {tag} follower lag: first third "
-                      f"{lag.get('first_third_mean_lag_ms')} ms, last third "
-                      f"{lag.get('last_third_mean_lag_ms')} ms, not growing: "
-                      f"{lag['lag_not_growing']}", file=sys.stderr, flush=True)
+                LOG.info("follower_lag", cluster=tag,
+                         first_third_mean_lag_ms=lag.get("first_third_mean_lag_ms"),
+                         last_third_mean_lag_ms=lag.get("last_third_mean_lag_ms"),
+                         not_growing=lag["lag_not_growing"])
             out["clusters"][tag] = entry
     out["seconds"] = round(time.monotonic() - t_start, 1)
     out["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]

@@ -11,6 +11,10 @@ Sections (each a list of rows, one per point and repeat):
 - snapshot_interval: the primary's instructions/s against a run without periodic
   snapshots, and how long a late backup takes from the latest snapshot to the end.
 - bandwidth: log Mbit/s per workload.
+
+Progress goes to stderr as structured events (kvmrr.logsetup): after each measured point,
+`sweep_point` with which point of how many, the time elapsed and an estimate of the time
+left (bench.progress), and that point's figures.
 """
 from __future__ import annotations
 
@@ -25,16 +29,16 @@ import tempfile
 import time
 from pathlib import Path
 
+import structlog
+
+from bench.progress import Progress
 from libkvmrr import best_counter
 from kvmrr_log.guest_images import load_guest
 from harness.localkafka import LocalKafka
 from kvmrr_log.paths import REPO
 
 CONFIG = REPO / "bench" / "sweep.json"
-
-
-def say(msg: str) -> None:
-    print(f"sweep: {msg}", file=sys.stderr, flush=True)
+LOG = structlog.get_logger(bench="sweep")     # lazy: configured at the start of main()
 
 
 def load_config(path: Path, quick: bool) -> dict:
@@ -55,7 +59,27 @@ def _cli(*args: str, timeout: float = 900) -> dict:
 
 
 # ---- counting backend x timer frequency ------------------------------------------------
-def counter_timer(cfg: dict, repeats: int) -> list[dict]:
+def _policy_points(cfg: dict) -> list[tuple[str, int]]:
+    """(policy, backups) pairs measured: a policy needing more backups than run is not."""
+    return [(p, n) for p in cfg["policies"] for n in cfg["backups"]
+            if (int(p.split(":")[1]) if ":" in p else 0) <= n]
+
+
+def plan(cfg: dict) -> dict[str, int]:
+    """Points per section of this config, in the order they run (the plain-run baselines
+    of the served sections count as points: they take as long as one)."""
+    r = cfg["repeats"]
+    counts = {
+        "counter_timer": lambda c: len(c["timer_hz"]) * len(c["counters"]),
+        "txn_interval": lambda c: 1 + len(c["txn_ms"]),
+        "commit_policy": lambda c: 1 + len(_policy_points(c)),
+        "snapshot_interval": lambda c: len(c["snapshot_every"]),
+        "bandwidth": lambda c: len(c["workloads"]),
+    }
+    return {name: r * count(cfg[name]) for name, count in counts.items() if name in cfg}
+
+
+def counter_timer(cfg: dict, repeats: int, progress: Progress) -> list[dict]:
     from bench.core import MemorySink
     from recorder.session import RecordSession
     from replayer.session import replay_records
@@ -84,8 +108,9 @@ def counter_timer(cfg: dict, repeats: int) -> list[dict]:
                 row["record_over_plain"] = row["record_ips"] / row["plain_ips"]
                 row["replay_over_record"] = row["replay_ips"] / row["record_ips"]
                 rows.append(row)
-                say(f"counter {counter} {hz} Hz: record/plain {row['record_over_plain']:.2f}, "
-                    f"replay/record {row['replay_over_record']:.2f}")
+                progress.point("counter_timer", counter=counter, timer_hz=hz,
+                               record_over_plain=round(row["record_over_plain"], 2),
+                               replay_over_record=round(row["replay_over_record"], 2))
     return rows
 
 
@@ -127,11 +152,12 @@ def served(bootstrap: str, work: Path, *, commit: str, backups: int, txn_ms: flo
             "log_bytes_per_s": nbytes / max(summary.get("seconds") or seconds, 1e-9)}
 
 
-def txn_interval(bootstrap: str, work: Path, cfg: dict, repeats: int, counter: str
-                 ) -> list[dict]:
+def txn_interval(bootstrap: str, work: Path, cfg: dict, repeats: int, counter: str,
+                 progress: Progress) -> list[dict]:
     rows = []
     for rep in range(repeats):
         plain = plain_requests_per_s(cfg["rate_hz"], cfg["seconds"])
+        progress.point("txn_interval", plain_requests_per_s=round(plain))
         for ms in cfg["txn_ms"]:
             row = served(bootstrap, work / f"txn{ms}-{rep}", commit="log", backups=1,
                          txn_ms=ms, rate_hz=cfg["rate_hz"], seconds=cfg["seconds"],
@@ -139,35 +165,34 @@ def txn_interval(bootstrap: str, work: Path, cfg: dict, repeats: int, counter: s
             row.update(txn_ms=ms, repeat=rep, plain_requests_per_s=plain,
                        over_plain=row["requests_per_s"] / plain)
             rows.append(row)
-            say(f"txn {ms} ms: {row['requests_per_s']:.0f} req/s ({row['over_plain']:.2f}x "
-                f"plain), output commit p99 {row['output_commit_p99_ms']} ms")
+            progress.point("txn_interval", txn_ms=ms, requests_per_s=round(row["requests_per_s"]),
+                           over_plain=round(row["over_plain"], 2),
+                           output_commit_p99_ms=row["output_commit_p99_ms"])
     return rows
 
 
-def commit_policy(bootstrap: str, work: Path, cfg: dict, repeats: int, counter: str
-                  ) -> list[dict]:
+def commit_policy(bootstrap: str, work: Path, cfg: dict, repeats: int, counter: str,
+                  progress: Progress) -> list[dict]:
     rows = []
     for rep in range(repeats):
         plain = plain_requests_per_s(cfg["rate_hz"], cfg["seconds"])
-        for policy in cfg["policies"]:
-            need = int(policy.split(":")[1]) if ":" in policy else 0
-            for n in cfg["backups"]:
-                if need > n:
-                    continue            # it could never release anything
-                row = served(bootstrap, work / f"{policy.replace(':', '')}-{n}-{rep}",
-                             commit=policy, backups=n, txn_ms=10.0, rate_hz=cfg["rate_hz"],
-                             seconds=cfg["seconds"], counter=counter)
-                row.update(policy=policy, backups=n, repeat=rep, plain_requests_per_s=plain,
-                           over_plain=row["requests_per_s"] / plain)
-                rows.append(row)
-                say(f"{policy} with {n} backups: {row['requests_per_s']:.0f} req/s, "
-                    f"output commit p99 {row['output_commit_p99_ms']} ms")
+        progress.point("commit_policy", plain_requests_per_s=round(plain))
+        for policy, n in _policy_points(cfg):     # none that could never release anything
+            row = served(bootstrap, work / f"{policy.replace(':', '')}-{n}-{rep}",
+                         commit=policy, backups=n, txn_ms=10.0, rate_hz=cfg["rate_hz"],
+                         seconds=cfg["seconds"], counter=counter)
+            row.update(policy=policy, backups=n, repeat=rep, plain_requests_per_s=plain,
+                       over_plain=row["requests_per_s"] / plain)
+            rows.append(row)
+            progress.point("commit_policy", policy=policy, backups=n,
+                           requests_per_s=round(row["requests_per_s"]),
+                           output_commit_p99_ms=row["output_commit_p99_ms"])
     return rows
 
 
 # ---- snapshots ------------------------------------------------------------------------------
-def snapshot_interval(bootstrap: str, work: Path, cfg: dict, repeats: int, counter: str
-                      ) -> list[dict]:
+def snapshot_interval(bootstrap: str, work: Path, cfg: dict, repeats: int, counter: str,
+                      progress: Progress) -> list[dict]:
     rows = []
     for rep in range(repeats):
         # a different end each repeat: the distance from the last snapshot varies
@@ -186,8 +211,9 @@ def snapshot_interval(bootstrap: str, work: Path, cfg: dict, repeats: int, count
                          "snapshots": rec["snapshots"],
                          "catch_up_s": time.monotonic() - t,
                          "catch_up_instructions": n - late["start_icount"]})
-            say(f"snapshot every {every}: {rec['instructions_per_second']} instr/s, late "
-                f"backup {rows[-1]['catch_up_s']:.1f} s")
+            progress.point("snapshot_interval", snapshot_every=every,
+                           instructions_per_second=rec["instructions_per_second"],
+                           late_backup_s=round(rows[-1]["catch_up_s"], 1))
         base = [r for r in rows if r["repeat"] == rep and r["snapshot_every"] == 0]
         for r in rows:
             if r["repeat"] == rep and base:
@@ -196,8 +222,8 @@ def snapshot_interval(bootstrap: str, work: Path, cfg: dict, repeats: int, count
 
 
 # ---- log bandwidth ----------------------------------------------------------------------------
-def bandwidth(bootstrap: str, work: Path, cfg: dict, repeats: int, counter: str
-              ) -> list[dict]:
+def bandwidth(bootstrap: str, work: Path, cfg: dict, repeats: int, counter: str,
+              progress: Progress) -> list[dict]:
     from harness.logstats import log_bytes
     rows = []
     for rep in range(repeats):
@@ -210,7 +236,8 @@ def bandwidth(bootstrap: str, work: Path, cfg: dict, repeats: int, counter: str
             rows.append({"workload": name, "repeat": rep, "log_bytes": nbytes,
                          "seconds": rec["seconds"],
                          "mbit_per_s": nbytes * 8 / rec["seconds"] / 1e6})
-            say(f"{name}: {rows[-1]['mbit_per_s']:.3f} Mbit/s")
+            progress.point("bandwidth", workload=name,
+                           mbit_per_s=round(rows[-1]["mbit_per_s"], 3))
     return rows
 
 
@@ -229,22 +256,26 @@ def run(config: Path, quick: bool, out_dir: Path) -> dict:
                            "loadavg_at_start": [round(x, 2) for x in os.getloadavg()]},
                "quick": quick, "config": cfg, "sections": {}}
     sections = results["sections"]
+    progress = Progress(plan(cfg), event="sweep_point", log=LOG)
+    LOG.info("sweep_started", points=progress.total, sections=progress.plan, quick=quick)
     if "counter_timer" in cfg:
-        sections["counter_timer"] = counter_timer(cfg["counter_timer"], repeats)
+        sections["counter_timer"] = counter_timer(cfg["counter_timer"], repeats, progress)
     on_kafka = [name for name in KAFKA_SECTIONS if name in cfg]   # a section left out of
     if on_kafka:                                                   # the config is skipped
         with tempfile.TemporaryDirectory(prefix="kvmrr-sweep-") as tmp, \
-                LocalKafka(1, f"sweep-{os.getpid()}", say=say) as kafka:
+                LocalKafka(1, f"sweep-{os.getpid()}") as kafka:
+            progress.between_points()          # the broker's start-up is no point's time
             for name in on_kafka:
                 sections[name] = KAFKA_SECTIONS[name](kafka.bootstrap, Path(tmp), cfg[name],
-                                                      repeats, counter)
+                                                      repeats, counter, progress)
     results["machine"]["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
     results["seconds"] = round(time.monotonic() - t_start, 1)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "results.json").write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
     from bench.sweep_report import write_report
     write_report(results, out_dir)
-    say(f"done in {results['seconds']} s: {out_dir / 'report.md'}")
+    LOG.info("sweep_done", seconds=results["seconds"], points=progress.points_done,
+             report=str(out_dir / "report.md"))
     return results
 
 
@@ -260,6 +291,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     # a SIGTERM unwinds like ^C, so the sweep's broker and processes are stopped
     signal.signal(signal.SIGTERM, _interrupted)
+    from kvmrr.logsetup import configure
+    configure()          # progress as structured events on stderr
     run(Path(args.config), args.quick, Path(args.out))
     return 0
 

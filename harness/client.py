@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass
 
 from kvmrr_log.percentiles import percentile_ms
+from kvmrr_log.requests import request_id, request_line, split_request
 from recorder.loadgen import KvLoad
 
 RECONNECT_S = 0.1
@@ -113,7 +114,7 @@ class KvClient:
             if line != b"HELLO OK":
                 self.hello_refused = line
             return
-        rid = line.split(b" ", 1)[0].decode("ascii", "replace")
+        rid = request_id(line)
         now = time.monotonic()
         with self._lock:
             if rid in self.answers:
@@ -126,7 +127,7 @@ class KvClient:
             self.answers[rid] = line
             self.latencies.append(now - sent)
             self.answered_at[rid] = (sent, now)
-            if b" ERR " in line:
+            if split_request(line)[1].startswith("ERR"):
                 self.errors += 1
 
     # -- requests --------------------------------------------------------------------------
@@ -135,7 +136,7 @@ class KvClient:
         s = self._connect()
         with self._lock:
             rid = f"{self.name}-{len(self.order) + 1}"
-            line = f"{rid} {body}".encode()
+            line = request_line(rid, body)
             self.order.append(rid)
             self.lines[rid] = line
             self.pending[rid] = (line, time.monotonic())
@@ -207,12 +208,12 @@ class KvClient:
         (one connection: the gateway puts them on .in in that order)."""
         model: dict[str, str | None] = {}
         for rid in self.order:
-            parts = self.lines[rid].decode().split(" ")
-            answer = self.answers.get(rid, b"")
-            if parts[1] == "PUT" and b" OK" in answer:
-                model[parts[2]] = parts[3]
-            elif parts[1] == "DEL" and (b" OK" in answer or b" NOTFOUND" in answer):
-                model[parts[2]] = None
+            parts = split_request(self.lines[rid])[1].split(" ")
+            answer = split_request(self.answers.get(rid, b""))[1].split(" ")
+            if parts[0] == "PUT" and answer[0] == "OK":
+                model[parts[1]] = parts[2]
+            elif parts[0] == "DEL" and answer[0] in ("OK", "NOTFOUND"):
+                model[parts[1]] = None
         return model
 
     def check_store(self, timeout: float = 30.0) -> tuple[int, list[str]]:
@@ -220,12 +221,13 @@ class KvClient:
         bad = []
         model = self.expected_store()
         for key, value in sorted(model.items()):
-            got = self.request(f"GET {key}", timeout).decode().split(" ")
+            answer = split_request(self.request(f"GET {key}", timeout))[1]
+            got = answer.split(" ")
             if value is None:
-                if got[1] != "NOTFOUND":
-                    bad.append(f"{key}: expected deleted, got {' '.join(got[1:])}")
-            elif got[1] != "OK" or got[-1] != value:
-                bad.append(f"{key}: expected {value}, got {' '.join(got[1:])}")
+                if got[0] != "NOTFOUND":
+                    bad.append(f"{key}: expected deleted, got {answer}")
+            elif got[0] != "OK" or got[-1] != value:
+                bad.append(f"{key}: expected {value}, got {answer}")
         return len(model), bad
 
     def report(self) -> ClientReport:

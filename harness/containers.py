@@ -13,6 +13,8 @@ import subprocess
 import sys
 import time
 
+import structlog
+
 
 class DockerError(RuntimeError):
     pass
@@ -110,4 +112,5 @@ if __name__ == "__main__":   # python -m harness.containers wait-healthy NAME...
         wait_healthy(sys.argv[2:])
     except DockerError as exc:
         sys.exit(f"kvmrr: {exc}")
-    print(f"healthy after {time.monotonic() - t0:.0f} s: {' '.join(sys.argv[2:])}")
+    structlog.get_logger().info("healthy", containers=sys.argv[2:],
+                                seconds=round(time.monotonic() - t0))

@@ -7,6 +7,11 @@ replay the whole log offline against their final states.
 The nodes are local processes started here (start_primary, start_backup, start_gateway), or
 containers started elsewhere (docker-compose, the container tests) and attached: a node
 only needs a Popen-like process (harness.containers.ContainerProcess is one).
+
+What a node did is read from its structured log events on stderr (JSON lines, matched by
+their `event` field, names in kvmrr_log/events.py) and its `--json` summary on stdout,
+never from message text.  With narrate=True the watched events of each node are logged
+again (structlog) with the node's name: the demo's narration.
 """
 from __future__ import annotations
 
@@ -19,16 +24,21 @@ import time
 import uuid
 from pathlib import Path
 
+import structlog
+
 from harness.client import KvClient
 from kvmrr_log.client_ids import declared_scope, scoped_request_id
+from kvmrr_log import events
 from kvmrr_log.kafka import ensure_topics
 from harness.logstats import log_bytes, released_outputs, released_seqs
 from kvmrr_log.paths import REPO
-
+from kvmrr_log.requests import request_id
 
 
 # what a backup's log says that the scenario's narration shows
-BACKUP_EVENTS = ("reading", "primary silent, taking over", "live", "done as primary")
+BACKUP_EVENTS = events.BACKUP_EVENTS
+PRIMARY_EVENTS = (events.FENCED,)
+_LEVELS = ("debug", "info", "warning", "error", "critical")
 
 
 def start_process(args: list[str], wrap=None) -> subprocess.Popen:
@@ -40,18 +50,18 @@ def start_process(args: list[str], wrap=None) -> subprocess.Popen:
 
 
 class Node:
-    """A kvmrr process (or anything Popen-like: a container); its stderr is kept in a file
-    and its JSON lines are watched."""
+    """A kvmrr process (or anything Popen-like: a container); its stderr is kept in a file,
+    its structured log events (JSON lines) in .lines and anything else in .text.  log: a
+    structlog logger to narrate the events named in `watch` with, or None."""
 
-    def __init__(self, name: str, proc, workdir: Path, say=None, watch=()):
+    def __init__(self, name: str, proc, workdir: Path, log=None, watch=()):
         self.name = name
         self.stderr_path = workdir / f"{name}.stderr"
         self.proc = proc
         self.lines: list[dict] = []
         self.text: list[str] = []
-        self.say, self.watch = say, watch
+        self.log, self.watch = log, watch
         self.stdout: list[str] = []
-        self.first_stdout = threading.Event()
         self._threads = [threading.Thread(target=self._err, daemon=True),
                          threading.Thread(target=self._out, daemon=True)]
         for t in self._threads:
@@ -66,25 +76,29 @@ class Node:
                     line = json.loads(raw)
                 except ValueError:
                     line = None
-                if not isinstance(line, dict):
+                if not isinstance(line, dict) or "event" not in line:
                     self.text.append(raw)
-                    if self.say and raw.startswith("kvmrr"):
-                        self.say(f"{self.name}: {raw.strip()}")
                     continue
                 self.lines.append(line)
-                if self.say and line.get("event") in self.watch:
+                if self.log and line["event"] in self.watch:
                     extra = {k: v for k, v in line.items() if k not in
                              ("event", "timestamp", "level", "vm_id", "role", "backup")}
-                    self.say(f"{self.name}: {line['event']} {extra}")
+                    level = line.get("level")
+                    narrate = getattr(self.log, level if level in _LEVELS else "info")
+                    narrate(line["event"], node=self.name, **extra)
 
     def _out(self) -> None:
         for raw in self.proc.stdout:
             self.stdout.append(raw)
-            self.first_stdout.set()
 
     def last(self, event: str) -> dict | None:
-        found = [ln for ln in self.lines if ln.get("event") == event]
+        """The last log event of that name (kvmrr_log.events), or None."""
+        found = self.all(event)
         return found[-1] if found else None
+
+    def all(self, event: str) -> list[dict]:
+        """Every log event of that name so far, in order."""
+        return [ln for ln in list(self.lines) if ln.get("event") == event]
 
     def result(self) -> dict | None:
         """The JSON summary the process printed last on stdout."""
@@ -123,8 +137,8 @@ def wait_for(cond, timeout: float, what: str) -> None:
 class FtCluster:
     def __init__(self, bootstrap: str, workdir: Path, *, counter: str = "auto",
                  commit: str = "log", failover_timeout: float = 1.0,
-                 snapshot_every: int = 2_000_000, say=None, vm: str | None = None,
-                 txn_ms: float = 10.0):
+                 snapshot_every: int = 2_000_000, narrate: bool = False,
+                 vm: str | None = None, txn_ms: float = 10.0):
         self.bootstrap = bootstrap
         self.vm = vm or f"ft{uuid.uuid4().hex[:8]}"
         self.url = f"kafka://{bootstrap}/{self.vm}"
@@ -134,7 +148,7 @@ class FtCluster:
         self.failover_timeout = failover_timeout
         self.snapshot_every = snapshot_every
         self.txn_ms = txn_ms
-        self.say = say
+        self.log = structlog.get_logger().bind(vm=self.vm) if narrate else None
         self.nodes: dict[str, Node] = {}
         self.primary: Node | None = None
         ensure_topics(bootstrap, self.vm)
@@ -144,7 +158,8 @@ class FtCluster:
         self.primary = self._node("primary", [
             "record", "kvstore", "--log", self.url, "--serve", "--commit", self.commit,
             "--mode", self.counter, "--snapshot-every", str(self.snapshot_every),
-            "--txn-ms", str(self.txn_ms), "--json", "--quiet", *extra], wrap=wrap)
+            "--txn-ms", str(self.txn_ms), "--json", "--quiet", *extra],
+            watch=PRIMARY_EVENTS, wrap=wrap)
         return self.primary
 
     def start_backup(self, name: str, start: str = "first") -> Node:
@@ -157,8 +172,13 @@ class FtCluster:
 
     def start_gateway(self) -> int:
         gw = self._node("gateway", ["gateway", "--log", self.url, "--listen", "127.0.0.1:0"])
-        wait_for(gw.first_stdout.is_set, 60, "the gateway")
-        self.gateway_port = int(gw.stdout[0].split(" on ")[1].split()[0].rsplit(":", 1)[1])
+        wait_for(lambda: gw.last(events.LISTENING) or gw.proc.poll() is not None, 60,
+                 "the gateway")
+        listening = gw.last(events.LISTENING)
+        if listening is None:
+            raise RuntimeError(f"the gateway exited {gw.proc.poll()}: "
+                               f"{''.join(gw.text[-4:]).strip()[-600:]}")
+        self.gateway_port = int(listening["port"])
         return self.gateway_port
 
     def _node(self, name: str, args: list[str], watch=(), wrap=None) -> Node:
@@ -167,7 +187,7 @@ class FtCluster:
     def attach(self, name: str, proc, watch=()) -> Node:
         """Take on a node started elsewhere (a container): `name` is "primary", "gateway"
         or a backup's id; `proc` is Popen-like."""
-        node = Node(name, proc, self.work, say=self.say, watch=watch)
+        node = Node(name, proc, self.work, log=self.log, watch=watch)
         self.nodes[name] = node
         if name == "primary":
             self.primary = node
@@ -177,7 +197,7 @@ class FtCluster:
         return [n for name, n in self.nodes.items() if name not in ("primary", "gateway")]
 
     def wait_backups_reading(self, timeout: float = 90) -> None:
-        wait_for(lambda: all(b.last("reading") or b.proc.poll() is not None
+        wait_for(lambda: all(b.last(events.READING) or b.proc.poll() is not None
                              for b in self.backups()), timeout, "the backups to start")
 
     def client(self, name: str = "c1", seed: int = 7) -> KvClient:
@@ -185,7 +205,7 @@ class FtCluster:
 
     def live_backup(self) -> Node | None:
         """The backup that announced it went live (took over), if any."""
-        live = [b for b in self.backups() if b.last("live")]
+        live = [b for b in self.backups() if b.last(events.LIVE)]
         return live[-1] if live else None
 
     def first_new_primary_answer(self, client: KvClient, t_kill: float) -> float | None:
@@ -194,12 +214,12 @@ class FtCluster:
         live = self.live_backup()
         if live is None:
             return None
-        released = live.last("live")["released_seq"]
-        new_ids = {o["data"].split(b" ", 1)[0]
-                   for o in released_outputs(self.bootstrap, self.vm) if o["seq"] > released}
+        released = live.last(events.LIVE)["released_seq"]
+        new_ids = {request_id(o["data"]) for o in released_outputs(self.bootstrap, self.vm)
+                   if o["seq"] > released}
         scope = declared_scope(client.name)     # the gateway's ids for this client's
         times = [a for rid, (_, a) in client.answer_times().items()
-                 if scoped_request_id(scope, rid.encode()) in new_ids]
+                 if scoped_request_id(scope, rid.encode()).decode() in new_ids]
         return round(min(times) - t_kill, 3) if times else None
 
     # -- the end ----------------------------------------------------------------------------
@@ -237,8 +257,7 @@ class FtCluster:
             "client_errors": report.errors, "reconnects": report.reconnects,
             "store_checked": checked, "store_mismatches": bad,
             "took_over": winners, "ends": ends, "stopped": stopped,
-            "takeover_attempts": sum(1 for b in self.backups() for ln in b.lines
-                                     if ln.get("event") == "primary silent, taking over"),
+            "takeover_attempts": sum(len(b.all(events.TAKEOVER)) for b in self.backups()),
             "survivor_hashes": hashes, "replay": replay,
             "replay_error": rep.stderr.strip()[-800:] if rep.returncode else None,
             "state_match": bool(replay) and bool(hashes) and

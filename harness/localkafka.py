@@ -8,6 +8,9 @@ import socket
 import subprocess
 import sys
 import time
+
+import structlog
+
 from kvmrr_log.paths import REPO
 
 KAFKACTL = REPO / "compose" / "kafka" / "kafkactl"
@@ -21,6 +24,14 @@ class LocalKafkaError(RuntimeError):
 def kafkactl(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(KAFKACTL), *args], capture_output=True,
                           text=True, timeout=timeout)
+
+
+def kafka_version() -> str:
+    """The Kafka version, written in one place: compose/kafka/pom.xml (`kafkactl version`)."""
+    proc = kafkactl("version", timeout=30)
+    if proc.returncode != 0:
+        raise LocalKafkaError(f"kafkactl version: {proc.stderr.strip()}")
+    return proc.stdout.strip()
 
 
 def port_free(port: int) -> bool:
@@ -66,10 +77,12 @@ def stop(name: str) -> str | None:
 
 
 class LocalKafka:
-    """with LocalKafka(3, "bench-x") as k: k.bootstrap"""
+    """with LocalKafka(3, "bench-x") as k: k.bootstrap.  Logs `kafka_started` and, if
+    stopping fails, `kafka_stop_failed`."""
 
-    def __init__(self, nodes: int, name: str, say=None):
-        self.nodes, self.name, self.say = nodes, name, say
+    def __init__(self, nodes: int, name: str):
+        self.nodes, self.name = nodes, name
+        self.log = structlog.get_logger().bind(kafka=name)
         self.bootstrap = ""
         self.port = 0
         self.started_s: float | None = None
@@ -82,12 +95,11 @@ class LocalKafka:
             stop(self.name)
             raise
         self.started_s = round(time.monotonic() - t0, 1)
-        if self.say:
-            self.say(f"{self.nodes}-node Kafka '{self.name}' at {self.bootstrap} "
-                     f"({self.started_s} s)")
+        self.log.info("kafka_started", nodes=self.nodes, bootstrap=self.bootstrap,
+                      seconds=self.started_s)
         return self
 
     def __exit__(self, *exc) -> None:
         err = stop(self.name)
-        if err and self.say:
-            self.say(f"kafkactl stop --name {self.name}: {err}")
+        if err:
+            self.log.warning("kafka_stop_failed", error=err)

@@ -10,6 +10,8 @@ from collections import Counter
 from pathlib import Path
 
 from libkvmrr import KvmrrError, resolve_counter
+from kvmrr.logsetup import configure as configure_logging
+from kvmrr_log import events
 from kvmrr_log.guest_images import load_guest
 from kvmrr_log.percentiles import percentile_ms
 from kvmrr_log.kafka import FencedError, KafkaLogError
@@ -193,7 +195,7 @@ def cmd_run(args, log=None) -> int:
                                 inputs=inputs, slice_ns=int(args.txn_ms * 1_000_000),
                                 pacer=pacer, **session_kwargs)
         if args.serve:
-            _progress_lines(sink, inputs)
+            _progress_lines(sink, inputs, log.vm_id)
         if args.metrics_port:
             from replayer.metrics import serve
             serve(args.metrics_port)
@@ -243,18 +245,20 @@ def _release_stats(sink) -> dict:
             "output_commit_p99_ms": percentile_ms(lat, 0.99)}
 
 
-def _progress_lines(sink, inputs, every_s: float = 1.0) -> None:
-    """A serving primary says every second, as a JSON line on stderr, what it released:
-    an operator (or `make run`) sees it even if the process is killed later."""
+def _progress_lines(sink, inputs, vm: str, every_s: float = 1.0) -> None:
+    """A serving primary logs every second what it released (event `serving`): an
+    operator (or `make run`) sees it even if the process is killed later."""
     import threading
     import time
+
+    import structlog
+    log = structlog.get_logger().bind(vm_id=vm, role="primary")
 
     def loop() -> None:
         while True:
             time.sleep(every_s)
-            line = {"event": "serving", "inputs_consumed": inputs.consumed,
-                    "next_input_offset": inputs.next_offset, **_release_stats(sink)}
-            print(json.dumps(line, sort_keys=True), file=sys.stderr, flush=True)
+            log.info(events.SERVING, inputs_consumed=inputs.consumed,
+                     next_input_offset=inputs.next_offset, **_release_stats(sink))
     threading.Thread(target=loop, name="kvmrr-progress", daemon=True).start()
 
 
@@ -333,10 +337,8 @@ def cmd_follow(args) -> int:
     log = parse_log_url(args.log)
     if isinstance(log, FileLog):
         raise UsageError("follow reads a live log: --log kafka://HOST:PORT/VM")
-    from kvmrr.logsetup import configure
     from replayer import metrics
     from replayer.follow import Follower
-    configure()
     if args.metrics_port:
         metrics.serve(args.metrics_port)
     counter, why = resolve_counter(args.mode)
@@ -369,7 +371,6 @@ def cmd_gateway(args) -> int:
     import asyncio
 
     from kvmrr.gateway import DeclaredNames, Gateway, TokenFile
-    from kvmrr.logsetup import configure
     log = parse_log_url(args.log)
     if isinstance(log, FileLog):
         raise UsageError("the gateway serves a VM on Kafka: --log kafka://HOST:PORT/VM")
@@ -382,7 +383,6 @@ def cmd_gateway(args) -> int:
                     max_pending=args.max_pending, retry_window_s=args.retry_window,
                     max_answers=args.max_answers)
     _room_for_connections(limits.max_clients)
-    configure()
     gw = Gateway(log.bootstrap, log.vm_id, limits=limits, identity=identity)
 
     def ready(bound: int) -> None:
@@ -550,7 +550,8 @@ def _record_opts(p: argparse.ArgumentParser) -> None:
                    help="kafka logs: slow the guest down while the most advanced backup "
                         "is more than MS ms of its progress behind (0: never)")
     p.add_argument("--metrics-port", type=PORT, default=0, metavar="PORT",
-                   help="kafka logs: Prometheus on 127.0.0.1:PORT (0: none)")
+                   help="kafka logs: Prometheus on $KVMRR_METRICS_ADDR (default 127.0.0.1):PORT "
+                        "(0: none)")
 
 
 def _guest_opts(p: argparse.ArgumentParser) -> None:
@@ -659,10 +660,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Exit codes: 0 done, 1 a divergence, 3 fenced, 2 anything else that went wrong
     (always one line on stderr, never a traceback), 130 interrupted."""
+    configure_logging()      # every verb logs structured events on stderr (kvmrr.logsetup)
     try:
         args = build_parser().parse_args(argv)
         return args.fn(args)
     except FencedError as exc:
+        import structlog
+        structlog.get_logger().error(events.FENCED, error=str(exc))
         print(f"kvmrr: {exc}", file=sys.stderr)
         return EXIT_FENCED
     except DivergenceError as exc:

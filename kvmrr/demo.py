@@ -4,7 +4,9 @@ A primary runs kvstore, serving requests from kvmrr.<vm>.in; two backups follow 
 the gateway puts a client load in front.  A few seconds in, the primary is killed with
 SIGKILL; one backup takes over while the client goes on.  At the end the client checks
 what it got, the store is read back, the guest is told to QUIT, and the whole log is
-replayed offline against the survivors' final states.  A human summary, then one JSON line.
+replayed offline against the survivors' final states.  Its progress is logged as structured
+events on stderr (kvmrr.logsetup: readable on a terminal, JSON lines otherwise); at the end
+a human summary, then one JSON line, on stdout.
 
 `kvmrr demo --compose compose/.env` (make compose-demo) runs the same scenario against the
 docker-compose cluster: its containers are attached instead of processes started, the
@@ -17,9 +19,12 @@ import os
 import time
 from pathlib import Path
 
+import structlog
+
 from libkvmrr import best_counter
 from harness.containers import ContainerProcess, DockerError, docker
-from harness.ftcluster import BACKUP_EVENTS, FtCluster
+from harness.ftcluster import BACKUP_EVENTS, PRIMARY_EVENTS, FtCluster
+from kvmrr_log import events
 from harness.localkafka import LocalKafka, LocalKafkaError
 
 RATE_HZ = 100.0          # client requests/s
@@ -27,41 +32,45 @@ BEFORE_KILL_S = 5.0
 AFTER_KILL_S = 6.0
 
 
-def say(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+def _log():
+    return structlog.get_logger().bind(role="demo")
 
 
 def run_demo(args) -> int:
+    log = _log()
     counter, why = best_counter()
-    say(f"kvmrr demo: counter {counter} ({why})")
+    log.info("demo_started", counter=counter, counter_why=why)
     try:
         if args.compose:
             summary = scenario(compose_cluster(Path(args.compose), counter,
                                                Path(args.workdir)), counter)
         else:
-            with LocalKafka(1, f"demo-{os.getpid()}", say=say) as kafka:
+            with LocalKafka(1, f"demo-{os.getpid()}") as kafka:
                 summary = scenario(local_cluster(kafka.bootstrap, counter,
                                                  Path(args.workdir)), counter)
     except (LocalKafkaError, DockerError, TimeoutError) as exc:
-        say(f"kvmrr demo: FAILED: {exc}")
+        log.error("demo_failed", error=str(exc))
         return 2      # (the CLI's codes: 1 is a divergence only)
     ok = (summary["lost"] == 0 and summary["duplicated"] == 0 and summary["state_match"]
           and summary["store_mismatches"] == 0 and summary["winner"] is not None)
-    say(f"summary: {summary['requests']} requests, {summary['answered']} answered, "
-        f"{summary['lost']} lost, {summary['duplicated']} duplicated; failover "
-        f"{summary['failover_seconds']} s; output commit p50/p99 "
-        f"{summary['commit_p50_ms']}/{summary['commit_p99_ms']} ms; "
-        f"{summary['log_bytes']} bytes of log; state match {summary['state_match']}")
-    say("kvmrr demo: " + ("the service survived its primary: nothing lost, nothing twice, "
-                          "state verified" if ok else "FAILED"))
+    log.info("demo_finished", ok=ok)
+    # the result, on stdout: two lines for a human, then one JSON line
+    print(f"summary: {summary['requests']} requests, {summary['answered']} answered, "
+          f"{summary['lost']} lost, {summary['duplicated']} duplicated; failover "
+          f"{summary['failover_seconds']} s; output commit p50/p99 "
+          f"{summary['commit_p50_ms']}/{summary['commit_p99_ms']} ms; "
+          f"{summary['log_bytes']} bytes of log; state match {summary['state_match']}")
+    print("kvmrr demo: " + ("the service survived its primary: nothing lost, nothing twice, "
+                            "state verified" if ok else "FAILED"))
     print(json.dumps(summary, sort_keys=True), flush=True)
     return 0 if ok else 1 if not summary["state_match"] else 2
 
 
 def local_cluster(bootstrap: str, counter: str, work: Path) -> FtCluster:
     """A primary, two backups and the gateway as processes on this machine."""
-    ft = FtCluster(bootstrap, work, counter=counter, say=say, vm=None)
-    say(f"VM {ft.vm}: topics kvmrr.{ft.vm}.{{log,snapshots,acks,in,out,succession}}")
+    ft = FtCluster(bootstrap, work, counter=counter, narrate=True, vm=None)
+    _log().info("vm_topics", vm=ft.vm,
+                topics=f"kvmrr.{ft.vm}.{{log,snapshots,acks,in,out,succession}}")
     try:
         ft.start_primary()
         ft.start_backup("b1")
@@ -94,11 +103,11 @@ def compose_cluster(env_file: Path, counter: str, work: Path) -> FtCluster:
     if not set(wanted) <= set(running):
         raise DockerError(f"the compose cluster is not running ({', '.join(sorted(running))}"
                           " up); a demo needs a fresh one: make compose-down compose-up")
-    ft = FtCluster(bootstrap, work, counter=counter, say=say, vm=env["KVMRR_VM"],
+    ft = FtCluster(bootstrap, work, counter=counter, narrate=True, vm=env["KVMRR_VM"],
                    commit=env["KVMRR_COMMIT"],
                    failover_timeout=float(env["KVMRR_FAILOVER_TIMEOUT"]))
-    say(f"VM {ft.vm} on the compose cluster: brokers {bootstrap}, commit {ft.commit}")
-    ft.attach("primary", ContainerProcess("kvmrr-primary"))
+    _log().info("compose_cluster", vm=ft.vm, brokers=bootstrap, commit=ft.commit)
+    ft.attach("primary", ContainerProcess("kvmrr-primary"), watch=PRIMARY_EVENTS)
     for b in ("backup1", "backup2"):
         ft.attach(b, ContainerProcess(f"kvmrr-{b}"), watch=BACKUP_EVENTS)
     ft.attach("gateway", ContainerProcess("kvmrr-gateway"))
@@ -107,23 +116,25 @@ def compose_cluster(env_file: Path, counter: str, work: Path) -> FtCluster:
 
 
 def scenario(ft: FtCluster, counter: str) -> dict:
+    log = _log().bind(vm=ft.vm)
     try:
         primary = ft.primary
-        say(f"primary pid {primary.proc.pid}, backups pids "
-            f"{[b.proc.pid for b in ft.backups()]}, gateway on 127.0.0.1:{ft.gateway_port}")
+        log.info("nodes_started", primary_pid=primary.proc.pid,
+                 backup_pids=[b.proc.pid for b in ft.backups()],
+                 gateway=f"127.0.0.1:{ft.gateway_port}")
         ft.wait_backups_reading()
         client = ft.client()
-        say(f"client: {RATE_HZ:.0f} requests/s through the gateway")
+        log.info("client_started", requests_per_s=RATE_HZ, via="gateway")
 
         def progress():
             if time.monotonic() - progress.last >= 1.0:
                 progress.last = time.monotonic()
                 r = client.report()
-                say(f"client: {r.requests} sent, {r.answered} answered")
+                log.info("client_progress", sent=r.requests, answered=r.answered)
         progress.last = time.monotonic()
         client.run(RATE_HZ, BEFORE_KILL_S, on_tick=progress)
-        served = primary.last("serving") or {}
-        say(f"SIGKILL primary (pid {primary.proc.pid})")
+        served = primary.last(events.SERVING) or {}
+        log.warning("primary_killed", signal="SIGKILL", pid=primary.proc.pid)
         t_kill = time.monotonic()
         primary.kill()
         client.run(RATE_HZ, AFTER_KILL_S, on_tick=progress)
@@ -131,18 +142,18 @@ def scenario(ft: FtCluster, counter: str) -> dict:
         failover_s = ft.first_new_primary_answer(client, t_kill)
         first_new = client.first_answer_sent_after(t_kill)
         fresh_s = round(first_new - t_kill, 3) if first_new else None
-        say(f"failover: the first response from the new primary came {failover_s} s after "
-            f"the kill; the first to a request sent after the kill, {fresh_s} s")
-        say("client: draining, reading the store back, then QUIT")
+        # seconds from the kill to the first response from the new primary, and to the
+        # first response to a request sent after the kill
+        log.info("failover", first_response_s=failover_s, first_new_request_s=fresh_s)
+        log.info("client_finishing", steps="drain, read the store back, QUIT")
         res = ft.finish(client)
     finally:
         ft.stop()
     winner = res["took_over"][0] if len(res["took_over"]) == 1 else None
-    say(f"store: {res['store_checked']} keys read back, {len(res['store_mismatches'])} differ "
-        "from the acknowledged writes")
-    say(f"offline replay of the whole log from icount 0: state "
-        f"{res['replay'].get('state_hash')}; survivors {res['survivor_hashes']}: "
-        f"{'match' if res['state_match'] else 'MISMATCH'}")
+    log.info("store_checked", keys=res["store_checked"],
+             differ_from_acknowledged_writes=len(res["store_mismatches"]))
+    log.info("offline_replay", start_icount=0, state_hash=res["replay"].get("state_hash"),
+             survivors=res["survivor_hashes"], match=res["state_match"])
     return {
         "vm": ft.vm, "counter": counter, "requests": res["requests"],
         "answered": res["answered"], "lost": res["lost"], "duplicated": res["duplicated"],

@@ -51,10 +51,11 @@ from pathlib import Path
 import structlog
 from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
 
+from kvmrr_log import events
 from kvmrr_log.client_ids import (ID_MAX, declared_scope, scoped_request_id, token_scope,
                                   valid_name)
-from kvmrr_log.kafka import (WRITER_HEADER, client_conf, ensure_topics, scan_topic, topics,
-                             transactional_id, watermarks)
+from kvmrr_log.kafka import (WRITER_HEADER, client_conf, client_id, ensure_topics, scan_topic,
+                             topics, transactional_id, watermarks)
 from schemas import LogFormatError, decode_message
 
 MAX_LINE = 2048            # the guest NIC's MTU
@@ -139,6 +140,7 @@ class Gateway:
         self.identity = identity or DeclaredNames()
         self.writer_id = transactional_id(vm).encode()
         self.log = structlog.get_logger().bind(vm_id=vm, role="gateway")
+        self.client_id = client_id(vm, "gateway")
         self.sent: OrderedDict[bytes, float] = OrderedDict()     # scoped id -> when (wall)
         self.answers: OrderedDict[bytes, tuple[float, bytes]] = OrderedDict()
         #                                       scoped id -> (when, the answer after the id)
@@ -158,7 +160,7 @@ class Gateway:
         self._live = producer is None
         if self._live:
             self.topics = ensure_topics(bootstrap, vm)
-            self.producer = Producer(dict(client_conf(bootstrap), **{
+            self.producer = Producer(dict(client_conf(bootstrap, self.client_id), **{
                 "enable.idempotence": True, "acks": "all", "linger.ms": 1,
                 # never give up on a request (its outcome would be unknown: a retry could
                 # run it twice); while Kafka is away the queues fill and new requests get
@@ -178,13 +180,14 @@ class Gateway:
         oldest_ms = (time.time() - self.limits.retry_window_s) * 1000
         start = self._offset_at(self.topics.inputs, oldest_ms)
         for msg in scan_topic(self.bootstrap, self.topics.inputs, start=start,
-                              committed=False):
+                              committed=False, client_id=self.client_id):
             ts = msg.timestamp()[1]
             if ts >= oldest_ms:
                 self.sent[(msg.value() or b"").split(b" ", 1)[0]] = ts / 1000
                 self._prune_count()
         self._out_offset = start = self._offset_at(self.topics.outputs, oldest_ms)
-        for msg in scan_topic(self.bootstrap, self.topics.outputs, start=start):
+        for msg in scan_topic(self.bootstrap, self.topics.outputs, start=start,
+                              client_id=self.client_id):
             got = self._take_output(msg)
             ts = msg.timestamp()[1]
             if got and ts >= oldest_ms:
@@ -196,13 +199,14 @@ class Gateway:
     def _offset_at(self, topic: str, ts_ms: float) -> int:
         """The first offset of topic at or after ts_ms; its end if none is that recent; 0
         if the broker cannot say."""
-        c = Consumer(dict(client_conf(self.bootstrap), **{"group.id": "kvmrr-gateway-times"}))
+        c = Consumer(dict(client_conf(self.bootstrap, self.client_id),
+                          **{"group.id": "kvmrr-gateway-times"}))
         try:
             got = c.offsets_for_times([TopicPartition(topic, 0, int(ts_ms))], timeout=15)[0]
             if got.error is None and got.offset >= 0:
                 return got.offset
             if got.error is None:
-                return max(0, watermarks(self.bootstrap, topic)[1])
+                return max(0, watermarks(self.bootstrap, topic, client_id=self.client_id)[1])
         except KafkaException:
             pass
         finally:
@@ -231,7 +235,7 @@ class Gateway:
 
     # -- released responses, on a thread --------------------------------------------------
     def _consume_outputs(self) -> None:
-        c = Consumer(dict(client_conf(self.bootstrap), **{
+        c = Consumer(dict(client_conf(self.bootstrap, self.client_id), **{
             "group.id": f"kvmrr.{self.vm}.gateway", "enable.auto.commit": False,
             "isolation.level": "read_committed", "fetch.wait.max.ms": 5}))
         c.assign([TopicPartition(self.topics.outputs, 0, self._out_offset)])
@@ -451,7 +455,7 @@ class Gateway:
         for t in threads:
             t.start()
         housekeeping = asyncio.create_task(self._housekeeping())
-        self.log.info("listening", host=host, port=self.port, **self.limits.__dict__)
+        self.log.info(events.LISTENING, host=host, port=self.port, **self.limits.__dict__)
         if ready:
             ready(self.port)
         try:

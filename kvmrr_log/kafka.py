@@ -2,8 +2,10 @@
 creation, and the client settings the recorder and the backups share."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
+import re
 import time
 from dataclasses import dataclass
 
@@ -37,7 +39,29 @@ class Topics:
                        # the backup that takes over (docs/ARCHITECTURE.md §6.2)
 
 
+TOPIC_NAME_MAX = 249                       # Kafka's limit on a topic name
+VM_ID_CHARS = re.compile(r"[a-zA-Z0-9._-]+")   # Kafka's legal topic characters
+
+
+class VmIdError(ValueError):
+    """A VM id that cannot name the VM's topics."""
+
+
 def topics(vm: str) -> Topics:
+    """The VM's topics, kvmrr.<vm>.*; VmIdError if the id cannot be part of a topic name."""
+    t = _topic_names(vm)
+    if not VM_ID_CHARS.fullmatch(vm):
+        raise VmIdError(f"VM id {vm!r}: only letters, digits, '.', '_' and '-' can name "
+                        f"its Kafka topics")
+    longest = max(dataclasses.astuple(t), key=len)
+    if len(longest) > TOPIC_NAME_MAX:
+        raise VmIdError(f"VM id of {len(vm)} characters: its topic {longest[:40]}… would be "
+                        f"{len(longest)} long, Kafka allows {TOPIC_NAME_MAX} (at most "
+                        f"{len(vm) - len(longest) + TOPIC_NAME_MAX} for the id)")
+    return t
+
+
+def _topic_names(vm: str) -> Topics:
     return Topics(f"kvmrr.{vm}.log", f"kvmrr.{vm}.snapshots", f"kvmrr.{vm}.acks",
                   f"kvmrr.{vm}.in", f"kvmrr.{vm}.out", f"kvmrr.{vm}.succession")
 
@@ -73,14 +97,20 @@ else:
     CLIENT_LOG.propagate = False
 
 
-def client_conf(bootstrap: str) -> dict:
-    return {"bootstrap.servers": bootstrap, "client.id": "kvmrr",
+def client_id(vm: str, role: str) -> str:
+    """What a Kafka client says it is (the brokers' logs, quotas, request metrics):
+    kvmrr.<vm>.<role>, the role being recorder, backup.<id>, replay, gateway, archive..."""
+    return f"kvmrr.{vm}.{role}"
+
+
+def client_conf(bootstrap: str, client_id: str = "kvmrr") -> dict:
+    return {"bootstrap.servers": bootstrap, "client.id": client_id,
             "socket.connection.setup.timeout.ms": 5000, "log_level": 3,
             "logger": CLIENT_LOG}
 
 
-def admin_client(bootstrap: str) -> AdminClient:
-    return AdminClient(client_conf(bootstrap))
+def admin_client(bootstrap: str, client_id: str = "kvmrr") -> AdminClient:
+    return AdminClient(client_conf(bootstrap, client_id))
 
 
 def cluster_size(admin: AdminClient, bootstrap: str) -> int:
@@ -122,7 +152,7 @@ def ensure_topics(bootstrap: str, vm: str) -> Topics:
     """Create the VM's topics if missing: one partition each (total order); replication 3
     and min ISR 2 on a cluster of three or more, 1 and 1 on a single node; retention and
     the largest batch per TOPIC_SETTINGS.  Topics that exist are left as they are."""
-    admin = admin_client(bootstrap)
+    admin = admin_client(bootstrap, client_id(vm, "admin"))
     brokers = cluster_size(admin, bootstrap)
     rf = min(3, brokers)
     min_isr = 2 if rf >= 3 else 1
@@ -143,10 +173,11 @@ def ensure_topics(bootstrap: str, vm: str) -> Topics:
 
 
 def scan_topic(bootstrap: str, topic: str, *, start: int = OFFSET_BEGINNING,
-               committed: bool = True, timeout: float = 30.0) -> Iterator:
+               committed: bool = True, timeout: float = 30.0,
+               client_id: str = "kvmrr") -> Iterator:
     """Every message of a one-partition topic from start to its current end (raw
     confluent_kafka messages), or a clear error if the broker does not say where that is."""
-    c = Consumer(dict(client_conf(bootstrap), **{
+    c = Consumer(dict(client_conf(bootstrap, client_id), **{
         "group.id": "kvmrr-scan", "enable.auto.commit": False, "enable.partition.eof": True,
         "fetch.wait.max.ms": 10,   # the end is known when an empty fetch returns
         "isolation.level": "read_committed" if committed else "read_uncommitted"}))
@@ -170,10 +201,11 @@ def scan_topic(bootstrap: str, topic: str, *, start: int = OFFSET_BEGINNING,
         c.close()
 
 
-def watermarks(bootstrap: str, topic: str, timeout: float = 15.0) -> tuple[int, int]:
+def watermarks(bootstrap: str, topic: str, timeout: float = 15.0,
+               client_id: str = "kvmrr") -> tuple[int, int]:
     """(low, high) offsets of partition 0, retried while the broker is still electing its
     leader (a topic created a moment ago answers NOT_LEADER for a while)."""
-    c = Consumer(dict(client_conf(bootstrap), **{"group.id": "kvmrr-watermarks"}))
+    c = Consumer(dict(client_conf(bootstrap, client_id), **{"group.id": "kvmrr-watermarks"}))
     deadline = time.monotonic() + timeout
     try:
         while True:

@@ -14,7 +14,7 @@ from typing import Callable, Iterator
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
 
 from kvmrr_log.kafka import (CONNECT_TIMEOUT_S, WRITER_HEADER, KafkaLogError, admin_client,
-                            client_conf, cluster_size, topics, transactional_id,
+                            client_conf, client_id, cluster_size, topics, transactional_id,
                             watermarks)
 from schemas import LogFormatError, decode_message, join_snapshot
 
@@ -29,10 +29,12 @@ class EndOfLog(Exception):
 class LogTopicReader:
     """One partition of one topic, read in order from an offset."""
 
-    def __init__(self, bootstrap: str, vm: str, topic: str, offset: int = OFFSET_BEGINNING):
+    def __init__(self, bootstrap: str, vm: str, topic: str, offset: int = OFFSET_BEGINNING,
+                 role: str = "reader"):
+        """role: who reads, for the client.id (kvmrr_log.kafka.client_id)."""
         self.topic = topic
         self.writer = transactional_id(vm).encode()
-        conf = dict(client_conf(bootstrap), **{
+        conf = dict(client_conf(bootstrap, client_id(vm, role)), **{
             "group.id": f"kvmrr-reader-{uuid.uuid4().hex[:8]}", "enable.auto.commit": False,
             "isolation.level": "read_committed", "enable.partition.eof": True,
             "auto.offset.reset": "earliest", "fetch.wait.max.ms": 20,
@@ -128,16 +130,16 @@ class LogTopicReader:
 
 
 def check_log_exists(bootstrap: str, vm: str) -> None:
-    admin = admin_client(bootstrap)
+    admin = admin_client(bootstrap, client_id(vm, "admin"))
     cluster_size(admin, bootstrap)
     if topics(vm).log not in admin.list_topics(timeout=CONNECT_TIMEOUT_S).topics:
         raise KafkaLogError(f"no log for VM {vm!r} at {bootstrap} (topic {topics(vm).log} "
                             "does not exist)")
 
 
-def read_header(bootstrap: str, vm: str, timeout: float = 15.0) -> dict:
+def read_header(bootstrap: str, vm: str, timeout: float = 15.0, role: str = "reader") -> dict:
     check_log_exists(bootstrap, vm)
-    reader = LogTopicReader(bootstrap, vm, topics(vm).log)
+    reader = LogTopicReader(bootstrap, vm, topics(vm).log, role=role)
     try:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -157,12 +159,13 @@ def read_header(bootstrap: str, vm: str, timeout: float = 15.0) -> dict:
 
 
 def read_snapshots(bootstrap: str, vm: str, timeout: float = 15.0, *,
-                   start: str | None = None, until: int | None = None) -> list[dict]:
+                   start: str | None = None, until: int | None = None,
+                   role: str = "reader") -> list[dict]:
     """The complete snapshots committed so far, joined, in log order: every one, or with
     start ("first" or "latest") only the one a replay from there would choose (the first,
     or the last at or before icount until), so that a long log's snapshots are not all
     held in memory at once."""
-    reader = LogTopicReader(bootstrap, vm, topics(vm).snapshots)
+    reader = LogTopicReader(bootstrap, vm, topics(vm).snapshots, role=role)
     snaps, chunks = [], []
     try:
         deadline = time.monotonic() + timeout
@@ -198,12 +201,12 @@ def read_snapshots(bootstrap: str, vm: str, timeout: float = 15.0, *,
     return snaps
 
 
-def log_has_ended(bootstrap: str, vm: str, tail: int = 32) -> bool:
+def log_has_ended(bootstrap: str, vm: str, tail: int = 32, role: str = "reader") -> bool:
     """Whether the committed log ends with an End event (looking at its last few offsets):
     a log that fell silent because it is finished needs no takeover."""
     topic = topics(vm).log
-    low, high = watermarks(bootstrap, topic)
-    reader = LogTopicReader(bootstrap, vm, topic, max(low, high - tail))
+    low, high = watermarks(bootstrap, topic, client_id=client_id(vm, role))
+    reader = LogTopicReader(bootstrap, vm, topic, max(low, high - tail), role=role)
     last = None
     try:
         for record, _ in reader.records(0):

@@ -5,6 +5,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
+from kvmrr_log.kafka import VmIdError, topics
+
 
 class LogUrlError(ValueError):
     pass
@@ -32,5 +34,9 @@ def parse_log_url(url: str) -> FileLog | KafkaLog:
         vm = u.path.strip("/")
         if not u.netloc or not vm or "/" in vm:
             raise LogUrlError(f"kafka log must be kafka://HOST:PORT/VM, not {url!r}")
+        try:
+            topics(vm)          # the id must be able to name the VM's topics
+        except VmIdError as exc:
+            raise LogUrlError(str(exc)) from None
         return KafkaLog(u.netloc, vm)
     raise LogUrlError(f"log {url!r} must be file:PATH or kafka://HOST:PORT/VM")

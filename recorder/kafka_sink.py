@@ -23,7 +23,7 @@ import warnings
 from confluent_kafka import KafkaError, KafkaException, Producer
 
 from kvmrr_log.kafka import (LOG_MESSAGE_BYTES, SNAPSHOT_CHUNK_BYTES, WRITER_HEADER,
-                             FencedError, KafkaLogError, client_conf, ensure_topics,
+                             FencedError, KafkaLogError, client_conf, client_id, ensure_topics,
                              recorder_transactional_ids, topics, transactional_id,
                              watermarks)
 from kvmrr_log.reservoir import DEFAULT_SIZE, Reservoir
@@ -118,7 +118,7 @@ class KafkaSink:
         self.vm = vm
         self.topics = topics(vm) if takeover else ensure_topics(bootstrap, vm)
         self.txn_id = transactional_id(vm)       # the writer, in every record's header
-        conf = dict(client_conf(bootstrap), **{
+        conf = dict(client_conf(bootstrap, client_id(vm, "recorder")), **{
             "enable.idempotence": True, "acks": "all",
             "linger.ms": 1, "transaction.timeout.ms": 60000,
             "message.max.bytes": LOG_MESSAGE_BYTES,
@@ -169,7 +169,8 @@ class KafkaSink:
         return len(self._held) >= MAX_HELD
 
     def _log_end(self) -> int:
-        return max(watermarks(self.bootstrap, self.topics.log)[1], 0)
+        return max(watermarks(self.bootstrap, self.topics.log,
+                              client_id=client_id(self.vm, "recorder"))[1], 0)
 
     # -- vCPU thread ------------------------------------------------------------------
     def write(self, record: dict) -> None:

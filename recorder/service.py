@@ -25,7 +25,7 @@ from typing import Callable
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
 
-from kvmrr_log.kafka import (WRITER_HEADER, KafkaLogError, client_conf, scan_topic, topics,
+from kvmrr_log.kafka import (WRITER_HEADER, KafkaLogError, client_conf, client_id, scan_topic, topics,
                             transactional_id, watermarks)
 from schemas import LogFormatError, decode_message
 
@@ -60,7 +60,7 @@ class KafkaInputs:
         already produced cannot leave yet: KafkaSink.held_back)."""
         self.topic = topics(vm).inputs
         self.held_back = held_back
-        self.consumer = Consumer(dict(client_conf(bootstrap), **{
+        self.consumer = Consumer(dict(client_conf(bootstrap, client_id(vm, "recorder")), **{
             "group.id": f"kvmrr.{vm}.inputs", "enable.auto.commit": False,
             "isolation.level": "read_committed", "auto.offset.reset": "earliest",
             "fetch.wait.max.ms": 5}))
@@ -119,7 +119,7 @@ class AckWatch:
 
     def __init__(self, bootstrap: str, vm: str):
         self.topic = topics(vm).acks
-        self.consumer = Consumer(dict(client_conf(bootstrap), **{
+        self.consumer = Consumer(dict(client_conf(bootstrap, client_id(vm, "recorder")), **{
             "group.id": f"kvmrr.{vm}.ackwatch", "enable.auto.commit": False,
             "fetch.wait.max.ms": 5}))
         self.consumer.assign([TopicPartition(self.topic, 0, OFFSET_BEGINNING)])
@@ -168,12 +168,13 @@ def released_seq(bootstrap: str, vm: str, timeout: float = 15.0) -> int:
     it has fenced the old one, so nothing more can be committed there behind its back."""
     topic = topics(vm).outputs
     writer = transactional_id(vm).encode()
-    low, high = watermarks(bootstrap, topic, timeout)
+    low, high = watermarks(bootstrap, topic, timeout, client_id(vm, "recorder"))
     window = 64
     while True:
         start = max(low, high - window)
         best = -1
-        for msg in scan_topic(bootstrap, topic, start=start, timeout=timeout):
+        for msg in scan_topic(bootstrap, topic, start=start, timeout=timeout,
+                              client_id=client_id(vm, "recorder")):
             if dict(msg.headers() or []).get(WRITER_HEADER) != writer:
                 continue
             try:
@@ -191,7 +192,7 @@ def input_position(bootstrap: str, vm: str) -> int:
     """The next_input_offset of the last EventBatch in the committed log that has one (0
     if none): where a new primary resumes when its own replay saw no batch saying it."""
     from kvmrr_log.topic_reader import LogTopicReader
-    reader = LogTopicReader(bootstrap, vm, topics(vm).log, OFFSET_BEGINNING)
+    reader = LogTopicReader(bootstrap, vm, topics(vm).log, OFFSET_BEGINNING, role="recorder")
     position = 0
     try:
         for record, _ in reader.records(0):

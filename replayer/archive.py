@@ -13,10 +13,11 @@ from schemas import ArchiveWriter
 
 
 def export_archive(bootstrap: str, vm: str, path: Path, *, start: str = "first") -> dict:
-    header = read_header(bootstrap, vm)
-    snapshot = choose_snapshot(read_snapshots(bootstrap, vm, start=start), start, None)
+    header = read_header(bootstrap, vm, role="archive")
+    snapshot = choose_snapshot(read_snapshots(bootstrap, vm, start=start, role="archive"),
+                               start, None)
     offset = snapshot["log_offset"] if snapshot.get("log_offset", -1) >= 0 else OFFSET_BEGINNING
-    reader = LogTopicReader(bootstrap, vm, topics(vm).log, offset)
+    reader = LogTopicReader(bootstrap, vm, topics(vm).log, offset, role="archive")
     batches = events = 0
     ended = False
     try:

@@ -14,9 +14,10 @@ from typing import Callable
 import structlog
 from confluent_kafka import OFFSET_BEGINNING, KafkaException, Producer
 
+from kvmrr_log import events
 from libkvmrr import KvmrrError
 from kvmrr_log.guest_images import GuestImage
-from kvmrr_log.kafka import KafkaLogError, client_conf, topics
+from kvmrr_log.kafka import KafkaLogError, client_conf, client_id, topics
 from replayer import metrics
 from replayer.errors import DivergenceError, ReplayError, TakeoverAborted
 from kvmrr_log.topic_reader import LogTopicReader, log_has_ended, read_header, read_snapshots
@@ -47,12 +48,15 @@ class Follower:
         header and first snapshot to be committed."""
         self.bootstrap, self.vm, self.backup_id = bootstrap, vm, backup_id
         self.topics = topics(vm)
+        # who this is to Kafka (client.id): a backup, or a replay of a finished log
+        self.role = f"backup.{backup_id}" if backup_id else "replay"
         deadline = time.monotonic() + wait
         while True:
             try:
-                self.header = read_header(bootstrap, vm)
+                self.header = read_header(bootstrap, vm, role=self.role)
                 snapshot = choose_snapshot(read_snapshots(bootstrap, vm, start=start,
-                                                          until=until), start, until)
+                                                          until=until, role=self.role),
+                                           start, until)
                 break
             except (KafkaLogError, ReplayError):
                 if time.monotonic() >= deadline:
@@ -69,7 +73,8 @@ class Follower:
             else OFFSET_BEGINNING
         self.log = structlog.get_logger().bind(vm_id=vm, role="backup",
                                                backup=backup_id or "-")
-        self.acks = Producer(dict(client_conf(bootstrap), acks="all")) if backup_id else None
+        self.acks = Producer(dict(client_conf(bootstrap, client_id(vm, self.role)), acks="all")
+                             ) if backup_id else None
         self._last_ack = self._last_lag_log = 0.0
         self.lag_samples: deque[tuple[float, int, float]] = deque(maxlen=LAG_SAMPLES)
         #                                                  (t, lag instr, lag s), the last
@@ -105,7 +110,7 @@ class Follower:
             self._last_ack = now
         if self.backup_id and now - self._last_lag_log >= LAG_LOG_EVERY_S:
             self.lag_samples.append((now, lag_i, lag_s))
-            self.log.info("following", icount=s.icount, lag_instructions=lag_i,
+            self.log.info(events.FOLLOWING, icount=s.icount, lag_instructions=lag_i,
                           lag_ms=round(lag_s * 1000, 1))
             self._last_lag_log = now
 
@@ -135,7 +140,7 @@ class Follower:
         if self.acks:
             self.acks.flush(5)
         if self.backup_id:
-            self.log.info("done", icount=self.session.icount)
+            self.log.info(events.DONE, icount=self.session.icount)
         return self.session.result()
 
     def _follow(self, finished_log: bool, idle_timeout: float | None,
@@ -143,9 +148,9 @@ class Follower:
         """Feed committed batches from self.offset on; True once the End is replayed.
         stop_when(), asked between batches and while idle, may stop it early (False)."""
         reader = self._reader = LogTopicReader(self.bootstrap, self.vm, self.topics.log,
-                                               self.offset)
+                                               self.offset, role=self.role)
         if self.backup_id:
-            self.log.info("reading", snapshot_icount=self.snapshot["icount"], offset=self.offset)
+            self.log.info(events.READING, snapshot_icount=self.snapshot["icount"], offset=self.offset)
         running = True
         try:
             for record, offset in reader.records(0 if finished_log else idle_timeout,
@@ -199,10 +204,11 @@ class Follower:
             try:
                 self._reader.ask_end(ASK_END_TIMEOUT_S)
                 # a backup that has read all that is committed would have replayed an End
-                ended = not self._reader.at_end and log_has_ended(self.bootstrap, self.vm)
+                ended = not self._reader.at_end and log_has_ended(self.bootstrap, self.vm,
+                                                                    role=self.role)
                 return ended
             except KafkaLogError as exc:
-                self.log.warning("cannot read the log's end; not taking over", error=str(exc))
+                self.log.warning(events.LOG_END_UNKNOWN, error=str(exc))
                 return True
 
         def primary_gone() -> bool:
@@ -222,7 +228,7 @@ class Follower:
                     raise ReplayError(f"{self.topics.log} offset {self.offset}: no new record "
                                       f"for {give_up_after} s and this backup was not chosen "
                                       f"to take over (replayed to icount {self.session.icount})")
-                self.log.warning("primary silent, taking over", silent_s=failover_timeout,
+                self.log.warning(events.TAKEOVER, silent_s=failover_timeout,
                                  icount=self.session.icount)
                 try:
                     return self._take_over(serve, policy, record_opts)
@@ -230,7 +236,7 @@ class Follower:
                     # Kafka itself is moving (a broker died): the fence or the catch-up
                     # could not finish.  Nothing was released; follow again and decide
                     # afresh after another silent timeout.
-                    self.log.warning("takeover aborted, following again", error=str(exc))
+                    self.log.warning(events.TAKEOVER_ABORTED, error=str(exc))
                     chosen = False
         finally:
             self._leave_succession()
@@ -273,7 +279,7 @@ class Follower:
             pacer = pacer_for(self.bootstrap, self.vm, record_opts.pop("max_backup_lag_ms", 0),
                               me=self.backup_id)
             self._leave_succession()     # the next backup in line takes the role
-            self.log.warning("live", icount=s.icount, next_seq=s.expected_seq,
+            self.log.warning(events.LIVE, icount=s.icount, next_seq=s.expected_seq,
                              released_seq=sink.released_seq,
                              next_input_offset=inputs.start_offset if inputs else None,
                              takeover_ms=_ms_since(t0), **steps)
@@ -291,7 +297,7 @@ class Follower:
             if pacer:
                 pacer.close()
             sink.close()
-        self.log.info("done as primary", icount=result.instructions)
+        self.log.info(events.DONE_AS_PRIMARY, icount=result.instructions)
         return replayed, result
 
     def _hold_unreleased(self, sink) -> None:

@@ -14,7 +14,7 @@ import time
 
 from confluent_kafka import Consumer
 
-from kvmrr_log.kafka import client_conf, topics
+from kvmrr_log.kafka import client_conf, client_id, topics
 
 # The broker's default group.min.session.timeout.ms: the shortest every broker accepts.
 SESSION_TIMEOUT_MS = 6000
@@ -23,8 +23,9 @@ SESSION_TIMEOUT_MS = 6000
 class Succession:
     def __init__(self, bootstrap: str, vm: str, backup_id: str):
         self.topic = topics(vm).succession
-        self.consumer = Consumer(dict(client_conf(bootstrap), **{
-            "group.id": f"kvmrr.{vm}.successors", "client.id": f"kvmrr-{backup_id}",
+        conf = client_conf(bootstrap, client_id(vm, f"backup.{backup_id}"))
+        self.consumer = Consumer(dict(conf, **{
+            "group.id": f"kvmrr.{vm}.successors",
             "session.timeout.ms": SESSION_TIMEOUT_MS, "heartbeat.interval.ms": 500,
             "partition.assignment.strategy": "cooperative-sticky",
             "enable.auto.commit": False, "auto.offset.reset": "latest"}))

@@ -19,19 +19,25 @@ import pytest
 from ftchecks import assert_verified
 from harness.containers import ContainerProcess, docker, engine_answers, wait_healthy
 from harness.ftcluster import BACKUP_EVENTS, FtCluster, wait_for
-from harness.localkafka import free_base_port
+from harness.localkafka import free_base_port, kafka_version
+from kvmrr_log import events
 from kvmrr_log.paths import REPO
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 
 ENGINE = REPO / "compose" / "images" / "engine"
-KAFKA_VERSION = "4.1.2"
-IMAGES = (f"kvmrr/kafka:{KAFKA_VERSION}", "kvmrr/node:latest")
+IMAGES = (f"kvmrr/kafka:{kafka_version()}", "kvmrr/node:latest")
 RATE = 60.0          # requests/s, as in test_ft
 CLUSTER_ID = "a3ZtcnItdGVzdHMAAAAAAQ"
 VOTERS = "1@kafka1:9093,2@kafka2:9093,3@kafka3:9093"
 
 os.environ.setdefault("TESTCONTAINERS_RYUK_DISABLED", "true")
+
+
+def name_of(container) -> str:
+    """A started testcontainers container's name, through its public API (the Docker
+    SDK's container object)."""
+    return container.get_wrapped_container().name
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +86,7 @@ def brokers(engine):
                         .with_exposed_ports(9094))
             nodes[i].ports["9094"] = ("127.0.0.1", host_port)     # loopback only
             nodes[i].start()
-        wait_healthy([c._name for c in nodes.values()], timeout=240)
+        wait_healthy([name_of(c) for c in nodes.values()], timeout=240)
         yield network, nodes, ",".join(f"127.0.0.1:{base + i}" for i in range(3))
     finally:
         for c in nodes.values():
@@ -110,22 +116,22 @@ class Nodes:
             c.ports[str(p)] = ("127.0.0.1",)          # any free port on loopback only
         c.start()
         self.containers[name] = c
-        self.ft.attach(name, ContainerProcess(c._name), watch)
+        self.ft.attach(name, ContainerProcess(name_of(c)), watch)
         return c
 
     def up(self, backups=("b1", "b2")) -> None:
         self.start("primary", ["primary"])
-        wait_healthy([self.containers["primary"]._name])
+        wait_healthy([name_of(self.containers["primary"])])
         for b in backups:
             self.start(b, ["backup", b], watch=BACKUP_EVENTS)
         gw = self.start("gateway", ["gateway"], ports=(7070,))
-        wait_healthy([c._name for c in self.containers.values()])
-        self.ft.gateway_port = int(docker("port", gw._name, "7070").splitlines()[0]
+        wait_healthy([name_of(c) for c in self.containers.values()])
+        self.ft.gateway_port = int(docker("port", name_of(gw), "7070").splitlines()[0]
                                    .rsplit(":", 1)[1])
         self.ft.wait_backups_reading()
 
     def name(self, node: str) -> str:
-        return self.containers[node]._name
+        return name_of(self.containers[node])
 
     def stop(self) -> None:
         self.ft.stop()
@@ -160,14 +166,14 @@ def test_broker_killed_during_recording(cluster, brokers):
     leader = admin_client(bootstrap).list_topics(log_topic, timeout=10) \
         .topics[log_topic].partitions[0].leader
     victim = kafka[leader]
-    docker("kill", victim._name)
+    docker("kill", name_of(victim))
     try:
         client.run(RATE, 4.0)
         assert nodes.ft.primary.proc.poll() is None, "the primary stopped with a broker"
         res = ft.finish(client, drain_s=60)
     finally:
-        docker("start", victim._name)
-        wait_healthy([c._name for c in kafka.values()], timeout=240)
+        docker("start", name_of(victim))
+        wait_healthy([name_of(c) for c in kafka.values()], timeout=240)
     # the log is silent while Kafka moves its leader (broker.session.timeout.ms, 6 s), longer
     # than the failover timeout: a backup may take over, fencing the primary; no harm done
     assert len(res["took_over"]) <= 1, res["ends"]
@@ -205,8 +211,8 @@ def test_backup_container_restarted_restores_from_a_snapshot(cluster):
     docker("restart", "-t", "1", nodes.name("b2"))
     b2 = ft.attach("b2", ContainerProcess(nodes.name("b2")), BACKUP_EVENTS)
     client.run(RATE, 2.0)
-    wait_for(lambda: b2.last("reading") and b2.last("reading")["snapshot_icount"] > 0
-             and sum(ln.get("event") == "reading" for ln in b2.lines) == 2,
+    wait_for(lambda: b2.last(events.READING) and b2.last(events.READING)["snapshot_icount"] > 0
+             and len(b2.all(events.READING)) == 2,
              120, "the restarted backup to read from a snapshot")
     client.run(RATE, 2.0)
     res = ft.finish(client)

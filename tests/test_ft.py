@@ -19,6 +19,7 @@ import pytest
 from ftchecks import assert_verified
 from harness.ftcluster import FtCluster, wait_for
 from kvmrr_log.client_ids import declared_scope, scoped_request_id
+from kvmrr_log import events
 from kvmrr_log.kafka import scan_topic, topics
 from harness.logstats import released_seqs
 
@@ -79,6 +80,7 @@ def test_stopped_primary_is_fenced_and_stops_itself(cluster):
     err = "".join(primary.text)
     assert rc == 3, err[-2000:]
     assert "fenced: a newer primary of VM" in err and "releases nothing more" in err
+    assert primary.last(events.FENCED), "no structured fenced event"
     client.run(RATE, 1.0)
     res = ft.finish(client)
     assert res["took_over"] == ["b1"]
@@ -132,8 +134,8 @@ def test_commit_backups2_waits_for_a_replacement_backup(cluster):
     late = client.first_answer_sent_after(held_from)
     assert late is None, f"a response left {late - held_from:.2f} s after the kill"
     b3 = ft.start_backup("b3", start="latest")
-    wait_for(lambda: b3.last("reading"), 90, "the replacement backup")
-    assert b3.last("reading")["snapshot_icount"] > 0, "b3 did not start from a snapshot"
+    wait_for(lambda: b3.last(events.READING), 90, "the replacement backup")
+    assert b3.last(events.READING)["snapshot_icount"] > 0, "b3 did not start from a snapshot"
     assert client.drain(60), "responses still held after the replacement acked"
     res = ft.finish(client)
     assert res["commit"] == "backups:2"

@@ -17,6 +17,9 @@ ENV KVMRR_VM=vm1 \
     KVMRR_BROKERS=kafka1:9092,kafka2:9092,kafka3:9092 \
     KVMRR_MODE=auto \
     KVMRR_SNAPSHOT_EVERY=2000000
+# the metrics (--metrics-port 9100) listen on every interface here: 9100 is exposed, and a
+# scraper on the network reaches it (outside a container the default stays loopback)
+ENV KVMRR_METRICS_ADDR=0.0.0.0
 COPY kvmrr-node /usr/local/bin/kvmrr-node
 WORKDIR /opt/kvmrr
 EXPOSE 7070 9100
