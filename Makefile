@@ -65,20 +65,20 @@ test: build
 
 # ---- benchmarks ----------------------------------------------------------------------
 bench-core: build
-	$(PY) -m kvmrr.bench core --out bench/core.json $(if $(QUICK),--quick)
+	$(PY) -m bench core --out bench/core.json $(if $(QUICK),--quick)
 
 # starts its own single node and 3-node cluster (kafkactl, free loopback ports), stops them
 bench-log: build
-	$(PY) -m kvmrr.bench log --out bench/log.json $(if $(QUICK),--quick)
+	$(PY) -m bench log --out bench/log.json $(if $(QUICK),--quick)
 
 # kvstore served through the gateway on its own single-node Kafka against a plain run,
 # and failover time over 10 trials
 bench-ft: build
-	$(PY) -m kvmrr.bench ft --out bench/ft.json $(if $(QUICK),--quick)
+	$(PY) -m bench ft --out bench/ft.json $(if $(QUICK),--quick)
 
 # the overhead sweep (bench/sweep.json) -> bench/results.json, bench/report.md and plots
 bench: build
-	$(PY) -m kvmrr.sweep $(if $(QUICK),--quick)
+	$(PY) -m bench.sweep $(if $(QUICK),--quick)
 
 # ---- the docker-compose cluster (compose/; settings in compose/.env) -----------------
 # images: kvmrr/base (debootstrap + docker import), kvmrr/kafka, kvmrr/node; cached
@@ -87,7 +87,7 @@ images: build
 
 compose-up: images
 	$(COMPOSE) up -d
-	$(PY) -m kvmrr.containers wait-healthy $(CLUSTER)
+	$(PY) -m harness.containers wait-healthy $(CLUSTER)
 
 # the kill-the-primary demo against a fresh compose-up
 compose-demo: build
@@ -99,7 +99,7 @@ compose-down:
 
 # failover time and output commit latency in the compose cluster, over trials -> bench/cluster.json
 bench-cluster: compose-up
-	$(PY) -m kvmrr.bench cluster --out bench/cluster.json $(if $(QUICK),--quick); \
+	$(PY) -m bench cluster --out bench/cluster.json $(if $(QUICK),--quick); \
 	rc=$$?; $(MAKE) -s compose-down; exit $$rc
 
 # ---- Kafka (real Apache Kafka from Maven Central, KRaft, loopback) --------------------

@@ -1,2 +1,2 @@
-"""kvmrr: instruction-level record/replay fault tolerance for KVM virtual machines."""
-__version__ = "0.1.0"
+"""kvmrr: the application on top of the runtime: the CLI, the gateway and the demo."""
+from kvmrr_log.version import __version__  # noqa: F401

@@ -8,9 +8,10 @@ from collections import Counter
 from pathlib import Path
 
 from libkvmrr import KvmrrError, resolve_counter
-from kvmrr.guests import load_guest
-from kvmrr.kafkalog import FencedError, KafkaLogError
-from kvmrr.logurl import FileLog, LogUrlError, parse_log_url
+from kvmrr_log.guest_images import load_guest
+from kvmrr_log.percentiles import percentile_ms
+from kvmrr_log.kafka import FencedError, KafkaLogError
+from kvmrr_log.urls import FileLog, LogUrlError, parse_log_url
 from recorder.archive_sink import ArchiveSink
 from recorder.loadgen import KvLoad
 from recorder.pacing import DEFAULT_MAX_LAG_MS, pacer_for
@@ -64,13 +65,6 @@ def _emit(args, summary: dict, human: str) -> None:
         print(human, file=sys.stderr)   # stdout is the guest's console
 
 
-def _percentile(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
 def cmd_run(args, log=None) -> int:
     _default_load(args)
     guest = load_guest(args.guest)
@@ -118,7 +112,7 @@ def cmd_run(args, log=None) -> int:
     elif log is not None:
         log_bytes = sink.bytes_published
         lat = sink.commit_latencies
-        extra = {"commit_p50_ms": _ms(lat, 0.5), "commit_p99_ms": _ms(lat, 0.99),
+        extra = {"commit_p50_ms": percentile_ms(lat, 0.5), "commit_p99_ms": percentile_ms(lat, 0.99),
                  "transactions": len(lat), **_release_stats(sink)}
         if session.pacer:
             extra["paced_seconds"] = round(session.pacer.paused_s, 3)
@@ -140,18 +134,15 @@ def cmd_run(args, log=None) -> int:
     return 0
 
 
-def _ms(values: list[float], q: float) -> float | None:
-    p = _percentile(values, q)
-    return None if p is None else round(p * 1e3, 2)
-
-
 def _release_stats(sink) -> dict:
-    """Output commit (DESIGN §5): responses released and how long each was held."""
+    """Output commit (docs/ARCHITECTURE.md §5): responses released and how long each was
+    held."""
     if not sink.serving:
         return {}
     lat = sink.output_latencies
     return {"commit_policy": str(sink.policy), "responses_released": sink.outputs_released,
-            "output_commit_p50_ms": _ms(lat, 0.5), "output_commit_p99_ms": _ms(lat, 0.99)}
+            "output_commit_p50_ms": percentile_ms(lat, 0.5),
+            "output_commit_p99_ms": percentile_ms(lat, 0.99)}
 
 
 def _progress_lines(sink, inputs, every_s: float = 1.0) -> None:
@@ -359,12 +350,6 @@ def cmd_demo(args) -> int:
     return run_demo(args)
 
 
-def cmd_bench(args) -> int:
-    from kvmrr.bench import main as bench_main
-    out = args.out or f"bench/{args.suite}.json"
-    return bench_main([args.suite, "--out", out] + (["--quick"] if args.quick else []))
-
-
 def _guest_opts(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mode", default="auto", choices=("auto", "fast", "step"),
                    help="instruction counter (auto: the best exact one here)")
@@ -470,13 +455,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run it against the docker-compose cluster configured by ENV_FILE "
                         "(compose/.env; make compose-demo)")
     p.set_defaults(fn=cmd_demo)
-    p = sub.add_parser("bench", help="benchmarks")
-    p.add_argument("suite", choices=("core", "log", "ft"),
-                   help="core: instructions/s, log bytes; log: the log on real Kafka; "
-                        "ft: the served VM against a plain run, and failover")
-    p.add_argument("--out", default=None, help="default bench/SUITE.json")
-    p.add_argument("--quick", action="store_true")
-    p.set_defaults(fn=cmd_bench)
     return ap
 
 

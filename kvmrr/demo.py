@@ -18,9 +18,9 @@ import time
 from pathlib import Path
 
 from libkvmrr import best_counter
-from kvmrr.containers import ContainerProcess, DockerError, docker
-from kvmrr.ftcluster import BACKUP_EVENTS, FtCluster
-from kvmrr.localkafka import LocalKafka, LocalKafkaError
+from harness.containers import ContainerProcess, DockerError, docker
+from harness.ftcluster import BACKUP_EVENTS, FtCluster
+from harness.localkafka import LocalKafka, LocalKafkaError
 
 RATE_HZ = 100.0          # client requests/s
 BEFORE_KILL_S = 5.0

@@ -1,4 +1,5 @@
-"""`kvmrr gateway`: ordinary TCP clients in front of the replicated service (DESIGN §5).
+"""`kvmrr gateway`: ordinary TCP clients in front of the replicated service
+(docs/ARCHITECTURE.md §5.2).
 
 One request per line, `<id> <command...>`, and one response line per request, `<id> ...`,
 as the kvstore guest speaks.  The id is the client's: unique per request (prefix it with a
@@ -23,7 +24,7 @@ from collections import defaultdict
 import structlog
 from confluent_kafka import Consumer, Producer, TopicPartition
 
-from kvmrr.kafkalog import (WRITER_HEADER, client_conf, ensure_topics, scan_topic,
+from kvmrr_log.kafka import (WRITER_HEADER, client_conf, ensure_topics, scan_topic,
                             transactional_id)
 from schemas import LogFormatError, decode_message
 

@@ -1,4 +1,4 @@
-"""A RecordSession sink that publishes the log to Kafka (DESIGN §4).
+"""A RecordSession sink that publishes the log to Kafka (docs/ARCHITECTURE.md §4.5).
 
 The vCPU loop never waits for the broker: write() collects a slice's records and commit()
 hands them to a publisher thread, which writes each slice in one transaction of an
@@ -8,10 +8,10 @@ carries the log offset where the events after it start, so a late backup can see
 A fatal error (fenced, or the broker unreachable past the timeout) is raised by the next
 commit() on the vCPU thread.
 
-Serving (DESIGN §5), the same transactions also carry the responses the commit policy
-releases to .out (the position on .in is in the log's own batches).  A response is
-therefore visible to read_committed clients exactly when the log up to it is committed,
-and never from a fenced primary.
+Serving (docs/ARCHITECTURE.md §5), the same transactions also carry the responses the
+commit policy releases to .out (the position on .in is in the log's own batches).  A
+response is therefore visible to read_committed clients exactly when the log up to it is
+committed, and never from a fenced primary.
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ import warnings
 
 from confluent_kafka import KafkaError, KafkaException, Producer
 
-from kvmrr.kafkalog import (SNAPSHOT_CHUNK_BYTES, WRITER_HEADER, FencedError, KafkaLogError,
+from kvmrr_log.kafka import (SNAPSHOT_CHUNK_BYTES, WRITER_HEADER, FencedError, KafkaLogError,
                             client_conf, ensure_topics, recorder_transactional_ids, topics,
                             transactional_id, watermarks)
 from recorder import metrics
@@ -132,7 +132,8 @@ class KafkaSink:
         self.policy = policy
         self._held: list[tuple[float, dict]] = []   # (slice began, Output) not released
         # after the fence above nothing more reaches .out behind our back: what is there
-        # is released for good and must never be released again (DESIGN §6)
+        # is released for good and must never be released again
+        # (docs/ARCHITECTURE.md §6.6)
         self.released_seq = released_seq(bootstrap, vm) if serve else -1
         self.start_ms = {"init_transactions": round((t1 - t0) * 1000, 1),
                          "log_end": round((t2 - t1) * 1000, 1),

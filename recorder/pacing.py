@@ -1,4 +1,4 @@
-"""Keeping the primary within reach of its backups (DESIGN §6).
+"""Keeping the primary within reach of its backups (docs/ARCHITECTURE.md §6.5).
 
 A backup replays more slowly than the primary records whenever the primary runs flat out:
 every logged interrupt has to be met at its exact instruction, which costs the replay

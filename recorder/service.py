@@ -1,5 +1,6 @@
-"""The service boundary on the primary (DESIGN §5): requests from kvmrr.<vm>.in go into the
-guest's NIC; responses leave through kvmrr.<vm>.out only when the release policy allows.
+"""The service boundary on the primary (docs/ARCHITECTURE.md §5): requests from
+kvmrr.<vm>.in go into the guest's NIC; responses leave through kvmrr.<vm>.out only when
+the release policy allows.
 
 Inputs: a thread takes requests from .in and pushes them into the NIC queue as they come
 (nic_push wakes the vCPU), remembering each one's offset.  The core delivers queued packets
@@ -23,7 +24,7 @@ from dataclasses import dataclass
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
 
-from kvmrr.kafkalog import (WRITER_HEADER, KafkaLogError, client_conf, scan_topic, topics,
+from kvmrr_log.kafka import (WRITER_HEADER, KafkaLogError, client_conf, scan_topic, topics,
                             transactional_id, watermarks)
 from schemas import LogFormatError, decode_message
 
@@ -175,7 +176,7 @@ def released_seq(bootstrap: str, vm: str, timeout: float = 15.0) -> int:
 def input_position(bootstrap: str, vm: str) -> int:
     """The next_input_offset of the last EventBatch in the committed log that has one (0
     if none): where a new primary resumes when its own replay saw no batch saying it."""
-    from replayer.kafka_source import LogTopicReader
+    from kvmrr_log.topic_reader import LogTopicReader
     reader = LogTopicReader(bootstrap, vm, topics(vm).log, OFFSET_BEGINNING)
     position = 0
     try:

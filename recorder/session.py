@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Protocol
 
 from libkvmrr import DEFAULT_MEM_SIZE, GuestError, Machine
-from kvmrr import __version__
-from kvmrr.guests import GuestImage
-from kvmrr.verify import ICOUNT_SEMANTICS, OutputDigest
+from kvmrr_log.version import __version__
+from kvmrr_log.guest_images import GuestImage
+from kvmrr_log.verify import ICOUNT_SEMANTICS, OutputDigest
 from recorder.loadgen import KvLoad
 from schemas import FORMAT_VERSION
 

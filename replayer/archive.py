@@ -6,9 +6,9 @@ from pathlib import Path
 
 from confluent_kafka import OFFSET_BEGINNING
 
-from kvmrr.kafkalog import KafkaLogError, topics
+from kvmrr_log.kafka import KafkaLogError, topics
 from replayer.follow import choose_snapshot
-from replayer.kafka_source import LogTopicReader, read_header, read_snapshots
+from kvmrr_log.topic_reader import LogTopicReader, read_header, read_snapshots
 from schemas import ArchiveWriter
 
 

@@ -15,11 +15,11 @@ import structlog
 from confluent_kafka import OFFSET_BEGINNING, KafkaException, Producer
 
 from libkvmrr import KvmrrError
-from kvmrr.guests import GuestImage
-from kvmrr.kafkalog import KafkaLogError, client_conf, topics
+from kvmrr_log.guest_images import GuestImage
+from kvmrr_log.kafka import KafkaLogError, client_conf, topics
 from replayer import metrics
 from replayer.errors import DivergenceError, ReplayError, TakeoverAborted
-from replayer.kafka_source import LogTopicReader, log_has_ended, read_header, read_snapshots
+from kvmrr_log.topic_reader import LogTopicReader, log_has_ended, read_header, read_snapshots
 from replayer.session import ReplayResult, ReplaySession
 from schemas import encode_message
 

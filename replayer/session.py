@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
 from libkvmrr import GuestError, Machine
-from kvmrr.guests import GuestImage, load_guest
-from kvmrr.verify import ICOUNT_SEMANTICS, OutputDigest
+from kvmrr_log.guest_images import GuestImage, load_guest
+from kvmrr_log.verify import ICOUNT_SEMANTICS, OutputDigest
 from replayer.errors import DivergenceError, ReplayError
 from replayer.report import format_divergence
 from schemas import FORMAT_VERSION

@@ -1,5 +1,5 @@
-"""Which backup takes over (DESIGN §6): exactly one, the one holding the single partition
-of kvmrr.<vm>.succession in the consumer group kvmrr.<vm>.successors.
+"""Which backup takes over (docs/ARCHITECTURE.md §6.2): exactly one, the one holding the single
+partition of kvmrr.<vm>.succession in the consumer group kvmrr.<vm>.successors.
 
 The group coordinator gives that partition to one live member at a time; the sticky
 assignor leaves it where it is when other backups come and go.  A backup that dies loses it
@@ -14,7 +14,7 @@ import time
 
 from confluent_kafka import Consumer
 
-from kvmrr.kafkalog import client_conf, topics
+from kvmrr_log.kafka import client_conf, topics
 
 # The broker's default group.min.session.timeout.ms: the shortest every broker accepts.
 SESSION_TIMEOUT_MS = 6000

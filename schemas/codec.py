@@ -303,7 +303,7 @@ def decode_message(value: bytes, headers: Any, *, catalog: SchemaCatalog = CATAL
 
 
 def icount_key(icount: int) -> bytes:
-    """Kafka message key: the icount as 8-byte big-endian (DESIGN §4)."""
+    """Kafka message key: the icount as 8-byte big-endian (docs/ARCHITECTURE.md §4.2)."""
     return icount.to_bytes(8, "big", signed=True)
 
 

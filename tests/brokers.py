@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-from kvmrr import localkafka
+from harness import localkafka
 
 KAFKA_NAME = f"pytest-{os.getpid()}-kafka"          # the session's single node
 CLUSTER_NAME = f"pytest-{os.getpid()}-cluster3"     # the session's 3-node cluster

@@ -2,11 +2,10 @@ import json
 import time
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from kvmrr_log.paths import REPO
 
-REPO = Path(__file__).resolve().parent.parent
 
 
 def kvmrr(*args, check=True, timeout=600):

@@ -17,13 +17,13 @@ from pathlib import Path
 import pytest
 
 from ftchecks import assert_verified
-from kvmrr.containers import ContainerProcess, docker, engine_answers, wait_healthy
-from kvmrr.ftcluster import BACKUP_EVENTS, FtCluster, wait_for
-from kvmrr.localkafka import free_base_port
+from harness.containers import ContainerProcess, docker, engine_answers, wait_healthy
+from harness.ftcluster import BACKUP_EVENTS, FtCluster, wait_for
+from harness.localkafka import free_base_port
+from kvmrr_log.paths import REPO
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 
-REPO = Path(__file__).resolve().parent.parent
 ENGINE = REPO / "compose" / "images" / "engine"
 KAFKA_VERSION = "4.1.2"
 IMAGES = (f"kvmrr/kafka:{KAFKA_VERSION}", "kvmrr/node:latest")
@@ -149,7 +149,7 @@ def cluster(brokers, tmp_path):
 def test_broker_killed_during_recording(cluster, brokers):
     """The broker leading the VM's log is killed while the primary records and serves; the
     other two carry the log (replication 3, min ISR 2) and nothing is lost."""
-    from kvmrr.kafkalog import admin_client, topics
+    from kvmrr_log.kafka import admin_client, topics
     _, kafka, bootstrap = brokers
     nodes = cluster()
     nodes.up()

@@ -17,9 +17,9 @@ import urllib.request
 import pytest
 
 from ftchecks import assert_verified
-from kvmrr.ftcluster import FtCluster, wait_for
-from kvmrr.kafkalog import scan_topic, topics
-from kvmrr.logstats import released_seqs
+from harness.ftcluster import FtCluster, wait_for
+from kvmrr_log.kafka import scan_topic, topics
+from harness.logstats import released_seqs
 
 pytestmark = pytest.mark.kafka
 RATE = 60.0          # requests/s: well within what the emulated guest serves
@@ -86,7 +86,7 @@ def test_stopped_primary_is_fenced_and_stops_itself(cluster):
 
 def test_commit_log_goes_on_when_a_backup_dies(cluster):
     """And the primary exports its output commit latency to Prometheus."""
-    from kvmrr.localkafka import free_base_port
+    from harness.localkafka import free_base_port
     metrics_port = free_base_port(1)
     ft = cluster(commit="log")
     ft.start_primary(extra=("--metrics-port", str(metrics_port)))

@@ -1,8 +1,8 @@
-"""The real Kafka broker provisioned by compose/kafka/kafkactl (DESIGN §9).
+"""The real Kafka broker provisioned by compose/kafka/kafkactl (docs/ARCHITECTURE.md §9).
 
 Starts a single combined broker+controller and a 3-node KRaft cluster on free
 loopback ports through the script's command line, and checks what the log of
-DESIGN §4 needs: transactional writes read back with read_committed, fencing of
+docs/ARCHITECTURE.md §4 needs: transactional writes read back with read_committed, fencing of
 an old producer by a new one with the same transactional.id, and acks=all
 producing that survives the loss of one of three brokers.
 """
@@ -67,7 +67,7 @@ def test_single_node_transactions(kafka):
     topic = "kvmrr.test.log"
     create_topic(boot, topic, rf=1)
 
-    txid = "kvmrr.test"  # one transactional.id per VM (DESIGN §4)
+    txid = "kvmrr.test"  # one transactional.id per VM (docs/ARCHITECTURE.md §4.5)
     p = Producer({"bootstrap.servers": boot, "transactional.id": txid,
                   "enable.idempotence": True})
     p.init_transactions(30)

@@ -1,4 +1,4 @@
-"""Issue 3: the log on real Apache Kafka (DESIGN §4).
+"""Issue 3: the log on real Apache Kafka (docs/ARCHITECTURE.md §4).
 
 Recorder -> Kafka -> replay, archive and live backups; the backups' acks and lag; a
 broker that is not there, restarted, or lost from a 3-node cluster; and a follower that
@@ -25,15 +25,15 @@ ck = pytest.importorskip("confluent_kafka")
 from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition  # noqa: E402
 from confluent_kafka.admin import AdminClient  # noqa: E402
 
-from kvmrr.kafkalog import WRITER_HEADER, topics, transactional_id  # noqa: E402
+from kvmrr_log.kafka import WRITER_HEADER, topics, transactional_id  # noqa: E402
 from recorder.kafka_sink import KafkaSink  # noqa: E402
-from replayer.kafka_source import read_snapshots  # noqa: E402
+from kvmrr_log.topic_reader import read_snapshots  # noqa: E402
 from schemas import CATALOG, SCHEMA_HEADER, decode_message, encode_message, icount_key  # noqa: E402
 from schemas import read_archive  # noqa: E402
 
 pytestmark = pytest.mark.kafka
 
-_quiet = logging.getLogger("kvmrr.kafka")   # librdkafka's own lines: silent (kvmrr.kafkalog)
+_quiet = logging.getLogger("kvmrr.kafka")   # librdkafka's own lines: silent (kvmrr_log.kafka)
 
 TICKS = 600_000         # ~1 s recorded at ~600k instr/s
 KVSTORE = 400_000       # ~2.5 s: the guest idles between the built-in client's requests

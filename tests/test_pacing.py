@@ -28,7 +28,7 @@ def _stuck_backup(bootstrap: str, vm: str, stop: threading.Event) -> None:
     """Ack every 50 ms, as backup 'stuck', having received and replayed nothing."""
     from confluent_kafka import Producer
 
-    from kvmrr.kafkalog import client_conf, topics
+    from kvmrr_log.kafka import client_conf, topics
     from schemas import encode_message
     p = Producer(client_conf(bootstrap))
     while not stop.is_set():

@@ -14,7 +14,7 @@ pytestmark = pytest.mark.kafka
 
 
 def _sweep(*args, timeout=900):
-    proc = subprocess.run([sys.executable, "-m", "kvmrr.sweep", *map(str, args)], cwd=REPO,
+    proc = subprocess.run([sys.executable, "-m", "bench.sweep", *map(str, args)], cwd=REPO,
                           capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc

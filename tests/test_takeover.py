@@ -25,7 +25,7 @@ def _log_messages(bootstrap, vm):
     """How many offsets the VM's log topic holds so far (0 before it exists)."""
     from confluent_kafka import Consumer, KafkaException, TopicPartition
 
-    from kvmrr.kafkalog import topics
+    from kvmrr_log.kafka import topics
     c = Consumer({"bootstrap.servers": bootstrap, "group.id": uuid.uuid4().hex})
     try:
         return c.get_watermark_offsets(TopicPartition(topics(vm).log, 0), timeout=5)[1]
@@ -86,7 +86,7 @@ def test_takeover_that_kafka_cannot_fence_is_retried(kafka, monkeypatch, capsys)
     it follows again and takes over at the next silent timeout.  In-process, with the
     first fence made to fail; everything else is the real CLI on the real broker."""
     from kvmrr import cli
-    from kvmrr.kafkalog import KafkaLogError
+    from kvmrr_log.kafka import KafkaLogError
     from recorder import kafka_sink
 
     real, fences = kafka_sink.KafkaSink, []

@@ -16,7 +16,7 @@
 /* Bumped on any change to this header; the binding refuses a library of another version. */
 enum { KVMRR_ABI_VERSION = 2 };   /* 2: kvmrr_stats.breakpoints */
 
-/* Guest instructions retired since the VM's first instruction (DESIGN §2). */
+/* Guest instructions retired since the VM's first instruction (docs/ARCHITECTURE.md §2.1). */
 typedef int64_t kvmrr_icount_t;
 
 enum kvmrr_mode {

@@ -102,10 +102,11 @@ int kvmrr_calibrate(char *why, size_t why_len)
 /*
  * Whether a hardware instruction breakpoint (KVM_GUESTDBG_USE_HW_BP, DR0) stops ring-0
  * guest code here before the instruction at it, with the statistic exact at the stop, and
- * re-arms after a single-step over it (DESIGN §8).  KVM checks code breakpoints in its
- * emulator path too on this host; a host that does not would let a replay run past its
- * target, so replay uses breakpoints only if this probe passes.  Probed once per process;
- * KVMRR_NO_HWBP=1 in the environment turns them off (for comparisons).
+ * re-arms after a single-step over it (docs/ARCHITECTURE.md §8).  KVM checks code
+ * breakpoints in its emulator path too on this host; a host that does not would let a
+ * replay run past its target, so replay uses breakpoints only if this probe passes.
+ * Probed once per process; KVMRR_NO_HWBP=1 in the environment turns them off (for
+ * comparisons).
  */
 static pthread_once_t hwbp_once = PTHREAD_ONCE_INIT;
 static bool hwbp_ok;

@@ -2,9 +2,9 @@
  * counter.c - the exact instruction counter behind the `fast` backend.
  *
  * On hosts where KVM executes ring-0 guest code in its instruction emulator, the per-vCPU
- * binary statistic `insn_emulation` counts every guest instruction exactly (DESIGN §8).
- * icount = stat - stat_base; stat_base moves when a snapshot is restored.  The `step`
- * backend keeps vm->icount itself (run.c) and never reads this.
+ * binary statistic `insn_emulation` counts every guest instruction exactly
+ * (docs/ARCHITECTURE.md §8).  icount = stat - stat_base; stat_base moves when a snapshot
+ * is restored.  The `step` backend keeps vm->icount itself (run.c) and never reads this.
  */
 #include <errno.h>
 #include <stdlib.h>

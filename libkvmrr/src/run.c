@@ -1,11 +1,11 @@
 /*
  * run.c - the vCPU run loop: live (run/record) and replay, mirror images of each other.
  *
- * Counting (DESIGN §2).  `step` single-steps every instruction and counts the exits
- * itself: a debug exit, an I/O exit and a HLT exit each retire one instruction.  `fast`
- * runs free and reads KVM's exact statistic at every exit (counter.c).  Both see the same
- * exits, so both give the same icount at every event, which the tests check by recording
- * with one and replaying with the other.
+ * Counting (docs/ARCHITECTURE.md §2.2).  `step` single-steps every instruction and counts
+ * the exits itself: a debug exit, an I/O exit and a HLT exit each retire one instruction.
+ * `fast` runs free and reads KVM's exact statistic at every exit (counter.c).  Both see
+ * the same exits, so both give the same icount at every event, which the tests check by
+ * recording with one and replaying with the other.
  *
  * Stopping at an exact icount with `fast` (replay of an asynchronous event, a budget):
  * there is no overflow interrupt to count down with, so the loop runs free under a timer

@@ -1,5 +1,5 @@
-"""The log on Kafka (DESIGN §4): topic names, the cluster check, topic creation, and the
-client settings the recorder and the backups share."""
+"""The log on Kafka (docs/ARCHITECTURE.md §4.2): topic names, the cluster check, topic
+creation, and the client settings the recorder and the backups share."""
 from __future__ import annotations
 
 import logging
@@ -31,9 +31,10 @@ class Topics:
     snapshots: str
     acks: str
     inputs: str        # the service's requests (from the gateway), consumed by the primary
-    outputs: str       # its released responses, one per output seq (DESIGN §5)
+    outputs: str       # its released responses, one per output seq
+                       # (docs/ARCHITECTURE.md §5)
     succession: str    # no messages: its one partition, held in a consumer group, names
-                       # the backup that takes over (DESIGN §6)
+                       # the backup that takes over (docs/ARCHITECTURE.md §6.2)
 
 
 def topics(vm: str) -> Topics:

@@ -1,128 +1,27 @@
-"""Benchmarks that write their figures (make bench-core -> bench/core.json,
-make bench-log -> bench/log.json).
+"""make bench-log -> bench/log.json: the log on Kafka, on a single node and a 3-node
+loopback cluster: transactions, replicated writes, recorder commit latency, follower lag."""
 
-Every ratio is measured in one run on this (shared, noisy) machine.
-"""
 from __future__ import annotations
 
-import argparse
 import bisect
 import json
 import os
 import platform
-import signal
 import subprocess
 import sys
 import threading
 import time
 from collections import Counter
-from pathlib import Path
 
-from libkvmrr import Machine, best_counter, hash64
-from kvmrr.guests import load_guest
-from kvmrr.localkafka import LocalKafka, LocalKafkaError, kafkactl
+from libkvmrr import best_counter
+from kvmrr_log.guest_images import load_guest
+from harness.localkafka import LocalKafka, LocalKafkaError, kafkactl
 from recorder.session import RecordSession
-from replayer.session import replay_records
-from schemas import encode_message
+from bench.core import per_second
+from kvmrr_log.paths import REPO
+from kvmrr_log.percentiles import percentile_ms
 
 
-class MemorySink:
-    def __init__(self):
-        self.records = []
-        self.encoded_bytes = 0
-
-    def write(self, record):
-        self.records.append(record)
-        value, _ = encode_message(record)
-        if record["kind"] == "EventBatch":
-            self.encoded_bytes += len(value)
-
-    def commit(self):
-        pass
-
-
-def _rate(n, seconds):
-    return round(n / seconds) if seconds > 0 else None
-
-
-def bench_core(quick: bool) -> dict:
-    n = 300_000 if quick else 1_500_000
-    n_step = n // 3
-    bootargs = "timer_hz=100"
-    guest = load_guest("ticks")
-    counter, why = best_counter()
-    out = {"machine": platform.node(), "guest": "ticks", "bootargs": bootargs,
-           "counter_calibration": why, "instructions": n, "instructions_step": n_step,
-           "note": "ring-0 guest code runs under KVM's instruction emulator on this host"}
-
-    def record(mode, count):
-        sink = MemorySink()
-        r = RecordSession(guest, sink, counter=mode, vm_id="bench", bootargs=bootargs,
-                          max_instructions=count, checksum_every=1_000_000).run()
-        return r, sink
-
-    plain = RecordSession(guest, MemorySink(), counter=counter, vm_id="bench",
-                          bootargs=bootargs, max_instructions=n, mode="run").run()
-    rec_fast, sink_fast = record("fast", n)
-    rec_step, sink_step = record("step", n_step)
-    t = time.monotonic()
-    rep_fast = replay_records(sink_fast.records[0], sink_fast.records[1:], counter="fast")
-    rep_fast_s = time.monotonic() - t
-    t = time.monotonic()
-    rep_step = replay_records(sink_step.records[0], sink_step.records[1:], counter="step")
-    rep_step_s = time.monotonic() - t
-    assert rep_fast.state_hash == rec_fast.state_hash
-    assert rep_step.state_hash == rec_step.state_hash
-    rates = {
-        "plain_run": _rate(plain.instructions, plain.seconds),
-        "record_fast": _rate(rec_fast.instructions, rec_fast.seconds),
-        "record_step": _rate(rec_step.instructions, rec_step.seconds),
-        "replay_fast": _rate(rep_fast.icount, rep_fast_s),
-        "replay_step": _rate(rep_step.icount, rep_step_s),
-    }
-    out["instructions_per_second"] = rates
-    # how the fast replay reached its exact stops: single-steps, breakpoint stops, kicks
-    out["replay_fast_exits"] = {k: rep_fast.stats.get(k) for k in ("exits", "kicks", "steps",
-                                                                     "breakpoints")}
-    out["ratios"] = {
-        "record_fast_over_plain": round(rates["record_fast"] / rates["plain_run"], 3),
-        "replay_fast_over_record_fast": round(rates["replay_fast"] / rates["record_fast"], 3),
-        "replay_step_over_record_step": round(rates["replay_step"] / rates["record_step"], 3),
-    }
-    events = rec_fast.events
-    out["log"] = {"events": events, "events_by_kind": rec_fast.events_by_kind,
-                  "encoded_batch_bytes": sink_fast.encoded_bytes,
-                  "bytes_per_event": round(sink_fast.encoded_bytes / max(events, 1), 2)}
-    # interrupt events alone, as a batch of the log's own Interrupts
-    ints = [e for r in sink_fast.records if r["kind"] == "EventBatch" for e in r["events"]
-            if e["kind"] == "Interrupt"]
-    if ints:
-        value, _ = encode_message({"kind": "EventBatch", "first_seq": 0, "events": ints})
-        out["log"]["bytes_per_interrupt_event"] = round(len(value) / len(ints), 2)
-    m = Machine(guest.elf, mode="run", counter=counter, bootargs=bootargs)
-    m.run(stop_icount=100_000)
-    t = time.monotonic()
-    blob = m.snapshot()
-    save_s = time.monotonic() - t
-    t = time.monotonic()
-    m.restore(blob)
-    restore_s = time.monotonic() - t
-    out["snapshot"] = {"bytes": len(blob), "save_ms": round(save_s * 1e3, 2),
-                       "restore_ms": round(restore_s * 1e3, 2)}
-    data = bytes(64 << 20)
-    t = time.monotonic()
-    hash64(data)
-    out["state_hash_mb_per_s"] = round(64 / (time.monotonic() - t))
-    out["floors"] = {
-        "record_fast_over_plain>=0.8": out["ratios"]["record_fast_over_plain"] >= 0.8,
-        "replay_fast_over_record_fast>=0.5": out["ratios"]["replay_fast_over_record_fast"] >= 0.5,
-        "bytes_per_interrupt<=16": out["log"].get("bytes_per_interrupt_event", 99) <= 16,
-    }
-    return out
-
-
-# ---- the log suite (make bench-log -> bench/log.json) -------------------------------------
-REPO = Path(__file__).resolve().parent.parent
 COMMIT_P99_FLOOR_MS = 20.0
 
 
@@ -144,21 +43,10 @@ class Brokers(LocalKafka):
             raise BenchError(str(exc)) from None
 
 
-def _ms(seconds: float | None) -> float | None:
-    return None if seconds is None else round(seconds * 1e3, 2)
-
-
-def _pct(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
 def _dist_ms(values: list[float]) -> dict:
-    return {"n": len(values), "p50_ms": _ms(_pct(values, 0.5)),
-            "p90_ms": _ms(_pct(values, 0.9)), "p99_ms": _ms(_pct(values, 0.99)),
-            "max_ms": _ms(max(values) if values else None)}
+    return {"n": len(values), "p50_ms": percentile_ms(values, 0.5),
+            "p90_ms": percentile_ms(values, 0.9), "p99_ms": percentile_ms(values, 0.99),
+            "max_ms": percentile_ms(values, 1.0)}
 
 
 def _instrumented_sink():
@@ -282,15 +170,15 @@ def _record(bootstrap: str, vm: str, guest_name: str, *, bootargs: str = "",
         "counter": counter, "instructions": result.instructions, "events": result.events,
         "events_by_kind": result.events_by_kind, "seconds": round(wall, 3),
         "record_seconds": round(result.seconds, 3),
-        "instructions_per_second": _rate(result.instructions, result.seconds),
+        "instructions_per_second": per_second(result.instructions, result.seconds),
         "bytes_published": sink.bytes_published, "log_topic_bytes": log_bytes,
         "snapshot_topic_bytes": sink.topic_bytes[sink.topics.snapshots],
         "messages": sink.messages, "slices": len(lat),
-        "events_per_s": _rate(result.events, wall),
+        "events_per_s": per_second(result.events, wall),
         "mb_per_s": round(sink.bytes_published / wall / 1e6, 3),
         "log_mb_per_s": round(log_bytes / wall / 1e6, 4),
-        "commit_p50_ms": _ms(_pct(lat, 0.5)), "commit_p99_ms": _ms(_pct(lat, 0.99)),
-        "commit_max_ms": _ms(max(lat) if lat else None),
+        "commit_p50_ms": percentile_ms(lat, 0.5), "commit_p99_ms": percentile_ms(lat, 0.99),
+        "commit_max_ms": percentile_ms(lat, 1.0),
         "profile": _profile(sink), "state_hash": result.state_hash,
         "paced_seconds": round(pacer.paused_s, 3),
     }
@@ -304,7 +192,7 @@ def _bare_transactions(bootstrap: str, n: int) -> dict:
     (recorder_transactional_ids).  librdkafka's eos debug log is counted for
     AddPartitionsToTxn answered CONCURRENT_TRANSACTIONS (the previous transaction's
     markers not yet complete), which librdkafka retries after a fixed 20 ms."""
-    from kvmrr.kafkalog import RECORDER_PRODUCERS, ensure_topics
+    from kvmrr_log.kafka import RECORDER_PRODUCERS, ensure_topics
     vm = f"bench-txn-{os.getpid()}-{time.time_ns() % 10**9}"
     topic = ensure_topics(bootstrap, vm).log
     out = {"transactions": n}
@@ -317,7 +205,7 @@ def _bare_transactions(bootstrap: str, n: int) -> dict:
 def _transactions(bootstrap: str, topic: str, tid: str, producers: int, n: int) -> dict:
     import logging
     from confluent_kafka import Producer
-    from kvmrr.kafkalog import client_conf
+    from kvmrr_log.kafka import client_conf
 
     class Count(logging.Handler):
         concurrent = 0
@@ -373,7 +261,7 @@ def _replicated_writes(bootstrap: str, topic: str, n: int) -> dict:
     and EndTxn write the coordinator's replicated log; the Produce itself), so this is
     the floor under a commit with librdkafka, which has no KIP-890 (transactions v2)."""
     from confluent_kafka import Producer
-    from kvmrr.kafkalog import client_conf
+    from kvmrr_log.kafka import client_conf
     p = Producer(dict(client_conf(bootstrap), **{"enable.idempotence": True, "acks": "all",
                                                  "linger.ms": 0}))
     for _ in range(5):
@@ -573,38 +461,3 @@ def bench_log(quick: bool) -> dict:
     return out
 
 
-def bench_ft(quick: bool) -> dict:
-    from kvmrr.bench_ft import run
-    return run(quick)
-
-
-def bench_cluster(quick: bool) -> dict:
-    from kvmrr.bench_cluster import bench_cluster as run
-    return run(quick)
-
-
-SUITES = {"core": bench_core, "log": bench_log, "ft": bench_ft, "cluster": bench_cluster}
-
-
-def _interrupted(signum, frame):
-    raise KeyboardInterrupt
-
-
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="kvmrr bench")
-    ap.add_argument("suite", choices=tuple(SUITES))
-    ap.add_argument("--out", default=None, help="default bench/SUITE.json")
-    ap.add_argument("--quick", action="store_true")
-    args = ap.parse_args(argv)
-    args.out = args.out or f"bench/{args.suite}.json"
-    # a SIGTERM unwinds like ^C, so the suite's brokers and follower are stopped
-    signal.signal(signal.SIGTERM, _interrupted)
-    result = SUITES[args.suite](args.quick)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
-    print(json.dumps(result, indent=2, sort_keys=True))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -14,6 +14,7 @@ import threading
 import time
 from dataclasses import dataclass
 
+from kvmrr_log.percentiles import percentile_ms
 from recorder.loadgen import KvLoad
 
 RECONNECT_S = 0.1
@@ -221,14 +222,12 @@ class KvClient:
 
     def report(self) -> ClientReport:
         with self._lock:
-            lat = sorted(self.latencies)
-
-            def pct(q):
-                return round(lat[min(len(lat) - 1, int(q * len(lat)))] * 1e3, 2) if lat else None
+            lat = list(self.latencies)
             return ClientReport(
                 requests=len(self.order), answered=len(self.answers), lost=len(self.pending),
-                duplicated=self.duplicated, errors=self.errors, latency_p50_ms=pct(0.5),
-                latency_p99_ms=pct(0.99), reconnects=self.reconnects)
+                duplicated=self.duplicated, errors=self.errors, 
+                latency_p50_ms=percentile_ms(lat, 0.5),
+                latency_p99_ms=percentile_ms(lat, 0.99), reconnects=self.reconnects)
 
     def close(self) -> None:
         with self._lock:

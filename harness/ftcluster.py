@@ -6,7 +6,7 @@ replay the whole log offline against their final states.
 
 The nodes are local processes started here (start_primary, start_backup, start_gateway), or
 containers started elsewhere (docker-compose, the container tests) and attached: a node
-only needs a Popen-like process (kvmrr.containers.ContainerProcess is one).
+only needs a Popen-like process (harness.containers.ContainerProcess is one).
 """
 from __future__ import annotations
 
@@ -19,11 +19,11 @@ import time
 import uuid
 from pathlib import Path
 
-from kvmrr.client import KvClient
-from kvmrr.kafkalog import ensure_topics
-from kvmrr.logstats import log_bytes, released_outputs, released_seqs
+from harness.client import KvClient
+from kvmrr_log.kafka import ensure_topics
+from harness.logstats import log_bytes, released_outputs, released_seqs
+from kvmrr_log.paths import REPO
 
-REPO = Path(__file__).resolve().parent.parent
 
 
 # what a backup's log says that the scenario's narration shows

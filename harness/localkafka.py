@@ -8,9 +8,8 @@ import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
+from kvmrr_log.paths import REPO
 
-REPO = Path(__file__).resolve().parent.parent
 KAFKACTL = REPO / "compose" / "kafka" / "kafkactl"
 CONTROLLER_OFFSET = 100       # kafkactl puts node i's controller on port + 100 + i
 

@@ -102,9 +102,9 @@ def wait_healthy(containers: list[str], timeout: float = 240) -> None:
         time.sleep(1)
 
 
-if __name__ == "__main__":   # python -m kvmrr.containers wait-healthy NAME...  (make compose-up)
+if __name__ == "__main__":   # python -m harness.containers wait-healthy NAME...  (make compose-up)
     if sys.argv[1:2] != ["wait-healthy"]:
-        sys.exit("usage: python -m kvmrr.containers wait-healthy CONTAINER...")
+        sys.exit("usage: python -m harness.containers wait-healthy CONTAINER...")
     t0 = time.monotonic()
     try:
         wait_healthy(sys.argv[2:])

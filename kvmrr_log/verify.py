@@ -4,8 +4,9 @@ from __future__ import annotations
 import hashlib
 import struct
 
-# What an icount means on this host (DESIGN §2).  Both counters produce it (calibration
-# proves it at start); a log that names other semantics is refused, never replayed.
+# What an icount means on this host (docs/ARCHITECTURE.md §2.6).  Both counters produce it
+# (calibration proves it at start); a log that names other semantics is refused, never
+# replayed.
 ICOUNT_SEMANTICS = ("x86-64 instructions retired since the first; REP string = 1 + 1 per "
                     "~1 KiB chunk; KVM insn_emulation v1")
 

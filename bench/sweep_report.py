@@ -280,10 +280,11 @@ def write_report(results: dict, out: Path) -> Path:
         f"average {m['loadavg_at_start']} at start, {m['loadavg_at_end']} at end). "
         f"Counter `{m['counter']}`: {m['counter_why']}.",
         "",
-        "**This machine emulates ring-0 guest code** (DESIGN §8): KVM runs the guests in its "
-        "instruction emulator at about 1 M instructions/s, with no hardware PMU. Absolute "
-        "rates are therefore far below real hardware; every figure is stated next to a "
-        "plain-run baseline measured in the same run, as a ratio. Each point is the mean of "
+        "**This machine emulates ring-0 guest code** (docs/ARCHITECTURE.md §8): KVM runs the "
+        "guests in its instruction emulator at about 1 M instructions/s, with no hardware "
+        "PMU. Absolute rates are therefore far below real hardware; every figure is stated "
+        "next to a plain-run baseline measured in the same run, as a ratio. Each point is "
+        "the mean of "
         f"{results['config']['repeats']} repeats, shown as mean (min–max, n). The machine "
         "is shared and noisy.",
         "",

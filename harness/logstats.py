@@ -1,7 +1,7 @@
 """Figures about a VM's topics, read back from Kafka: what was released, how big the log is."""
 from __future__ import annotations
 
-from kvmrr.kafkalog import WRITER_HEADER, scan_topic, topics, transactional_id
+from kvmrr_log.kafka import WRITER_HEADER, scan_topic, topics, transactional_id
 from schemas import decode_message
 
 

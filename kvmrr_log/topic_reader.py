@@ -13,7 +13,7 @@ from typing import Callable, Iterator
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
 
-from kvmrr.kafkalog import (CONNECT_TIMEOUT_S, WRITER_HEADER, KafkaLogError, admin_client,
+from kvmrr_log.kafka import (CONNECT_TIMEOUT_S, WRITER_HEADER, KafkaLogError, admin_client,
                             client_conf, cluster_size, topics, transactional_id,
                             watermarks)
 from schemas import LogFormatError, decode_message, join_snapshot

@@ -12,13 +12,12 @@ import platform
 import statistics
 import subprocess
 import time
-from pathlib import Path
 
 from libkvmrr import best_counter
 from kvmrr import demo
-from kvmrr.containers import wait_healthy
+from harness.containers import wait_healthy
+from kvmrr_log.paths import REPO
 
-REPO = Path(__file__).resolve().parent.parent
 ENV_FILE = REPO / "compose" / ".env"
 COMPOSE = ["docker-compose", "-f", str(REPO / "compose" / "docker-compose.yml")]
 NODES = ["primary", "backup1", "backup2", "gateway"]

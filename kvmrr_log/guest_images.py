@@ -7,9 +7,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from libkvmrr import KvmrrError
+from kvmrr_log.paths import REPO
 
 BUILTIN = ("hello", "ticks", "kvstore")
-REPO = Path(__file__).resolve().parent.parent
 
 
 def guest_dir() -> Path:

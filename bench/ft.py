@@ -23,9 +23,9 @@ from datetime import datetime
 from pathlib import Path
 
 from libkvmrr import best_counter
-from kvmrr.ftcluster import FtCluster
-from kvmrr.localkafka import LocalKafka, LocalKafkaError
-from kvmrr.sweep import plain_requests_per_s, served
+from harness.ftcluster import FtCluster
+from harness.localkafka import LocalKafka, LocalKafkaError
+from bench.sweep import plain_requests_per_s, served
 
 RATE_HZ = 150.0
 FAILOVER_FLOOR_S = 2.0
@@ -100,7 +100,8 @@ def bench_ft(quick: bool) -> dict:
            "loadavg_at_start": [round(x, 2) for x in os.getloadavg()],
            "note": "kvstore under a fixed offered load; plain = no log, built-in client; "
                    "served = through the gateway and a single-node loopback Kafka with one "
-                   "backup; ring-0 guest code is emulated on this host (DESIGN §8)"}
+                   "backup; ring-0 guest code is emulated on this host "
+                   "(docs/ARCHITECTURE.md §8)"}
     t_start = time.monotonic()
     out["plain"] = _plain(seconds)
     say(f"plain: {out['plain']['requests_per_s']} requests/s")

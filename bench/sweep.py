@@ -1,6 +1,6 @@
 """`make bench`: the overhead sweep (issue 6).  Reads bench/sweep.json, measures every
 point `repeats` times next to its plain-run baseline, writes bench/results.json, and
-kvmrr.sweep_report turns that into bench/report.md with its plots.
+bench.sweep_report turns that into bench/report.md with its plots.
 
 Sections (each a list of rows, one per point and repeat):
 - counter_timer: counting backend x guest timer frequency, no Kafka: record and replay
@@ -26,10 +26,10 @@ import time
 from pathlib import Path
 
 from libkvmrr import best_counter
-from kvmrr.guests import load_guest
-from kvmrr.localkafka import LocalKafka
+from kvmrr_log.guest_images import load_guest
+from harness.localkafka import LocalKafka
+from kvmrr_log.paths import REPO
 
-REPO = Path(__file__).resolve().parent.parent
 CONFIG = REPO / "bench" / "sweep.json"
 
 
@@ -56,7 +56,7 @@ def _cli(*args: str, timeout: float = 900) -> dict:
 
 # ---- counting backend x timer frequency ------------------------------------------------
 def counter_timer(cfg: dict, repeats: int) -> list[dict]:
-    from kvmrr.bench import MemorySink
+    from bench.core import MemorySink
     from recorder.session import RecordSession
     from replayer.session import replay_records
     guest = load_guest("ticks")
@@ -98,8 +98,8 @@ def plain_requests_per_s(rate_hz: float, seconds: float) -> float:
 
 def served(bootstrap: str, work: Path, *, commit: str, backups: int, txn_ms: float,
            rate_hz: float, seconds: float, counter: str) -> dict:
-    from kvmrr.ftcluster import FtCluster
-    from kvmrr.logstats import log_bytes
+    from harness.ftcluster import FtCluster
+    from harness.logstats import log_bytes
     ft = FtCluster(bootstrap, work, counter=counter, commit=commit, txn_ms=txn_ms)
     try:
         ft.start_primary()
@@ -198,7 +198,7 @@ def snapshot_interval(bootstrap: str, work: Path, cfg: dict, repeats: int, count
 # ---- log bandwidth ----------------------------------------------------------------------------
 def bandwidth(bootstrap: str, work: Path, cfg: dict, repeats: int, counter: str
               ) -> list[dict]:
-    from kvmrr.logstats import log_bytes
+    from harness.logstats import log_bytes
     rows = []
     for rep in range(repeats):
         for name, w in cfg["workloads"].items():
@@ -242,7 +242,7 @@ def run(config: Path, quick: bool, out_dir: Path) -> dict:
     results["seconds"] = round(time.monotonic() - t_start, 1)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "results.json").write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
-    from kvmrr.sweep_report import write_report
+    from bench.sweep_report import write_report
     write_report(results, out_dir)
     say(f"done in {results['seconds']} s: {out_dir / 'report.md'}")
     return results

@@ -1,0 +1,110 @@
+"""make bench-core -> bench/core.json: instructions/s plain, recorded and replayed with each
+counter, log bytes per event, snapshot size and time, state-hash throughput."""
+
+from __future__ import annotations
+
+import platform
+import time
+
+from libkvmrr import Machine, best_counter, hash64
+from kvmrr_log.guest_images import load_guest
+from recorder.session import RecordSession
+from replayer.session import replay_records
+from schemas import encode_message
+
+
+class MemorySink:
+    def __init__(self):
+        self.records = []
+        self.encoded_bytes = 0
+
+    def write(self, record):
+        self.records.append(record)
+        value, _ = encode_message(record)
+        if record["kind"] == "EventBatch":
+            self.encoded_bytes += len(value)
+
+    def commit(self):
+        pass
+
+
+def per_second(n, seconds):
+    return round(n / seconds) if seconds > 0 else None
+
+
+def bench_core(quick: bool) -> dict:
+    n = 300_000 if quick else 1_500_000
+    n_step = n // 3
+    bootargs = "timer_hz=100"
+    guest = load_guest("ticks")
+    counter, why = best_counter()
+    out = {"machine": platform.node(), "guest": "ticks", "bootargs": bootargs,
+           "counter_calibration": why, "instructions": n, "instructions_step": n_step,
+           "note": "ring-0 guest code runs under KVM's instruction emulator on this host"}
+
+    def record(mode, count):
+        sink = MemorySink()
+        r = RecordSession(guest, sink, counter=mode, vm_id="bench", bootargs=bootargs,
+                          max_instructions=count, checksum_every=1_000_000).run()
+        return r, sink
+
+    plain = RecordSession(guest, MemorySink(), counter=counter, vm_id="bench",
+                          bootargs=bootargs, max_instructions=n, mode="run").run()
+    rec_fast, sink_fast = record("fast", n)
+    rec_step, sink_step = record("step", n_step)
+    t = time.monotonic()
+    rep_fast = replay_records(sink_fast.records[0], sink_fast.records[1:], counter="fast")
+    rep_fast_s = time.monotonic() - t
+    t = time.monotonic()
+    rep_step = replay_records(sink_step.records[0], sink_step.records[1:], counter="step")
+    rep_step_s = time.monotonic() - t
+    assert rep_fast.state_hash == rec_fast.state_hash
+    assert rep_step.state_hash == rec_step.state_hash
+    rates = {
+        "plain_run": per_second(plain.instructions, plain.seconds),
+        "record_fast": per_second(rec_fast.instructions, rec_fast.seconds),
+        "record_step": per_second(rec_step.instructions, rec_step.seconds),
+        "replay_fast": per_second(rep_fast.icount, rep_fast_s),
+        "replay_step": per_second(rep_step.icount, rep_step_s),
+    }
+    out["instructions_per_second"] = rates
+    # how the fast replay reached its exact stops: single-steps, breakpoint stops, kicks
+    out["replay_fast_exits"] = {k: rep_fast.stats.get(k) for k in ("exits", "kicks", "steps",
+                                                                     "breakpoints")}
+    out["ratios"] = {
+        "record_fast_over_plain": round(rates["record_fast"] / rates["plain_run"], 3),
+        "replay_fast_over_record_fast": round(rates["replay_fast"] / rates["record_fast"], 3),
+        "replay_step_over_record_step": round(rates["replay_step"] / rates["record_step"], 3),
+    }
+    events = rec_fast.events
+    out["log"] = {"events": events, "events_by_kind": rec_fast.events_by_kind,
+                  "encoded_batch_bytes": sink_fast.encoded_bytes,
+                  "bytes_per_event": round(sink_fast.encoded_bytes / max(events, 1), 2)}
+    # interrupt events alone, as a batch of the log's own Interrupts
+    ints = [e for r in sink_fast.records if r["kind"] == "EventBatch" for e in r["events"]
+            if e["kind"] == "Interrupt"]
+    if ints:
+        value, _ = encode_message({"kind": "EventBatch", "first_seq": 0, "events": ints})
+        out["log"]["bytes_per_interrupt_event"] = round(len(value) / len(ints), 2)
+    m = Machine(guest.elf, mode="run", counter=counter, bootargs=bootargs)
+    m.run(stop_icount=100_000)
+    t = time.monotonic()
+    blob = m.snapshot()
+    save_s = time.monotonic() - t
+    t = time.monotonic()
+    m.restore(blob)
+    restore_s = time.monotonic() - t
+    out["snapshot"] = {"bytes": len(blob), "save_ms": round(save_s * 1e3, 2),
+                       "restore_ms": round(restore_s * 1e3, 2)}
+    data = bytes(64 << 20)
+    t = time.monotonic()
+    hash64(data)
+    out["state_hash_mb_per_s"] = round(64 / (time.monotonic() - t))
+    out["floors"] = {
+        "record_fast_over_plain>=0.8": out["ratios"]["record_fast_over_plain"] >= 0.8,
+        "replay_fast_over_record_fast>=0.5": out["ratios"]["replay_fast_over_record_fast"] >= 0.5,
+        "bytes_per_interrupt<=16": out["log"].get("bytes_per_interrupt_event", 99) <= 16,
+    }
+    return out
+
+
