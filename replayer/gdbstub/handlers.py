@@ -228,7 +228,7 @@ class GdbSession:
         if words[0] == "snapshots" and len(words) == 1:
             snaps = tl.snapshots
             return _console(f"{len(snaps)} snapshots, {tl.snapshot_bytes()} bytes "
-                            f"compressed: {snaps[:8]}{' ...' if len(snaps) > 8 else ''}\n")
+                            f"held: {snaps[:8]}{' ...' if len(snaps) > 8 else ''}\n")
         if words[0] == "info" and len(words) == 1:
             return _console(f"log icount {tl.begin} to {tl.end}, snapshot every "
                             f"{tl.snapshot_every} instructions, now at {tl.icount}\n")

@@ -12,7 +12,6 @@ the rest again.
 from __future__ import annotations
 
 import time
-import zlib
 from bisect import bisect_right
 from dataclasses import dataclass
 from typing import Callable
@@ -24,6 +23,7 @@ from replayer.session import check_header
 
 DEFAULT_SNAPSHOT_EVERY = 100_000   # chosen by bench/gdb.json (docs/debugging.md)
 FEED_CHUNK = 2048
+PAGE = 4096
 SLICE_NS = 100_000_000             # how often a long run looks for an interrupt
 
 
@@ -58,7 +58,8 @@ class Timeline:
                               "recorded state hash")
         self.fed = 0
         self._snap_at: list[int] = []             # sorted icounts
-        self._snaps: dict[int, tuple[bytes, int]] = {}
+        self._snaps: dict[int, tuple[tuple[bytes, ...], int]] = {}
+        self._pages: dict[bytes, bytes] = {}      # every distinct 4 KiB piece, once
         self.snapshot_seconds = 0.0
         self.exited = False
         self._save_snapshot()
@@ -73,7 +74,9 @@ class Timeline:
         return list(self._snap_at)
 
     def snapshot_bytes(self) -> int:
-        return sum(len(b) for b, _ in self._snaps.values())
+        """Memory the snapshots hold: their distinct pages and the lists of them."""
+        return (sum(len(p) for p in self._pages.values())
+                + sum(8 * len(pieces) for pieces, _ in self._snaps.values()))
 
     # -- feeding and running ------------------------------------------------------------
     def _feed_more(self) -> bool:
@@ -94,14 +97,19 @@ class Timeline:
         if icount in self._snaps:
             return
         applied = self.fed - self.machine.pending
-        blob = zlib.compress(self.machine.snapshot(), 1)
-        self._snaps[icount] = (blob, applied)
+        blob = self.machine.snapshot()
+        # Stored as 4 KiB pieces, each distinct piece once for all snapshots: a guest
+        # changes few pages between two snapshots, and most of its memory is zero.
+        pages = self._pages
+        pieces = tuple(pages.setdefault(p, p) for p in
+                       (blob[i:i + PAGE] for i in range(0, len(blob), PAGE)))
+        self._snaps[icount] = (pieces, applied)
         self._snap_at.insert(bisect_right(self._snap_at, icount), icount)
         self.snapshot_seconds += time.perf_counter() - t0
 
     def _restore(self, icount: int) -> None:
-        blob, applied = self._snaps[icount]
-        self.machine.restore(zlib.decompress(blob))
+        pieces, applied = self._snaps[icount]
+        self.machine.restore(b"".join(pieces))
         self.fed = applied
         self.exited = False
         if self.fed < len(self.events):
