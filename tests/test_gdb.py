@@ -220,3 +220,19 @@ def test_hostile_packets_get_error_replies(logs):
     finally:
         s.terminate()
         s.wait(timeout=10)
+
+
+def test_packet_framing_without_a_vm():
+    from replayer.gdbstub.packets import MAX_PACKET, PacketReader, escape, frame, unescape
+    raw = bytes(range(256))
+    assert unescape(escape(raw)) == raw
+    r = PacketReader()
+    whole = frame(b"m1000,4") + b"+" + b"\x03" + frame(b"X0,1:}#$*")
+    got = []
+    for i in range(len(whole)):                    # one byte at a time
+        got += r.feed(whole[i:i + 1])
+    assert got == [("packet", b"m1000,4"), ("ack", b"+"), ("interrupt", b""),
+                   ("packet", b"X0,1:}#$*")]
+    assert r.feed(b"$g#ff") == [("bad", b"bad checksum")]
+    assert r.feed(b"$" + b"A" * (MAX_PACKET * 3) + b"#41") == [("bad", b"packet too long")]
+    assert r.feed(frame(b"?")) == [("packet", b"?")]   # and the reader recovered
