@@ -91,6 +91,14 @@ def bench_gdb(quick: bool) -> dict:
         },
         "intervals": {},
     }
+    result["forward_pass"]["instructions_per_second_without_snapshots"] = round(
+        tl.end / max(forward_s - tl.snapshot_seconds, 1e-9))
+    # the stepping loop's own rate (continue/reverse-continue with breakpoints)
+    tl.goto(tl.end // 2)
+    t0 = time.monotonic()
+    stepped = tl.machine.debug_run([clock_ns], [(version, 4)],
+                                   stop_icount=tl.icount + 20_000).steps
+    result["stepping_instructions_per_second"] = round(stepped / (time.monotonic() - t0))
     rng = random.Random(15)
     points = sorted(rng.randrange(n // 10, tl.end) for _ in range(POINTS))
     result["points"] = points

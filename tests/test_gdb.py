@@ -125,15 +125,15 @@ def test_breakpoint_continue_twice_reverse_continue_and_print(logs):
     assert "No more reverse-execution history" in out
 
 
-def test_reverse_next_and_monitor_goto(logs):
+def test_hbreak_reverse_next_and_monitor_goto(logs):
     s = Server(logs["ticks"])
     out = gdb(s, "ticks", "monitor goto 200000", "maintenance flush register-cache",
               "monitor icount", "info registers rip",
-              "break on_tick", "reverse-continue", "monitor icount", "stepi 20",
+              "hbreak on_tick", "reverse-continue", "monitor icount", "stepi 20",
               "reverse-next", "monitor icount", "monitor snapshots")
     goto, hit, after_next = icounts(out)[:3]
     assert goto == 200000 and hit < goto and hit <= after_next < hit + 20, out
-    assert "snapshots" in out
+    assert "Hardware assisted breakpoint 1" in out and "snapshots" in out
 
 
 def test_watchpoint_finds_the_put_that_wrote_a_key(logs):

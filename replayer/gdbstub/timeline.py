@@ -21,7 +21,7 @@ from kvmrr_log.guest_images import GuestImage
 from replayer.errors import DivergenceError, ReplayError
 from replayer.session import check_header
 
-DEFAULT_SNAPSHOT_EVERY = 100_000   # chosen by bench/gdb.json (docs/debugging.md)
+DEFAULT_SNAPSHOT_EVERY = 10_000    # chosen by make bench-gdb (bench/gdb.json, docs/debugging.md)
 FEED_CHUNK = 2048
 PAGE = 4096
 SLICE_NS = 100_000_000             # how often a long run looks for an interrupt
