@@ -35,8 +35,9 @@ class Server:
     """`kvmrr replay --log ... --gdb 127.0.0.1:0 --gdb-once`, on the port it reports."""
 
     def __init__(self, log, *extra):
+        url = log if str(log).startswith("kafka://") else f"file:{log}"
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "kvmrr.cli", "replay", "--log", f"file:{log}",
+            [sys.executable, "-m", "kvmrr.cli", "replay", "--log", url,
              "--gdb", "127.0.0.1:0", "--gdb-once", *map(str, extra)],
             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         line = self.proc.stdout.readline()
@@ -236,3 +237,18 @@ def test_packet_framing_without_a_vm():
     assert r.feed(b"$g#ff") == [("bad", b"bad checksum")]
     assert r.feed(b"$" + b"A" * (MAX_PACKET * 3) + b"#41") == [("bad", b"packet too long")]
     assert r.feed(frame(b"?")) == [("packet", b"?")]   # and the reader recovered
+
+
+def test_a_finished_log_on_kafka(kafka, logs):
+    """The same session over kafka://: stepi and reverse-stepi agree with the archive's
+    replay of the same guest run (recorded to Kafka here)."""
+    import uuid
+    url = f"kafka://{kafka}/g{uuid.uuid4().hex[:8]}"
+    kvmrr_json("record", "ticks", "--log", url, "--max-instructions", 100_000)
+    s = Server(url)
+    out = gdb(s, "ticks", "stepi 200", "monitor icount", "info registers",
+              "reverse-stepi", "monitor icount", "info registers", "monitor info")
+    assert icounts(out) == [200, 199], out
+    at_200, at_199 = gdb_regs(out, 2)
+    assert at_200["rip"] != at_199["rip"]
+    assert "log icount 0 to 100000" in out, out
