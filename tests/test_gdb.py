@@ -252,3 +252,31 @@ def test_a_finished_log_on_kafka(kafka, logs):
     at_200, at_199 = gdb_regs(out, 2)
     assert at_200["rip"] != at_199["rip"]
     assert "log icount 0 to 100000" in out, out
+
+
+def test_interrupt_stops_a_long_continue(logs):
+    """^C during a continue that steps (a watchpoint on bytes that never change): the
+    reply is a stop with SIGINT well before the end of the log."""
+    s = Server(logs["ticks"])
+    with socket.create_connection(("127.0.0.1", s.port), timeout=30) as c:
+        def ask(body: bytes) -> bytes:
+            c.sendall(_pkt(body))
+            got = b""
+            while not re.search(rb"\$[^#]*#..", got):
+                got += c.recv(65536)
+            c.sendall(b"+")
+            return got
+        assert b"$OK" in ask(b"Z2,7ff000,8")          # the stack's far end: untouched
+        c.sendall(_pkt(b"c"))
+        time.sleep(1.0)
+        c.sendall(b"\x03")
+        got = b""
+        while not re.search(rb"\$[^#]*#..", got):
+            got += c.recv(65536)
+        assert b"$T02" in got, got
+        c.sendall(b"+")
+        qc = ask(b"qRcmd," + b"icount".hex().encode())
+        n = int(bytes.fromhex(re.search(rb"\$([0-9a-f]+)#", qc).group(1).decode()))
+        assert 0 < n < TICKS, n
+        c.sendall(_pkt(b"k"))
+    s.close()
