@@ -21,7 +21,7 @@ CLUSTER     := kvmrr-kafka1 kvmrr-kafka2 kvmrr-kafka3 kvmrr-primary kvmrr-backup
 # the container tests: no Ryuk (its image cannot be pulled), local images only
 export TESTCONTAINERS_RYUK_DISABLED := true
 
-.PHONY: all doctor build guests run test test-c test-py bench bench-core bench-log bench-ft bench-cluster \
+.PHONY: all doctor build guests run test test-c test-py bench bench-core bench-log bench-ft bench-cluster bench-gdb \
         kafka kafka-cluster kafka-down images compose-up compose-down compose-demo clean distclean
 
 all: build
@@ -83,6 +83,11 @@ test: build $(BUILD)/.doctor-containers
 # ---- benchmarks ----------------------------------------------------------------------
 bench-core: build
 	$(PY) -m bench core --out bench/core.json $(if $(QUICK),--quick)
+
+# time-travel debugging: reverse-stepi / reverse-continue latency on a 10 M instruction
+# kvstore log per automatic snapshot interval (docs/debugging.md)
+bench-gdb: build
+	$(PY) -m bench gdb --out bench/gdb.json $(if $(QUICK),--quick)
 
 # starts its own single node and 3-node cluster (kafkactl, free loopback ports), stops them
 bench-log: build

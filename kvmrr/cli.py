@@ -317,6 +317,8 @@ def _report_replay(args, counter, header, result, log_bytes, verb="replayed") ->
 
 
 def cmd_replay(args) -> int:
+    if args.gdb:
+        return _serve_gdb(args)
     log = parse_log_url(args.log)
     counter, why = resolve_counter(args.mode)
     guest = load_guest(args.guest) if args.guest else None
@@ -331,6 +333,28 @@ def cmd_replay(args) -> int:
                  start=args.start, until=args.until, guest=guest, on_output=on_output)
     result = f.run(finished_log=True, idle_timeout=None)
     return _report_replay(args, counter, f.header, result, 0)
+
+
+def _serve_gdb(args) -> int:
+    """replay --gdb HOST:PORT: the time-travel debugger (docs/debugging.md)."""
+    from replayer.gdbstub import DEFAULT_SNAPSHOT_EVERY, Timeline, load_log, serve
+    host, port = args.gdb
+    counter, _ = resolve_counter(args.mode)
+    log = load_log(args.log)
+    tl = Timeline(log.header, log.snapshot, log.events, log.end, counter=counter,
+                  guest=load_guest(args.guest) if args.guest else None,
+                  snapshot_every=args.snapshot_every or DEFAULT_SNAPSHOT_EVERY)
+    if args.until is not None:
+        tl.goto(args.until)
+
+    def ready(bound: int) -> None:
+        print(f"kvmrr gdb: serving {tl.image.path} (icount {tl.begin} to {tl.end}) on "
+              f"{host}:{bound}; now at icount {tl.icount}", flush=True)
+    try:
+        serve(tl, host, port, once=args.gdb_once, ready=ready)
+    except KeyboardInterrupt:
+        pass
+    return 0
 
 
 def cmd_follow(args) -> int:
@@ -596,6 +620,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="snapshot to start from (latest: the last one before --until)")
     p.add_argument("--guest", type=guest, default=None,
                    help="guest image to use instead of the built-in")
+    p.add_argument("--gdb", type=_listen, default=None, metavar="HOST:PORT",
+                   help="serve gdb's remote protocol here, forwards and backwards "
+                        "(docs/debugging.md); --until: where the session starts")
+    p.add_argument("--snapshot-every", type=_count(1000, MAX_ICOUNT), default=None,
+                   metavar="N", help="--gdb: snapshot automatically every N instructions")
+    p.add_argument("--gdb-once", action="store_true",
+                   help="--gdb: exit when the first gdb disconnects")
     _output_opts(p)
     p.set_defaults(fn=cmd_replay)
     p = sub.add_parser("follow", help="a backup: follow a live log on Kafka and replay it")

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from libkvmrr._kvmrr import ffi, lib
 
-ABI_VERSION = 3
+ABI_VERSION = 4
 _ERR_LEN = 512
 _TAKE_BATCH = 1024
 
@@ -39,6 +39,19 @@ STOP_NAMES = {
 }
 MODES = {"run": lib.KVMRR_MODE_RUN, "record": lib.KVMRR_MODE_RECORD,
          "replay": lib.KVMRR_MODE_REPLAY}
+SREG_NAMES = ("cs", "ss", "ds", "es", "fs", "gs", "fs_base", "gs_base", "cr0", "cr2", "cr3",
+              "cr4", "cr8", "efer")
+DEBUG_WHY = {
+    lib.KVMRR_DEBUG_ICOUNT: "icount",
+    lib.KVMRR_DEBUG_BREAK: "break",
+    lib.KVMRR_DEBUG_WATCH: "watch",
+    lib.KVMRR_DEBUG_DEADLINE: "deadline",
+    lib.KVMRR_DEBUG_RUN_STOP: "run_stop",
+    lib.KVMRR_DEBUG_ERROR: "error",
+}
+DEBUG_MAX_BREAK = lib.KVMRR_DEBUG_MAX_BREAK
+DEBUG_MAX_WATCH = lib.KVMRR_DEBUG_MAX_WATCH
+DEBUG_READ_MAX = lib.KVMRR_DEBUG_READ_MAX
 COUNTERS = {"step": lib.KVMRR_COUNTER_STEP, "fast": lib.KVMRR_COUNTER_FAST}
 
 
@@ -53,6 +66,18 @@ class GuestError(KvmrrError):
 if lib.kvmrr_abi_version() != ABI_VERSION:
     raise ImportError(f"libkvmrr ABI {lib.kvmrr_abi_version()} but this binding speaks "
                       f"{ABI_VERSION}: rebuild with `make build`")
+
+
+@dataclass(frozen=True)
+class DebugResult:
+    why: str                  # DEBUG_WHY's names
+    index: int                # the breakpoint or watchpoint hit, else -1
+    icount: int
+    address: int
+    steps: int
+    run_stop: str | None      # why == "run_stop": the run loop's stop (STOP_NAMES)
+    exit_code: int
+    message: str
 
 
 @dataclass(frozen=True)
@@ -285,3 +310,38 @@ class VmHandle:
         err = _err_buf()
         if lib.kvmrr_vm_snapshot_restore(self._vm, blob, len(blob), err, _ERR_LEN) < 0:
             raise KvmrrError(_str(err))
+
+    # -- for a debugger (docs/debugging.md) ------------------------------------------
+    def sregs(self) -> dict[str, int]:
+        s = ffi.new("struct kvmrr_sregs *")
+        if lib.kvmrr_vm_get_sregs(self._vm, s) < 0:
+            raise KvmrrError("cannot read the vCPU's segment and control registers")
+        return {k: getattr(s, k) for k in SREG_NAMES}
+
+    def read_virt(self, address: int, length: int) -> bytes:
+        """Guest memory by virtual address; short at the first unmapped page."""
+        if length < 0 or length > DEBUG_READ_MAX or not 0 <= address < 1 << 64:
+            raise KvmrrError(f"cannot read {length} bytes at {address:#x}")
+        buf = ffi.new("uint8_t[]", max(length, 1))
+        n = lib.kvmrr_vm_read_virt(self._vm, address, buf, length)
+        if n < 0:
+            raise KvmrrError(f"cannot read guest memory at {address:#x}")
+        return bytes(ffi.buffer(buf, n))
+
+    def debug_run(self, breaks: list[int], watches: list[tuple[int, int]],
+                  stop_icount: int = -1, deadline_ns: int = 0) -> DebugResult:
+        if len(breaks) > DEBUG_MAX_BREAK or len(watches) > DEBUG_MAX_WATCH:
+            raise KvmrrError(f"at most {DEBUG_MAX_BREAK} breakpoints and "
+                             f"{DEBUG_MAX_WATCH} watchpoints")
+        st = ffi.new("struct kvmrr_debug_stops *")
+        st.nbreak, st.nwatch = len(breaks), len(watches)
+        for i, a in enumerate(breaks):
+            st.breaks[i] = a
+        for i, (a, n) in enumerate(watches):
+            st.watch_addr[i] = a
+            st.watch_len[i] = n
+        r = ffi.new("struct kvmrr_debug_result *")
+        lib.kvmrr_vm_debug_run(self._vm, st, stop_icount, deadline_ns, r)
+        return DebugResult(DEBUG_WHY.get(r.why, str(r.why)), r.index, r.icount, r.address,
+                           r.steps, STOP_NAMES.get(r.run_stop) if r.run_stop else None,
+                           r.exit_code, _str(r.message))

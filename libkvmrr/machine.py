@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import functools
 
-from libkvmrr._bindings import KvmrrError, RunResult, VmHandle, calibrate
+from libkvmrr._bindings import DebugResult, KvmrrError, RunResult, VmHandle, calibrate
 from libkvmrr._bindings import cpu_model as _probe_cpu_model
 
 DEFAULT_MEM_SIZE = 8 << 20
@@ -109,3 +109,20 @@ class Machine:
     def msrs_skipped(self) -> list[int]:
         """MSRs KVM lists here that snapshots cannot carry."""
         return self._vm.msrs_skipped()
+
+    # -- for a debugger (replayer/gdbstub) ---------------------------------------------
+    def sregs(self) -> dict[str, int]:
+        """Segment selectors, fs/gs bases, cr0/cr2/cr3/cr4/cr8 and efer."""
+        return self._vm.sregs()
+
+    def read_virt(self, address: int, length: int) -> bytes:
+        """Guest memory by virtual address (the guest's page tables); short at the first
+        unmapped page."""
+        return self._vm.read_virt(address, length)
+
+    def debug_run(self, breaks: list[int], watches: list[tuple[int, int]], *,
+                  stop_icount: int | None = None, deadline_ns: int = 0) -> DebugResult:
+        """Step the replay until RIP reaches a breakpoint, a watched range changes,
+        stop_icount or the deadline; or the run loop stops for another reason."""
+        return self._vm.debug_run(breaks, watches,
+                                  -1 if stop_icount is None else stop_icount, deadline_ns)

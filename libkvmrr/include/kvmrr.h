@@ -14,7 +14,8 @@
 #include <stdint.h>
 
 /* Bumped on any change to this header; the binding refuses a library of another version. */
-enum { KVMRR_ABI_VERSION = 3 };   /* 2: kvmrr_stats.breakpoints; 3: CPU model, MSRs skipped */
+enum { KVMRR_ABI_VERSION = 4 };   /* 2: kvmrr_stats.breakpoints; 3: CPU model, MSRs skipped;
+                                    4: the debugger's API */
 
 /* Guest instructions retired since the VM's first instruction (docs/ARCHITECTURE.md §2.1). */
 typedef int64_t kvmrr_icount_t;
@@ -170,6 +171,53 @@ size_t kvmrr_vm_snapshot_size(struct kvmrr_vm *vm);
 int kvmrr_vm_snapshot_save(struct kvmrr_vm *vm, uint8_t *buf, size_t cap, size_t *len);
 int kvmrr_vm_snapshot_restore(struct kvmrr_vm *vm, const uint8_t *buf, size_t len,
                               char *err, size_t err_len);
+
+/* ---- for a debugger (debug.c); nothing here writes to the guest ---- */
+struct kvmrr_sregs {
+    uint64_t cs, ss, ds, es, fs, gs;   /* selectors */
+    uint64_t fs_base, gs_base;
+    uint64_t cr0, cr2, cr3, cr4, cr8, efer;
+};
+int kvmrr_vm_get_sregs(struct kvmrr_vm *vm, struct kvmrr_sregs *out);
+
+enum { KVMRR_DEBUG_READ_MAX = 1048576 };
+/* Read guest memory by virtual address through the guest's page tables (physical
+ * without paging): the bytes read, short at the first unmapped page; -1 if len exceeds
+ * KVMRR_DEBUG_READ_MAX or KVM fails. */
+int64_t kvmrr_vm_read_virt(struct kvmrr_vm *vm, uint64_t gva, uint8_t *buf, size_t len);
+
+enum { KVMRR_DEBUG_MAX_BREAK = 64, KVMRR_DEBUG_MAX_WATCH = 16 };
+struct kvmrr_debug_stops {
+    int32_t nbreak, nwatch;
+    uint64_t breaks[64];           /* stop when RIP reaches one of these */
+    uint64_t watch_addr[16];       /* stop when these bytes (virtual) change */
+    uint32_t watch_len[16];        /* 1..8 */
+};
+enum kvmrr_debug_why {
+    KVMRR_DEBUG_ICOUNT = 1,        /* reached stop_icount */
+    KVMRR_DEBUG_BREAK = 2,         /* RIP reached breaks[index] */
+    KVMRR_DEBUG_WATCH = 3,         /* the last instruction changed watch[index] */
+    KVMRR_DEBUG_DEADLINE = 4,
+    KVMRR_DEBUG_RUN_STOP = 5,      /* the run loop stopped otherwise: run_stop, message */
+    KVMRR_DEBUG_ERROR = 6
+};
+struct kvmrr_debug_result {
+    int32_t why;                   /* enum kvmrr_debug_why */
+    int32_t index;
+    int32_t run_stop;              /* enum kvmrr_stop, for KVMRR_DEBUG_RUN_STOP */
+    int32_t exit_code;
+    kvmrr_icount_t icount;
+    uint64_t address;
+    int64_t steps;                 /* instructions stepped by this call */
+    char message[256];
+};
+/* Replay one instruction at a time (the exact stop at icount + 1) until a breakpoint or
+ * watchpoint hits after an instruction, stop_icount (-1: none) or deadline_ns
+ * (CLOCK_MONOTONIC, 0: none) is reached, or the run loop stops for another reason.
+ * 0, or -1 with res->message. */
+int kvmrr_vm_debug_run(struct kvmrr_vm *vm, const struct kvmrr_debug_stops *stops,
+                       kvmrr_icount_t stop_icount, int64_t deadline_ns,
+                       struct kvmrr_debug_result *res);
 
 /* Hash throughput probe for benchmarks: xxh64 of a buffer. */
 uint64_t kvmrr_hash64(const uint8_t *buf, size_t len, uint64_t seed);

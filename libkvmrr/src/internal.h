@@ -101,6 +101,9 @@ struct kvmrr_vm {
     /* counting (counter.c) */
     int stats_fd;
     off_t insn_stat_offset;          /* -1 when KVM has no insn_emulation statistic */
+    uint64_t watch[4];               /* single-step: exception handler entries watched */
+    int watch_n;
+    bool sregs_synced;               /* run->s.regs.sregs holds KVM's current sregs */
     uint64_t stat_base;              /* stat value at icount 0 (fast) */
     kvmrr_icount_t icount;           /* exact count at the current stop */
     int debug_mode;                  /* guest debug currently set: enum guest_debug */
@@ -153,7 +156,8 @@ int  vm_set_regs(struct kvmrr_vm *vm, const struct kvm_regs *regs);
 void vm_regs_to_array(const struct kvm_regs *r, uint64_t out[KVMRR_NREGS]);
 /* KVM_SET_GUEST_DEBUG, only when it changes: off, single-step, or one hardware
  * instruction breakpoint (DR0) at bp. */
-enum guest_debug { DEBUG_OFF, DEBUG_STEP, DEBUG_BP };
+enum guest_debug { DEBUG_OFF, DEBUG_STEP, DEBUG_BP,
+                   DEBUG_STEP_WATCH /* run.c: single-step, exception handlers watched */ };
 int  vm_set_guest_debug(struct kvmrr_vm *vm, int mode, uint64_t bp);
 
 /* x86.c */
@@ -182,6 +186,36 @@ bool cpu_model_leaf(uint32_t function, uint32_t out[4]);
 
 /* snapshot.c: which of KVM's MSRs a snapshot saves (after the CPU model is set) */
 int snapshot_msrs_init(struct kvmrr_vm *vm, char *err, size_t err_len);
+/* paging.c: guest virtual -> physical through the guest's own page tables; 0 or -1 */
+int  gva_to_gpa(struct kvmrr_vm *vm, const struct kvm_sregs *s, uint64_t gva, bool write,
+                uint64_t *gpa);
+int  guest_read(struct kvmrr_vm *vm, const struct kvm_sregs *s, uint64_t gva, void *buf,
+                size_t len);
+int  guest_write(struct kvmrr_vm *vm, const struct kvm_sregs *s, uint64_t gva,
+                 const void *buf, size_t len);
+
+/* emulate.c: instructions the core executes itself */
+enum insn_kind { INSN_NONE, INSN_IRET, INSN_PUSHF, INSN_HLT, INSN_RDTSC, INSN_RDTSCP,
+                 INSN_RDRAND, INSN_RDSEED, INSN_INT3, INSN_INTN, INSN_CLAC, INSN_STAC,
+                 INSN_FWAIT, INSN_XGETBV, INSN_RDPID };
+struct insn {
+    int kind;          /* enum insn_kind */
+    int len;           /* bytes */
+    int opsize;        /* 2, 4 or 8 */
+    int reg;           /* RDRAND/RDSEED/RDPID destination */
+    int vector;        /* INT3/INT n */
+};
+#define EMU_RING3 1    /* insn_execute: the instruction would enter ring 3; nothing done */
+/* 0 (in->kind INSN_NONE if none of the core's), or -1 if RIP is not mapped. */
+int  insn_decode(struct kvmrr_vm *vm, const struct kvm_regs *r, const struct kvm_sregs *s,
+                 struct insn *in);
+/* Execute on r/s and guest memory: 0, EMU_RING3, or -1 with why[]. */
+int  insn_execute(struct kvmrr_vm *vm, struct kvm_regs *r, struct kvm_sregs *s,
+                  const struct insn *in, bool *sregs_changed, char *why, size_t why_len);
+int  deliver_vector(struct kvmrr_vm *vm, struct kvm_regs *r, struct kvm_sregs *s, int vector,
+                    bool has_error, uint32_t error, bool *cs_changed, char *why, size_t why_len);
+uint64_t *insn_gpr(struct kvm_regs *r, int reg);
+const char *insn_name(int kind);
 
 /* hash.c */
 uint64_t state_hash(struct kvmrr_vm *vm);

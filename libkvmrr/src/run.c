@@ -151,6 +151,28 @@ int kvmrr_vm_nic_push(struct kvmrr_vm *vm, const uint8_t *packet, size_t len)
 
 static uint64_t cur_rip(struct kvmrr_vm *vm) { return vm->run->s.regs.regs.rip; }
 
+/* The segment and control registers: KVM syncs them into kvm_run at every exit
+ * (KVM_SYNC_X86_SREGS, enabled for the run); before the first exit of a run, or after
+ * the core changed them, they are read from KVM. */
+static int cur_sregs(struct kvmrr_vm *vm, struct kvm_sregs *s)
+{
+    if (vm->sregs_synced) {
+        *s = vm->run->s.regs.sregs;
+        return 0;
+    }
+    if (ioctl(vm->vcpu_fd, KVM_GET_SREGS, s) < 0)
+        return -1;
+    vm->run->s.regs.sregs = *s;
+    vm->sregs_synced = true;
+    return 0;
+}
+
+static int set_sregs(struct kvmrr_vm *vm, const struct kvm_sregs *s)
+{
+    vm->run->s.regs.sregs = *s;
+    return ioctl(vm->vcpu_fd, KVM_SET_SREGS, s);
+}
+
 static void emulated_retired(struct kvmrr_vm *vm, int n)
 {
     /* An instruction the loop executed itself: the statistic did not see it. */
@@ -187,7 +209,7 @@ static int inject(struct kvmrr_vm *vm, uint32_t vector)
      * guest's stack, where the guest can read it: note where that image will be (64-bit
      * delivery at the same privilege aligns RSP down to 16, then pushes 5 qwords) so the
      * first exit after delivery can put back the guest's own TF. */
-    vm->frame_rflags_gpa = (vm->run->s.regs.regs.rsp & ~0xfull) - 40 + 16;
+    vm->frame_rflags_gpa = (vm->run->s.regs.regs.rsp & ~0xfull) - 40 + 16;   /* virtual */
     vm->delivery_tf = vm->run->s.regs.regs.rflags & RFLAGS_TF;
     return 0;
 }
@@ -195,9 +217,12 @@ static int inject(struct kvmrr_vm *vm, uint32_t vector)
 /* The first exit after a single-stepped delivery. */
 static void delivered(struct kvmrr_vm *vm)
 {
-    if (vm->frame_rflags_gpa + 8 <= vm->cfg.mem_size) {
-        uint64_t *image = (uint64_t *)(vm->mem + vm->frame_rflags_gpa);
-        *image = (*image & ~RFLAGS_TF) | vm->delivery_tf;
+    /* (the field holds the image's virtual address: the stack is the guest's) */
+    struct kvm_sregs s;
+    uint64_t image;
+    if (cur_sregs(vm, &s) == 0 && guest_read(vm, &s, vm->frame_rflags_gpa, &image, 8) == 0) {
+        image = (image & ~RFLAGS_TF) | vm->delivery_tf;
+        (void)guest_write(vm, &s, vm->frame_rflags_gpa, &image, 8);
     }
     vm->frame_rflags_gpa = 0;
 }
@@ -267,56 +292,9 @@ static int diverge(struct kvmrr_vm *vm, struct kvmrr_result *res, const struct k
 
 struct enter_result {
     uint32_t exit_reason;   /* KVM_EXIT_*, or KVM_EXIT_INTR for a kick */
+    bool ring3;             /* the exit found the guest at CPL 3 */
+    bool step_lost;         /* step: the statistic saw more than the single-steps did */
 };
-
-/* Decode the instruction at RIP for the few the loop must execute itself. */
-enum special_insn { INSN_NONE, INSN_IRETQ, INSN_PUSHFQ, INSN_HLT, INSN_RDTSC, INSN_RDTSCP, INSN_RDRAND, INSN_RDSEED };
-
-static enum special_insn decode_special(struct kvmrr_vm *vm, int *len, int *reg, int *opsize)
-{
-    uint64_t rip = cur_rip(vm);
-    if (rip + 16 > vm->cfg.mem_size)
-        return INSN_NONE;
-    const uint8_t *p = vm->mem + rip;
-    int i = 0, rex = 0;
-    *opsize = 4;
-    if (p[i] == 0x66) { *opsize = 2; i++; }
-    if ((p[i] & 0xf0) == 0x40) { rex = p[i]; i++; }
-    if (rex & 0x8)
-        *opsize = 8;
-    if (p[i] == 0xf4) {
-        *len = i + 1;
-        return INSN_HLT;
-    }
-    if (p[i] == 0x9c && *opsize != 2) {
-        *len = i + 1;
-        return INSN_PUSHFQ;
-    }
-    if (p[i] == 0xcf) {
-        *len = i + 1;
-        return (rex & 0x8) ? INSN_IRETQ : INSN_NONE;  /* 32-bit IRET: not used by guests */
-    }
-    if (p[i] != 0x0f)
-        return INSN_NONE;
-    if (p[i + 1] == 0x31) { *len = i + 2; return INSN_RDTSC; }
-    if (p[i + 1] == 0x01 && p[i + 2] == 0xf9) { *len = i + 3; return INSN_RDTSCP; }
-    if (p[i + 1] == 0xc7 && (p[i + 2] & 0xc0) == 0xc0) {
-        int op = (p[i + 2] >> 3) & 7;
-        *reg = (p[i + 2] & 7) | ((rex & 1) << 3);
-        *len = i + 3;
-        if (op == 6) return INSN_RDRAND;
-        if (op == 7) return INSN_RDSEED;
-    }
-    return INSN_NONE;
-}
-
-static __u64 *gpr_slot(struct kvm_regs *r, int reg)
-{
-    __u64 *map[16] = { &r->rax, &r->rcx, &r->rdx, &r->rbx, &r->rsp, &r->rbp, &r->rsi,
-                          &r->rdi, &r->r8, &r->r9, &r->r10, &r->r11, &r->r12, &r->r13,
-                          &r->r14, &r->r15 };
-    return map[reg & 15];
-}
 
 static uint64_t host_random64(void)
 {
@@ -326,31 +304,74 @@ static uint64_t host_random64(void)
     return v;
 }
 
-/* Execute IRETQ (64-bit, same privilege) from the guest stack: identity-mapped RAM. */
-static int exec_iretq(struct kvmrr_vm *vm, struct kvm_regs *r)
+static bool is_time_insn(int kind)
 {
-    if (r->rsp + 40 > vm->cfg.mem_size)
-        return -1;
-    const uint64_t *sp = (const uint64_t *)(vm->mem + r->rsp);
-    r->rip = sp[0];
-    r->rflags = (sp[2] & 0x3f7fd7ull) | 0x2;
-    r->rsp = sp[3];
+    return kind == INSN_RDTSC || kind == INSN_RDTSCP || kind == INSN_RDRAND
+           || kind == INSN_RDSEED;
+}
+
+static uint64_t insn_opcode(int kind)
+{
+    return kind == INSN_RDTSC ? 0x0f31 : kind == INSN_RDTSCP ? 0x0f01f9
+           : kind == INSN_RDRAND ? 0x0fc7f0 : 0x0fc7f8;
+}
+
+static int refuse_ring3(struct kvmrr_vm *vm, struct kvmrr_result *res, const char *how)
+{
+    char what[160];
+    snprintf(what, sizeof(what), "the guest enters ring 3 (%s), which this host's counters "
+             "cannot see (ring-3 code runs natively, uncounted)", how);
+    return fail(res, vm, "%s, at icount %lld rip 0x%llx", what);
+}
+
+/* The value a time or random instruction returns: from the host (record) or the log
+ * (replay, checked against what the guest executes). */
+static int time_value(struct kvmrr_vm *vm, int kind, uint64_t *rax, uint64_t *rdx,
+                      uint64_t *rcx, struct kvmrr_result *res, int *stop)
+{
+    uint64_t opcode = insn_opcode(kind);
+    if (vm->cfg.mode == KVMRR_MODE_REPLAY) {
+        struct kvmrr_event *ev = queue_peek(&vm->replay);
+        if (!ev || ev->kind != KVMRR_EV_INSN || ev->icount != vm->icount || ev->a != opcode) {
+            *stop = diverge(vm, res, ev, KVMRR_EV_INSN, "the guest executed an instruction "
+                            "the log does not hold here");
+            return -1;
+        }
+        *rax = ev->b; *rdx = ev->c; *rcx = ev->d;
+        queue_pop(&vm->replay);
+        vm->stats.events++;
+        return 0;
+    }
+    if (kind == INSN_RDTSC || kind == INSN_RDTSCP) {
+        uint64_t t = __rdtsc();
+        *rax = (uint32_t)t; *rdx = t >> 32; *rcx = 0;   /* TSC_AUX: processor 0 */
+    } else {
+        *rax = host_random64(); *rdx = 0; *rcx = 0;
+    }
+    record(vm, KVMRR_EV_INSN, opcode, *rax, *rdx, *rcx, NULL, 0);
     return 0;
 }
 
 /*
- * Execute one special instruction in userspace if RIP is at one.  Returns 1 if it did
- * (counted), 0 if not, -1 (divergence reported) on a replay mismatch.
+ * Execute the instruction at RIP in the core if it is one the core executes (emulate.c).
+ * Flow instructions (IRET, PUSHF, HLT) only when the caller single-steps (`flow`), time
+ * and random ones only when they are to be logged or replayed here (`intercept_time`);
+ * those KVM's emulator cannot execute always.  Returns 1 if it did (counted as one
+ * instruction), 0 if not, -1 with *stop set (divergence or error reported).
  */
-static int exec_special(struct kvmrr_vm *vm, bool intercept_time, struct kvmrr_result *res,
-                        int *stop)
+static int exec_special(struct kvmrr_vm *vm, bool flow, bool intercept_time,
+                        struct kvmrr_result *res, int *stop)
 {
-    int len = 0, reg = 0, opsize = 4;
-    enum special_insn k = decode_special(vm, &len, &reg, &opsize);
-    /* Under single-step these misbehave (lost trap, leaked TF, a HLT that KVM keeps
-     * pending past the next delivery), so the loop always executes them itself. */
-    bool flow = k == INSN_IRETQ || k == INSN_PUSHFQ || k == INSN_HLT;
-    if (k == INSN_NONE || (!flow && !intercept_time))
+    struct kvm_regs r = vm->run->s.regs.regs;
+    struct kvm_sregs s;
+    struct insn in;
+    if (cur_sregs(vm, &s) < 0 || insn_decode(vm, &r, &s, &in) < 0 || in.kind == INSN_NONE
+        || in.kind == INSN_RDPID)
+        return 0;   /* RDPID: this host's emulator raises #UD for it, alike in every mode */
+    bool is_flow = in.kind == INSN_IRET || in.kind == INSN_PUSHF || in.kind == INSN_HLT;
+    if (in.kind == INSN_IRET && in.opsize != 8)
+        is_flow = false;   /* 16/32-bit IRET: this host's emulator gets them wrong */
+    if ((is_flow && !flow) || (is_time_insn(in.kind) && !intercept_time))
         return 0;
     /* An interrupt injected at this boundary is delivered before the instruction here
      * executes, and only KVM_RUN delivers it: leave both to KVM (else a HLT executed here
@@ -359,73 +380,181 @@ static int exec_special(struct kvmrr_vm *vm, bool intercept_time, struct kvmrr_r
     if (ioctl(vm->vcpu_fd, KVM_GET_VCPU_EVENTS, &pend) == 0
         && (pend.interrupt.injected || pend.exception.injected))
         return 0;
-    struct kvm_regs r = vm->run->s.regs.regs;
-    if (flow) {
-        if (k == INSN_IRETQ && exec_iretq(vm, &r) < 0)
-            return 0;   /* let the CPU raise the fault */
-        if (k == INSN_HLT) {
-            r.rip += len;            /* as a HLT exit leaves it: after the HLT, halted */
-            vm->halted = true;
+    if (is_time_insn(in.kind)) {
+        uint64_t rax, rdx, rcx;
+        if (time_value(vm, in.kind, &rax, &rdx, &rcx, res, stop) < 0)
+            return -1;
+        if (in.kind == INSN_RDTSC || in.kind == INSN_RDTSCP) {
+            r.rax = rax; r.rdx = rdx;
+            if (in.kind == INSN_RDTSCP) r.rcx = rcx;
+        } else {
+            uint64_t *dst = insn_gpr(&r, in.reg);
+            *dst = in.opsize == 8 ? rax : in.opsize == 4 ? (uint32_t)rax
+                   : ((*dst & ~0xffffull) | (uint16_t)rax);
+            r.rflags = (r.rflags & ~0x8d5ull) | RFLAGS_CF;   /* CF=1, OF SF ZF AF PF = 0 */
         }
-        if (k == INSN_PUSHFQ) {
-            /* Single-stepped, PUSHFQ would push the debugger's TF. */
-            if (r.rsp < 8 || r.rsp > vm->cfg.mem_size)
-                return 0;
-            r.rsp -= 8;
-            uint64_t image = r.rflags & ~RFLAGS_RF_VM;
-            memcpy(vm->mem + r.rsp, &image, 8);
-            r.rip += len;
-        }
-        vm_set_regs(vm, &r);
-        emulated_retired(vm, 1);
-        return 1;
-    }
-    uint64_t opcode = k == INSN_RDTSC ? 0x0f31 : k == INSN_RDTSCP ? 0x0f01f9
-                      : k == INSN_RDRAND ? 0x0fc7f0 : 0x0fc7f8;
-    uint64_t rax, rdx, rcx;
-    if (vm->cfg.mode == KVMRR_MODE_REPLAY) {
-        struct kvmrr_event *ev = queue_peek(&vm->replay);
-        if (!ev || ev->kind != KVMRR_EV_INSN || ev->icount != vm->icount || ev->a != opcode) {
-            *stop = diverge(vm, res, ev, KVMRR_EV_INSN, "the guest executed an instruction "
-                            "the log does not hold here");
+        r.rip += in.len;
+    } else {
+        char why[160];
+        bool sregs_changed = false;
+        int rc = insn_execute(vm, &r, &s, &in, &sregs_changed, why, sizeof(why));
+        if (rc == EMU_RING3) {
+            *stop = refuse_ring3(vm, res, "an IRET to CPL 3");
             return -1;
         }
-        rax = ev->b; rdx = ev->c; rcx = ev->d;
-        queue_pop(&vm->replay);
-        vm->stats.events++;
-    } else {
-        if (k == INSN_RDTSC || k == INSN_RDTSCP) {
-            uint64_t t = __rdtsc();
-            rax = (uint32_t)t; rdx = t >> 32; rcx = 0;   /* TSC_AUX: processor 0 */
-        } else {
-            rax = host_random64(); rdx = 0; rcx = 0;
+        if (rc < 0) {
+            char what[224];
+            snprintf(what, sizeof(what), "cannot execute %s: %s", insn_name(in.kind), why);
+            *stop = fail(res, vm, "%s, at icount %lld rip 0x%llx", what);
+            return -1;
         }
+        if (sregs_changed && set_sregs(vm, &s) < 0) {
+            *stop = fail(res, vm, "%s at icount %lld rip 0x%llx", "KVM_SET_SREGS failed");
+            return -1;
+        }
+        if (in.kind == INSN_HLT)
+            vm->halted = true;       /* as a HLT exit leaves it: after the HLT, halted */
     }
-    if (k == INSN_RDTSC || k == INSN_RDTSCP) {
-        r.rax = rax; r.rdx = rdx;
-        if (k == INSN_RDTSCP) r.rcx = rcx;
-    } else {
-        __u64 *dst = gpr_slot(&r, reg);
-        uint64_t v = opsize == 8 ? rax : opsize == 4 ? (uint32_t)rax : ((*dst & ~0xffffull) | (uint16_t)rax);
-        *dst = v;
-        r.rflags = (r.rflags & ~0x8d5ull) | RFLAGS_CF;   /* CF=1, OF SF ZF AF PF = 0 */
-    }
-    if (vm->cfg.mode != KVMRR_MODE_REPLAY)
-        record(vm, KVMRR_EV_INSN, opcode, rax, rdx, rcx, NULL, 0);
-    r.rip += len;
     vm_set_regs(vm, &r);
     emulated_retired(vm, 1);
     return 1;
+}
+
+/*
+ * KVM_RUN ended in an emulation failure: the instruction at RIP is one this host's
+ * emulator cannot execute (the statistic counted the attempt).  Undo that count and
+ * execute it here, where the core can; otherwise a clear error naming it.
+ */
+static int emulation_failed(struct kvmrr_vm *vm, struct kvmrr_result *res)
+{
+    if (vm->run->internal.suberror != KVM_INTERNAL_ERROR_EMULATION)
+        return fail(res, vm, "%s at icount %lld rip 0x%llx", "KVM internal error");
+    vm->stat_base++;
+    if (vm->cfg.counter == KVMRR_COUNTER_FAST)
+        vm->icount--;
+    int stop = EXIT_AGAIN;
+    int r = exec_special(vm, true, true, res, &stop);
+    if (r > 0)
+        return EXIT_AGAIN;
+    if (r < 0)
+        return stop;
+    struct kvm_sregs s;
+    uint8_t bytes[4] = { 0 };
+    if (cur_sregs(vm, &s) == 0)
+        (void)guest_read(vm, &s, cur_rip(vm), bytes, sizeof(bytes));
+    char what[160];
+    snprintf(what, sizeof(what), "KVM's emulator cannot execute the instruction %02x %02x %02x "
+             "%02x, nor can the core", bytes[0], bytes[1], bytes[2], bytes[3]);
+    return fail(res, vm, "%s, at icount %lld rip 0x%llx", what);
+}
+
+/*
+ * How long n instructions take at rate instructions/s, in ns, capped at an hour: the
+ * product n * 1e9 overflows int64 beyond 9.2e9 instructions, and a kick further away than
+ * that only needs to be "later", since the loop re-arms it at every exit.
+ */
+#define NS_CAP 3600000000000ll
+static int64_t instructions_ns(kvmrr_icount_t n, int64_t rate)
+{
+    if (n <= 0 || rate <= 0)
+        return 0;
+    __int128 ns = (__int128)n * 1000000000 / rate;
+    return ns > NS_CAP ? NS_CAP : (int64_t)ns;
 }
 
 static void track_rate(struct kvmrr_vm *vm, kvmrr_icount_t before, int64_t t0)
 {
     int64_t dt = mono_ns() - t0;
     if (dt >= 1000000) {
-        int64_t rate = (vm->icount - before) * 1000000000 / dt;
+        int64_t rate = (int64_t)((__int128)(vm->icount - before) * 1000000000 / dt);
         if (rate > vm->stats.peak_rate)
             vm->stats.peak_rate = rate;
     }
+}
+
+/*
+ * Single-stepping with the exception handlers watched.  A single-step over an instruction
+ * that faults gives no trap there: KVM delivers the exception and the trap comes after the
+ * handler's first instruction, two instructions on.  The statistic counts the faulting
+ * instruction as one (and the delivery as none), so the state "at the handler's first
+ * instruction, frame pushed" is the one icount after the fault, and an exact stop, a
+ * step count and a replay must be able to be there.  Hardware instruction breakpoints on
+ * the handler entries of the four usual fault vectors (#UD, #GP, #PF, #DE; DR0-3 are all
+ * there are) stop the step there.  A fault on another vector is seen by the statistic
+ * where it exists (step_lost) and reported, never counted wrong silently.  A breakpoint
+ * at the current RIP would re-hit at once, so that one is left off for the step.
+ */
+static const int watched_vectors[4] = { 6, 13, 14, 0 };
+
+static int gate_target(struct kvmrr_vm *vm, const struct kvm_sregs *s, int vector,
+                       uint64_t *target)
+{
+    uint8_t g[16];
+    if ((uint64_t)vector * 16 + 15 > s->idt.limit
+        || guest_read(vm, s, s->idt.base + (uint64_t)vector * 16, g, 16) < 0 || !(g[5] & 0x80))
+        return -1;
+    *target = (uint64_t)(g[0] | g[1] << 8) | (uint64_t)(g[6] | g[7] << 8) << 16
+              | (uint64_t)(g[8] | g[9] << 8 | g[10] << 16) << 32 | (uint64_t)g[11] << 56;
+    return 0;
+}
+
+static int step_debug(struct kvmrr_vm *vm, int extra_vector)
+{
+    struct kvm_sregs s;
+    if (cur_sregs(vm, &s) < 0)
+        return vm_set_guest_debug(vm, DEBUG_STEP, 0);
+    struct kvm_guest_debug dbg = { .control = KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_SINGLESTEP };
+    uint64_t dr7 = 0x400;   /* bit 10 reads as 1 */
+    int n = 0;
+    for (int i = 0; i < 4; i++) {
+        int v = i == 3 && extra_vector >= 0 ? extra_vector : watched_vectors[i];
+        uint64_t t;
+        if (gate_target(vm, &s, v, &t) < 0)
+            continue;
+        dbg.arch.debugreg[n] = t;
+        if (t != cur_rip(vm))
+            dr7 |= 1ull << (2 * n);          /* Ln: enabled, execute, 1 byte */
+        n++;
+    }
+    if (n == 0)
+        return vm_set_guest_debug(vm, DEBUG_STEP, 0);
+    dbg.arch.debugreg[7] = dr7;
+    if (vm->debug_mode == DEBUG_STEP_WATCH && vm->watch_n == n && vm->debug_bp == dr7
+        && memcmp(vm->watch, dbg.arch.debugreg, sizeof(vm->watch)) == 0)
+        return 0;
+    dbg.control |= KVM_GUESTDBG_USE_HW_BP;
+    if (ioctl(vm->vcpu_fd, KVM_SET_GUEST_DEBUG, &dbg) < 0)
+        return -1;
+    vm->debug_mode = DEBUG_STEP_WATCH;
+    vm->debug_bp = dr7;
+    vm->watch_n = n;
+    memcpy(vm->watch, dbg.arch.debugreg, sizeof(vm->watch));
+    return 0;
+}
+
+/*
+ * A kick can end KVM_RUN between a fault and its delivery: the statistic has counted the
+ * faulting instruction, the exception is queued.  That state has no register image of its
+ * own (RIP is still the fault's), so the loop never stops in it: it lets KVM deliver the
+ * exception and stops at the handler's first instruction (a breakpoint there), the state
+ * a single-step reaches at the same count.
+ */
+static int settle_exception(struct kvmrr_vm *vm)
+{
+    struct kvm_vcpu_events ev;
+    if (ioctl(vm->vcpu_fd, KVM_GET_VCPU_EVENTS, &ev) < 0)
+        return -1;
+    if (!ev.exception.injected && !ev.exception.pending)
+        return 0;
+    if (step_debug(vm, ev.exception.nr) < 0)
+        return -1;
+    vm->run->immediate_exit = 0;
+    int rc = ioctl(vm->vcpu_fd, KVM_RUN, 0);
+    vm->stats.exits++;
+    vm->sregs_synced = rc == 0 && (vm->run->kvm_valid_regs & KVM_SYNC_X86_SREGS);
+    if (rc < 0 || vm->run->exit_reason != KVM_EXIT_DEBUG)
+        return -1;   /* the delivery itself failed (a double fault): reported as an error */
+    return counter_sync(vm);
 }
 
 /* One KVM_RUN: single-stepped (DEBUG_STEP), or free (DEBUG_OFF, or DEBUG_BP with a
@@ -434,7 +563,8 @@ static int enter(struct kvmrr_vm *vm, int debug, uint64_t bp, int64_t kick_at_ns
                  struct enter_result *er)
 {
     bool single_step = debug == DEBUG_STEP;
-    if (vm_set_guest_debug(vm, debug, bp) < 0)
+    memset(er, 0, sizeof(*er));
+    if ((single_step ? step_debug(vm, -1) : vm_set_guest_debug(vm, debug, bp)) < 0)
         return -1;
     bool kicked = kick_at_ns > 0 && !single_step;
     if (kicked)
@@ -445,6 +575,7 @@ static int enter(struct kvmrr_vm *vm, int debug, uint64_t bp, int64_t kick_at_ns
     int saved = errno;
     vm->run->immediate_exit = 0;
     vm->stats.exits++;
+    vm->sregs_synced = rc == 0 && (vm->run->kvm_valid_regs & KVM_SYNC_X86_SREGS);
     if (kicked)
         kick_arm(vm, 0);
     if (rc < 0 && saved != EINTR && saved != EAGAIN) {
@@ -477,6 +608,8 @@ static int enter(struct kvmrr_vm *vm, int debug, uint64_t bp, int64_t kick_at_ns
             return -1;
         if (kicked)
             track_rate(vm, before, t0);
+        if (er->exit_reason == KVM_EXIT_INTR && settle_exception(vm) < 0)
+            return -1;
     } else if (er->exit_reason == KVM_EXIT_DEBUG && vm->in_completing) {
         /* The trap that ends an IN's completion: that IN was counted at its I/O exit. */
     } else if (er->exit_reason == KVM_EXIT_DEBUG || er->exit_reason == KVM_EXIT_IO
@@ -487,6 +620,13 @@ static int enter(struct kvmrr_vm *vm, int debug, uint64_t bp, int64_t kick_at_ns
         vm->in_pending = er->exit_reason == KVM_EXIT_IO && vm->run->io.direction == KVM_EXIT_IO_IN;
         vm->in_completing = single_step && vm->in_pending;
     }
+    struct kvm_sregs s;
+    er->ring3 = cur_sregs(vm, &s) == 0 && (s.cs.selector & 3) == 3;
+    /* step is its own counter; where the statistic exists it cross-checks every step. */
+    uint64_t stat;
+    if (vm->cfg.counter == KVMRR_COUNTER_STEP && er->exit_reason != KVM_EXIT_INTERNAL_ERROR
+        && counter_read_stat(vm, &stat) == 0)
+        er->step_lost = (kvmrr_icount_t)(stat - vm->stat_base) != vm->icount;
     return 0;
 }
 
@@ -497,7 +637,7 @@ static int64_t approach_kick(struct kvmrr_vm *vm, kvmrr_icount_t target)
     int64_t rate = vm->stats.peak_rate * 2;
     if (rate < MIN_RATE_GUESS)
         rate = MIN_RATE_GUESS;
-    int64_t ns = remaining * 1000000000 / rate;
+    int64_t ns = instructions_ns(remaining, rate);
     return mono_ns() + (ns > 20000 ? ns : 20000);
 }
 
@@ -696,6 +836,22 @@ static int common_exit(struct kvmrr_vm *vm, uint32_t reason, struct kvmrr_result
     }
 }
 
+/* What an exit tells about the guest that the core cannot count or log: an error. */
+static bool exit_refused(struct kvmrr_vm *vm, const struct enter_result *er,
+                         struct kvmrr_result *res)
+{
+    if (er->ring3) {
+        refuse_ring3(vm, res, "found at CPL 3 at an exit");
+        return true;
+    }
+    if (er->step_lost) {
+        fail(res, vm, "%s (at icount %lld rip 0x%llx)", "single-stepping lost count of an "
+             "instruction: an exception on a vector the step does not watch");
+        return true;
+    }
+    return false;
+}
+
 static bool stop_now(struct kvmrr_vm *vm, const struct kvmrr_limits *lim,
                      struct kvmrr_result *res)
 {
@@ -742,7 +898,10 @@ static void live_run(struct kvmrr_vm *vm, const struct kvmrr_limits *lim, struct
         bool near = lim->stop_icount >= 0 && lim->stop_icount - vm->icount <= KVMRR_NEAR;
         bool single = step || near;
         if (single) {
-            int r = exec_special(vm, step, res, &(int){0});
+            int stop = EXIT_AGAIN;
+            int r = exec_special(vm, true, true, res, &stop);
+            if (r < 0)
+                return;
             if (r > 0)
                 continue;
         }
@@ -756,8 +915,11 @@ static void live_run(struct kvmrr_vm *vm, const struct kvmrr_limits *lim, struct
             fail(res, vm, "%s at icount %lld rip 0x%llx", "KVM_RUN failed");
             return;
         }
+        if (exit_refused(vm, &er, res))
+            return;
         int k = er.exit_reason == KVM_EXIT_IO ? live_io(vm, res)
-                                              : common_exit(vm, er.exit_reason, res);
+                : er.exit_reason == KVM_EXIT_INTERNAL_ERROR ? emulation_failed(vm, res)
+                : common_exit(vm, er.exit_reason, res);
         if (k == EXIT_STOP)
             return;
     }
@@ -940,7 +1102,7 @@ static void bp_hit(struct kvmrr_vm *vm)
 static int64_t backstop_kick(struct kvmrr_vm *vm, kvmrr_icount_t target)
 {
     int64_t rate = vm->stats.peak_rate > 1000000 ? vm->stats.peak_rate / 10 : 100000;
-    return mono_ns() + 1000000 + (target - vm->icount) * (1000000000 / rate);
+    return mono_ns() + 1000000 + instructions_ns(target - vm->icount, rate);
 }
 
 static void replay_run(struct kvmrr_vm *vm, const struct kvmrr_limits *lim,
@@ -989,12 +1151,13 @@ static void replay_run(struct kvmrr_vm *vm, const struct kvmrr_limits *lim,
             target = lim->stop_icount;
         /* Exact stop needed unless the next thing is a synchronous event the guest's own
          * exit will bring us to. */
-        bool exact = !ev || is_async(ev) || target != ev->icount;
+        bool exact = !ev || is_async(ev) || ev->kind == KVMRR_EV_INSN || target != ev->icount;
         int debug = step ? DEBUG_STEP : exact ? approach_debug(vm, ev, target) : DEBUG_OFF;
         bool single = debug == DEBUG_STEP;
         if (single) {
             int stop = EXIT_AGAIN;
-            int r = exec_special(vm, step, res, &stop);
+            bool insn_here = ev && ev->kind == KVMRR_EV_INSN && ev->icount == vm->icount;
+            int r = exec_special(vm, true, step || insn_here, res, &stop);
             if (r < 0)
                 return;
             if (r > 0)
@@ -1015,8 +1178,11 @@ static void replay_run(struct kvmrr_vm *vm, const struct kvmrr_limits *lim,
             bp_hit(vm);
         else if (debug == DEBUG_OFF)
             vm->bp_last_hit = -1;     /* passes while running free were not seen */
+        if (exit_refused(vm, &er, res))
+            return;
         int k = er.exit_reason == KVM_EXIT_IO ? replay_io(vm, res)
-                                              : common_exit(vm, er.exit_reason, res);
+                : er.exit_reason == KVM_EXIT_INTERNAL_ERROR ? emulation_failed(vm, res)
+                : common_exit(vm, er.exit_reason, res);
         if (k == EXIT_STOP)
             return;
         /* Past the target under a breakpoint: the guest was not at the event's RIP at its
@@ -1053,6 +1219,11 @@ int kvmrr_vm_run(struct kvmrr_vm *vm, const struct kvmrr_limits *limits,
 {
     memset(res, 0, sizeof(*res));
     tls_run = vm->run;
+    /* The segment and control registers come with every exit: the loop checks the CPL
+     * at each one and walks the guest's page tables from them. */
+    vm->run->kvm_valid_regs |= KVM_SYNC_X86_SREGS;
+    vm->sregs_synced = false;
+
     if (vm->cfg.counter == KVMRR_COUNTER_FAST && kick_bind_thread(vm) < 0) {
         result_set(res, vm, KVMRR_STOP_ERROR);
         snprintf(res->message, sizeof(res->message), "cannot create the kick timer: %s",

@@ -1,0 +1,292 @@
+/*
+ * emulate.c - the instructions the core executes itself, and interrupt delivery through
+ * the guest's IDT.
+ *
+ * Two reasons to execute an instruction here rather than in KVM:
+ *  - this host's instruction emulator cannot: INT3 (cc), INT n (cd ib), IRET with a 16- or
+ *    32-bit operand size (it raises #GP where the CPU would return), CLAC/STAC, FWAIT,
+ *    XGETBV, RDTSCP all end KVM_RUN with an emulation failure (measured 2026-12-01; the
+ *    statistic has already counted the instruction then);
+ *  - single-stepped, some misbehave: the trap after IRET is lost (the popped RFLAGS has no
+ *    TF), PUSHF pushes the debugger's TF, a HLT stays pending past the next delivery.
+ * Every access goes through the guest's page tables (paging.c).  Constants are the SDM's
+ * (vol. 2 for the encodings, vol. 3A §6.14 for 64-bit interrupt delivery).
+ */
+#include <errno.h>
+#include <string.h>
+#include <sys/ioctl.h>
+
+#include "internal.h"
+
+#define RFLAGS_TF     (1ull << 8)
+#define RFLAGS_IF     (1ull << 9)
+#define RFLAGS_NT     (1ull << 14)
+#define RFLAGS_RF     (1ull << 16)
+#define RFLAGS_VM     (1ull << 17)
+#define RFLAGS_AC     (1ull << 18)
+/* What IRET may load at CPL 0: CF PF AF ZF SF TF IF DF OF IOPL NT RF AC VIF VIP ID
+ * (VM is 0 in 64-bit mode; bit 1 reads as 1). */
+#define RFLAGS_IRET   0x3f7fd5ull
+#define CR0_MP        (1ull << 1)
+#define CR0_TS        (1ull << 3)
+#define CR0_NE        (1ull << 5)
+#define CR4_SMAP      (1ull << 21)
+#define GATE_INTR     0xe
+#define GATE_TRAP     0xf
+#define FSW_ES        (1u << 7)
+
+static uint64_t *gpr(struct kvm_regs *r, int reg)
+{
+    uint64_t *map[16] = { (uint64_t *)&r->rax, (uint64_t *)&r->rcx, (uint64_t *)&r->rdx,
+                          (uint64_t *)&r->rbx, (uint64_t *)&r->rsp, (uint64_t *)&r->rbp,
+                          (uint64_t *)&r->rsi, (uint64_t *)&r->rdi, (uint64_t *)&r->r8,
+                          (uint64_t *)&r->r9, (uint64_t *)&r->r10, (uint64_t *)&r->r11,
+                          (uint64_t *)&r->r12, (uint64_t *)&r->r13, (uint64_t *)&r->r14,
+                          (uint64_t *)&r->r15 };
+    return map[reg & 15];
+}
+
+uint64_t *insn_gpr(struct kvm_regs *r, int reg) { return gpr(r, reg); }
+
+const char *insn_name(int kind)
+{
+    static const char *names[] = { "?", "IRET", "PUSHF", "HLT", "RDTSC", "RDTSCP", "RDRAND",
+                                   "RDSEED", "INT3", "INT n", "CLAC", "STAC", "FWAIT",
+                                   "XGETBV", "RDPID" };
+    return kind >= 0 && kind < (int)(sizeof(names) / sizeof(names[0])) ? names[kind] : "?";
+}
+
+int insn_decode(struct kvmrr_vm *vm, const struct kvm_regs *r, const struct kvm_sregs *s,
+                struct insn *in)
+{
+    uint8_t p[16];
+    memset(in, 0, sizeof(*in));
+    /* Fetch what lies on this page and the next one if mapped: an instruction at the end
+     * of the last mapped page is still decoded from the bytes that exist. */
+    size_t first = 0x1000 - (r->rip & 0xfff);
+    if (first > sizeof(p))
+        first = sizeof(p);
+    memset(p, 0, sizeof(p));
+    if (guest_read(vm, s, r->rip, p, first) < 0)
+        return -1;
+    if (first < sizeof(p))
+        (void)guest_read(vm, s, r->rip + first, p + first, sizeof(p) - first);
+    int i = 0, rex = 0;
+    bool f3 = false;
+    in->opsize = 4;
+    /* Legacy prefixes, then REX (only the last byte before the opcode counts). */
+    for (; i < 14; i++) {
+        if (p[i] == 0x66) in->opsize = 2;
+        else if (p[i] == 0xf3) f3 = true;
+        else if (p[i] == 0xf2 || p[i] == 0x2e || p[i] == 0x3e || p[i] == 0x26 || p[i] == 0x36
+                 || p[i] == 0x64 || p[i] == 0x65 || p[i] == 0x67 || p[i] == 0xf0) continue;
+        else break;
+    }
+    if ((p[i] & 0xf0) == 0x40) { rex = p[i]; i++; }
+    if (rex & 0x8)
+        in->opsize = 8;
+    const uint8_t *o = p + i;
+    switch (o[0]) {
+    case 0xf4: in->kind = INSN_HLT; in->len = i + 1; return 0;
+    case 0x9c: in->kind = in->opsize == 2 ? INSN_NONE : INSN_PUSHF; in->len = i + 1; return 0;
+    case 0xcf: in->kind = INSN_IRET; in->len = i + 1; return 0;
+    case 0xcc: in->kind = INSN_INT3; in->len = i + 1; in->vector = 3; return 0;
+    case 0xcd: in->kind = INSN_INTN; in->len = i + 2; in->vector = o[1]; return 0;
+    case 0x9b: in->kind = INSN_FWAIT; in->len = i + 1; return 0;
+    case 0x0f: break;
+    default: return 0;
+    }
+    if (o[1] == 0x31) { in->kind = INSN_RDTSC; in->len = i + 2; return 0; }
+    if (o[1] == 0x01) {
+        in->len = i + 3;
+        switch (o[2]) {
+        case 0xf9: in->kind = INSN_RDTSCP; break;
+        case 0xca: in->kind = INSN_CLAC; break;
+        case 0xcb: in->kind = INSN_STAC; break;
+        case 0xd0: in->kind = INSN_XGETBV; break;
+        default: in->len = 0;
+        }
+        return 0;
+    }
+    if (o[1] == 0xc7 && (o[2] & 0xc0) == 0xc0) {
+        int op = (o[2] >> 3) & 7;
+        in->reg = (o[2] & 7) | ((rex & 1) << 3);
+        in->len = i + 3;
+        if (op == 6 && !f3) in->kind = INSN_RDRAND;
+        else if (op == 7 && !f3) in->kind = INSN_RDSEED;
+        else if (op == 7 && f3) in->kind = INSN_RDPID;
+        else in->len = 0;
+    }
+    return 0;
+}
+
+/* Load a code segment descriptor from the GDT (64-bit mode: only L, D, DPL, P matter). */
+static int load_cs(struct kvmrr_vm *vm, struct kvm_sregs *s, uint16_t sel, char *why,
+                   size_t why_len)
+{
+    if (sel == s->cs.selector)
+        return 0;
+    if (sel & 4)
+        return ERRF(why, why_len, "code selector 0x%x in an LDT", sel);
+    uint64_t off = sel & ~7u;
+    uint64_t d;
+    if (off + 7 > s->gdt.limit || guest_read(vm, s, s->gdt.base + off, &d, 8) < 0)
+        return ERRF(why, why_len, "code selector 0x%x outside the GDT", sel);
+    bool present = d >> 47 & 1, code = (d >> 43 & 3) == 3, lmode = d >> 53 & 1;
+    if (!present || !code || !lmode)
+        return ERRF(why, why_len, "code selector 0x%x is not a present 64-bit code segment", sel);
+    s->cs.selector = sel;
+    s->cs.type = (uint8_t)(d >> 40 & 0xf);
+    s->cs.dpl = (uint8_t)(d >> 45 & 3);
+    s->cs.l = 1;
+    s->cs.db = 0;
+    s->cs.present = 1;
+    s->cs.s = 1;
+    return 1;
+}
+
+static int push64(struct kvmrr_vm *vm, const struct kvm_sregs *s, uint64_t *rsp, uint64_t v)
+{
+    *rsp -= 8;
+    return guest_write(vm, s, *rsp, &v, 8);
+}
+
+int deliver_vector(struct kvmrr_vm *vm, struct kvm_regs *r, struct kvm_sregs *s, int vector,
+                   bool has_error, uint32_t error, bool *cs_changed, char *why, size_t why_len)
+{
+    uint8_t gate[16];
+    *cs_changed = false;
+    if ((uint64_t)vector * 16 + 15 > s->idt.limit
+        || guest_read(vm, s, s->idt.base + (uint64_t)vector * 16, gate, 16) < 0)
+        return ERRF(why, why_len, "vector %d lies outside the guest's IDT", vector);
+    int type = gate[5] & 0xf;
+    bool present = gate[5] & 0x80;
+    if (!present || (type != GATE_INTR && type != GATE_TRAP))
+        return ERRF(why, why_len, "the IDT gate of vector %d is not a present 64-bit "
+                    "interrupt or trap gate", vector);
+    uint64_t target = (uint64_t)(gate[0] | gate[1] << 8) | (uint64_t)(gate[6] | gate[7] << 8) << 16
+                      | (uint64_t)(gate[8] | gate[9] << 8 | gate[10] << 16) << 32
+                      | (uint64_t)gate[11] << 56;
+    uint16_t sel = (uint16_t)(gate[2] | gate[3] << 8);
+    int ist = gate[4] & 7;
+    if ((sel & 3) != 0 || (s->cs.selector & 3) != 0)
+        return ERRF(why, why_len, "vector %d would change privilege level", vector);
+    uint64_t rsp = r->rsp;
+    if (ist) {
+        /* The 64-bit TSS holds IST1..7 at offset 0x24 + 8 * (n - 1). */
+        if (s->tr.limit < 0x24 + 8 * (unsigned)ist - 1
+            || guest_read(vm, s, s->tr.base + 0x24 + 8 * (uint64_t)(ist - 1), &rsp, 8) < 0)
+            return ERRF(why, why_len, "vector %d: IST%d outside the TSS", vector, ist);
+    }
+    rsp &= ~0xfull;   /* 64-bit delivery aligns the stack to 16 bytes */
+    uint64_t old_cs = s->cs.selector, old_ss = s->ss.selector;
+    int rc = load_cs(vm, s, sel, why, why_len);
+    if (rc < 0)
+        return -1;
+    *cs_changed = rc > 0;
+    if (push64(vm, s, &rsp, old_ss) < 0 || push64(vm, s, &rsp, r->rsp) < 0
+        || push64(vm, s, &rsp, r->rflags) < 0 || push64(vm, s, &rsp, old_cs) < 0
+        || push64(vm, s, &rsp, r->rip) < 0
+        || (has_error && push64(vm, s, &rsp, error) < 0))
+        return ERRF(why, why_len, "vector %d: the interrupt frame at 0x%llx is not mapped "
+                    "writable", vector, (unsigned long long)rsp);
+    r->rsp = rsp;
+    r->rip = target;
+    r->rflags &= ~(RFLAGS_TF | RFLAGS_NT | RFLAGS_RF | RFLAGS_VM);
+    if (type == GATE_INTR)
+        r->rflags &= ~RFLAGS_IF;
+    return 0;
+}
+
+/* IRET in 64-bit mode pops RIP, CS, RFLAGS, RSP and SS, each of the operand size. */
+static int exec_iret(struct kvmrr_vm *vm, struct kvm_regs *r, struct kvm_sregs *s, int opsize,
+                     bool *cs_changed, char *why, size_t why_len)
+{
+    uint8_t frame[40];
+    if (guest_read(vm, s, r->rsp, frame, 5 * opsize) < 0)
+        return ERRF(why, why_len, "IRET: the stack at 0x%llx is not mapped",
+                    (unsigned long long)r->rsp);
+    uint64_t v[5] = { 0 };
+    for (int k = 0; k < 5; k++)
+        memcpy(&v[k], frame + k * opsize, opsize);
+    if ((v[1] & 3) != 0)
+        return EMU_RING3;
+    int rc = load_cs(vm, s, (uint16_t)v[1], why, why_len);
+    if (rc < 0)
+        return -1;
+    *cs_changed = rc > 0;
+    uint64_t keep = opsize == 2 ? ~0xffffull : opsize == 4 ? ~0xffffffffull : 0;
+    r->rip = opsize == 8 ? v[0] : (uint32_t)v[0] & (opsize == 2 ? 0xffff : 0xffffffff);
+    r->rflags = (r->rflags & keep) | (v[2] & RFLAGS_IRET & ~keep) | 0x2;
+    r->rsp = opsize == 8 ? v[3] : opsize == 4 ? (uint32_t)v[3] : (r->rsp & ~0xffffull) | (uint16_t)v[3];
+    return 0;
+}
+
+int insn_execute(struct kvmrr_vm *vm, struct kvm_regs *r, struct kvm_sregs *s,
+                 const struct insn *in, bool *sregs_changed, char *why, size_t why_len)
+{
+    *sregs_changed = false;
+    uint64_t next = r->rip + (uint64_t)in->len;
+    switch (in->kind) {
+    case INSN_IRET:
+        return exec_iret(vm, r, s, in->opsize, sregs_changed, why, why_len);
+    case INSN_PUSHF: {
+        uint64_t image = r->rflags & ~(RFLAGS_RF | RFLAGS_VM), rsp = r->rsp;
+        if (push64(vm, s, &rsp, image) < 0)
+            return ERRF(why, why_len, "PUSHFQ: the stack at 0x%llx is not mapped writable",
+                        (unsigned long long)r->rsp);
+        r->rsp = rsp;
+        r->rip = next;
+        return 0;
+    }
+    case INSN_HLT:
+        r->rip = next;
+        return 0;
+    case INSN_INT3:
+    case INSN_INTN:
+        /* A software interrupt pushes the address of the next instruction. */
+        r->rip = next;
+        return deliver_vector(vm, r, s, in->vector, false, 0, sregs_changed, why, why_len);
+    case INSN_CLAC:
+    case INSN_STAC:
+        if (!(s->cr4 & CR4_SMAP))
+            return deliver_vector(vm, r, s, 6, false, 0, sregs_changed, why, why_len);
+        r->rflags = in->kind == INSN_CLAC ? r->rflags & ~RFLAGS_AC : r->rflags | RFLAGS_AC;
+        r->rip = next;
+        return 0;
+    case INSN_FWAIT: {
+        if ((s->cr0 & (CR0_MP | CR0_TS)) == (CR0_MP | CR0_TS))
+            return deliver_vector(vm, r, s, 7, false, 0, sregs_changed, why, why_len);
+        struct kvm_fpu fpu;
+        if (ioctl(vm->vcpu_fd, KVM_GET_FPU, &fpu) < 0)
+            return ERRF(why, why_len, "KVM_GET_FPU: %s", strerror(errno));
+        /* An unmasked x87 exception pending: #MF with CR0.NE (the core sets NE). */
+        if (fpu.fsw & FSW_ES) {
+            if (!(s->cr0 & CR0_NE))
+                return ERRF(why, why_len, "FWAIT with an x87 exception pending and CR0.NE "
+                            "clear (external FERR#)");
+            /* #MF is a fault: the frame points at the FWAIT. */
+            return deliver_vector(vm, r, s, 16, false, 0, sregs_changed, why, why_len);
+        }
+        r->rip = next;
+        return 0;
+    }
+    case INSN_XGETBV: {
+        struct kvm_xcrs xcrs;
+        if (ioctl(vm->vcpu_fd, KVM_GET_XCRS, &xcrs) < 0)
+            return ERRF(why, why_len, "KVM_GET_XCRS: %s", strerror(errno));
+        uint32_t want = (uint32_t)r->rcx;
+        for (uint32_t k = 0; k < xcrs.nr_xcrs; k++) {
+            if (xcrs.xcrs[k].xcr == want) {
+                r->rax = (uint32_t)xcrs.xcrs[k].value;
+                r->rdx = xcrs.xcrs[k].value >> 32;
+                r->rip = next;
+                return 0;
+            }
+        }
+        return deliver_vector(vm, r, s, 13, true, 0, sregs_changed, why, why_len);
+    }
+    default:
+        return ERRF(why, why_len, "the core cannot execute %s", insn_name(in->kind));
+    }
+}
