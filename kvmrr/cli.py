@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import math
 import re
 import sys
@@ -112,6 +113,16 @@ def _nonempty(what: str, max_len: int = 4096):
             raise argparse.ArgumentTypeError(f"{what} {text!r} must be 1..{max_len} "
                                              "characters")
         return text
+    return parse
+
+
+def _readable_file(what: str):
+    """A file that exists and can be read, checked before a verb starts (and logs)."""
+    def parse(text: str) -> str:
+        path = _nonempty(what)(text)
+        if not os.path.isfile(path) or not os.access(path, os.R_OK):
+            raise argparse.ArgumentTypeError(f"{what} {text!r} is not a readable file")
+        return path
     return parse
 
 
@@ -680,7 +691,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_inspect)
     p = sub.add_parser("demo", help="the main job (make run)")
     p.add_argument("--workdir", type=_nonempty("workdir"), default="build/demo")
-    p.add_argument("--compose", type=_nonempty("compose env file"), default=None,
+    p.add_argument("--compose", type=_readable_file("compose env file"), default=None,
                    metavar="ENV_FILE",
                    help="run it against the docker-compose cluster configured by ENV_FILE "
                         "(compose/.env; make compose-demo)")

@@ -54,6 +54,7 @@ from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
 from kvmrr_log import events
 from kvmrr_log.client_ids import (ID_MAX, declared_scope, scoped_request_id, token_scope,
                                   valid_name)
+from kvmrr_log.requests import request_fields
 from kvmrr_log.kafka import (WRITER_HEADER, client_conf, client_id, ensure_topics, scan_topic,
                              topics, transactional_id, watermarks)
 from schemas import LogFormatError, decode_message
@@ -183,7 +184,7 @@ class Gateway:
                               committed=False, client_id=self.client_id):
             ts = msg.timestamp()[1]
             if ts >= oldest_ms:
-                self.sent[(msg.value() or b"").split(b" ", 1)[0]] = ts / 1000
+                self.sent[request_fields(msg.value() or b"")[0]] = ts / 1000
                 self._prune_count()
         self._out_offset = start = self._offset_at(self.topics.outputs, oldest_ms)
         for msg in scan_topic(self.bootstrap, self.topics.outputs, start=start,
@@ -230,8 +231,8 @@ class Gateway:
             self.log.error("output seq released twice", seq=out["seq"], offset=msg.offset())
             return None
         self.max_seq = out["seq"]
-        key, sp, rest = out["data"].rstrip(b"\n").partition(b" ")
-        return key, sp + rest
+        key, rest = request_fields(out["data"])
+        return key, (b" " + rest if rest else b"")
 
     # -- released responses, on a thread --------------------------------------------------
     def _consume_outputs(self) -> None:
@@ -333,7 +334,7 @@ class Gateway:
                 writer.close()
 
     def _request(self, conn: _Conn, line: bytes) -> None:
-        rid, _, command = line.partition(b" ")
+        rid, command = request_fields(line)
         if not rid or rid == b"-" or rid == b"HELLO" or len(rid) > ID_MAX \
                 or not command.strip():
             self._send(conn, (rid if rid and len(rid) <= ID_MAX else b"-") +

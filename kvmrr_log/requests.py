@@ -12,10 +12,16 @@ ID_MAX = 32          # the guest's ID_MAX
 NO_ID = "-"          # the id of the guest's answer to a line without a usable id
 
 
+def request_fields(line: bytes) -> tuple[bytes, bytes]:
+    """(id, the rest after the space that ends it), as bytes: the gateway keys requests by
+    the id's exact bytes, so ids that differ only in undecodable bytes stay apart."""
+    rid, _, rest = line.rstrip(b"\r\n").lstrip(b" ").partition(b" ")
+    return rid, rest
+
+
 def request_id(line: bytes) -> str:
     """The id a request or response line starts with; "" when it has none."""
-    token = line.rstrip(b"\r\n").lstrip(b" ").split(b" ", 1)[0]
-    return token.decode("ascii", "replace")
+    return request_fields(line)[0].decode("ascii", "replace")
 
 
 def split_request(line: bytes) -> tuple[str, str]:
