@@ -21,6 +21,7 @@ from libkvmrr import best_counter
 from harness.containers import ContainerProcess, DockerError, docker
 from harness.ftcluster import BACKUP_EVENTS, FtCluster
 from harness.localkafka import LocalKafka, LocalKafkaError
+from kvmrr_log.percentiles import percentile_ms
 
 RATE_HZ = 100.0          # client requests/s
 BEFORE_KILL_S = 5.0
@@ -49,7 +50,10 @@ def run_demo(args) -> int:
           and summary["store_mismatches"] == 0 and summary["winner"] is not None)
     say(f"summary: {summary['requests']} requests, {summary['answered']} answered, "
         f"{summary['lost']} lost, {summary['duplicated']} duplicated; failover "
-        f"{summary['failover_seconds']} s; output commit p50/p99 "
+        f"{summary['failover_seconds']} s; before the kill: client latency p50/p99 "
+        f"{summary['client_before_kill_p50_ms']}/{summary['client_before_kill_p99_ms']} ms, "
+        f"output commit p50/p99 {summary['commit_before_kill_p50_ms']}/"
+        f"{summary['commit_before_kill_p99_ms']} ms; after it, output commit p50/p99 "
         f"{summary['commit_p50_ms']}/{summary['commit_p99_ms']} ms; "
         f"{summary['log_bytes']} bytes of log; state match {summary['state_match']}")
     say("kvmrr demo: " + ("the service survived its primary: nothing lost, nothing twice, "
@@ -126,6 +130,7 @@ def scenario(ft: FtCluster, counter: str) -> dict:
         say(f"SIGKILL primary (pid {primary.proc.pid})")
         t_kill = time.monotonic()
         primary.kill()
+        before = client.latencies_answered_before(t_kill)
         client.run(RATE_HZ, AFTER_KILL_S, on_tick=progress)
         client.drain(60)      # the new primary's first answers may still be on their way
         failover_s = ft.first_new_primary_answer(client, t_kill)
@@ -152,6 +157,8 @@ def scenario(ft: FtCluster, counter: str) -> dict:
         "takeover_attempts": res["takeover_attempts"],
         "failover_seconds": failover_s, "failover_new_request_seconds": fresh_s,
         "commit_p50_ms": res["commit_p50_ms"], "commit_p99_ms": res["commit_p99_ms"],
+        "client_before_kill_p50_ms": percentile_ms(before, 0.5),
+        "client_before_kill_p99_ms": percentile_ms(before, 0.99),
         "commit_before_kill_p50_ms": served.get("output_commit_p50_ms"),
         "commit_before_kill_p99_ms": served.get("output_commit_p99_ms"),
         "latency_p50_ms": res["latency_p50_ms"], "latency_p99_ms": res["latency_p99_ms"],

@@ -3,9 +3,11 @@
 One request per line, `<id> <command...>`, and one response line per request, `<id> ...`,
 as the kvstore guest speaks.  The id is the client's: unique per request (prefix it with a
 client name).  The gateway puts each new request on kvmrr.<vm>.in and answers from the
-responses released to kvmrr.<vm>.out (read_committed: only what the primary's commit
-policy let out).  It holds no state that matters to the service, so it does not care which
-primary is live: a takeover is invisible to it.
+responses released to kvmrr.<vm>.out (only what a primary's commit policy let out).  A
+release counts only under the epoch rule (kvmrr_log.epochs.ReleaseFilter): its log record
+must precede the next epoch's Epoch record, which the gateway reads from the log itself, so
+an old primary that keeps writing after a takeover gets nothing to a client.  It holds no
+state that matters to the service, so it does not care which primary is live.
 
 Exactly once, seen from the client: a request id is put on .in once, however often the
 client sends it (a retry after a reconnect waits for the same answer), and a response is
@@ -23,8 +25,8 @@ from collections import defaultdict
 import structlog
 from confluent_kafka import Consumer, Producer, TopicPartition
 
-from kvmrr_log.kafka import (WRITER_HEADER, client_conf, ensure_topics, scan_topic,
-                            transactional_id)
+from kvmrr_log.epochs import ReleaseFilter
+from kvmrr_log.kafka import WRITER_HEADER, client_conf, ensure_topics, scan_topic, writer_id
 from schemas import LogFormatError, decode_message
 
 MAX_LINE = 2048            # the guest NIC's MTU
@@ -35,7 +37,7 @@ class Gateway:
     def __init__(self, bootstrap: str, vm: str):
         self.bootstrap, self.vm = bootstrap, vm
         self.topics = ensure_topics(bootstrap, vm)
-        self.writer = transactional_id(vm).encode()
+        self.writer = writer_id(vm).encode()
         self.log = structlog.get_logger().bind(vm_id=vm, role="gateway")
         self.producer = Producer(dict(client_conf(bootstrap), **{
             "enable.idempotence": True, "acks": "all", "linger.ms": 1}))
@@ -44,7 +46,7 @@ class Gateway:
         self.waiting: dict[str, set[asyncio.StreamWriter]] = defaultdict(set)
         self.seqs: set[int] = set()
         self.stats = {"requests": 0, "retries": 0, "responses": 0, "duplicate_outputs": 0,
-                      "unknown_responses": 0, "clients": 0}
+                      "unknown_responses": 0, "clients": 0, "void_outputs": 0}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop = threading.Event()
         self._rebuild()
@@ -54,25 +56,35 @@ class Gateway:
         for msg in scan_topic(self.bootstrap, self.topics.inputs, committed=False):
             self.sent.add(_request_id(msg.value() or b""))
         self._out_offset = 0
+        self.releases = ReleaseFilter(self.bootstrap, self.vm)
         for msg in scan_topic(self.bootstrap, self.topics.outputs):
-            self._take_output(msg)
+            self._admit(msg)
             self._out_offset = msg.offset() + 1
+        self.releases.log.read_to_end()
+        for out in self.releases.ready():
+            self._take_output(out)
         self.log.info("state", sent=len(self.sent), answered=len(self.answers))
 
-    def _take_output(self, msg) -> tuple[str, bytes] | None:
-        """A released response, or None for one to ignore (with the reason counted)."""
+    def _admit(self, msg) -> None:
+        """A message from .out into the release filter (a stranger's or an undecodable
+        one is ignored, with the reason logged)."""
         if dict(msg.headers() or []).get(WRITER_HEADER) != self.writer:
             self.log.warning("not the VM's recorder: ignored", offset=msg.offset())
-            return None
+            return
         try:
             out = decode_message(msg.value() or b"", msg.headers() or [])
         except LogFormatError as exc:
             self.log.error("undecodable response: ignored", offset=msg.offset(), error=str(exc))
-            return None
+            return
+        self.releases.add(out, msg.offset())
+
+    def _take_output(self, out: dict) -> tuple[str, bytes] | None:
+        """A valid release, or None for one to ignore (with the reason counted)."""
+        self.stats["void_outputs"] = self.releases.void
         if out["seq"] in self.seqs:
             # a response released twice would be a broken output commit: never passed on
             self.stats["duplicate_outputs"] += 1
-            self.log.error("output seq released twice", seq=out["seq"], offset=msg.offset())
+            self.log.error("output seq released twice", seq=out["seq"], epoch=out["epoch"])
             return None
         self.seqs.add(out["seq"])
         line = out["data"].rstrip(b"\n")
@@ -88,19 +100,21 @@ class Gateway:
     def _consume_outputs(self) -> None:
         c = Consumer(dict(client_conf(self.bootstrap), **{
             "group.id": f"kvmrr.{self.vm}.gateway", "enable.auto.commit": False,
-            "isolation.level": "read_committed", "fetch.wait.max.ms": 5}))
+            "fetch.wait.max.ms": 5}))
         c.assign([TopicPartition(self.topics.outputs, 0, self._out_offset)])
         try:
             while not self._stop.is_set():
-                msg = c.poll(0.1)
-                if msg is None or msg.error():
-                    continue
-                self._loop.call_soon_threadsafe(self._deliver, msg)
+                msg = c.poll(0.1 if not self.releases.waiting else 0.002)
+                if msg is not None and not msg.error():
+                    self._admit(msg)
+                for out in self.releases.ready(0.002):
+                    self._loop.call_soon_threadsafe(self._deliver, out)
         finally:
             c.close()
+            self.releases.close()
 
-    def _deliver(self, msg) -> None:
-        got = self._take_output(msg)
+    def _deliver(self, out: dict) -> None:
+        got = self._take_output(out)
         if got is None:
             return
         rid, line = got

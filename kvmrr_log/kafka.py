@@ -12,7 +12,7 @@ from typing import Iterator
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
-WRITER_HEADER = "kvmrr-writer"   # the recorder's transactional.id on every log message
+WRITER_HEADER = "kvmrr-writer"   # writer_id(vm) on every message a primary writes
 CONNECT_TIMEOUT_S = 6.0
 SNAPSHOT_CHUNK_BYTES = 512 * 1024
 
@@ -22,7 +22,8 @@ class KafkaLogError(Exception):
 
 
 class FencedError(KafkaLogError):
-    """A newer primary of this VM took over: this recorder must release nothing more."""
+    """A newer primary of this VM took over (a newer epoch in the log): this recorder must
+    release nothing more."""
 
 
 @dataclass(frozen=True)
@@ -41,24 +42,10 @@ def topics(vm: str) -> Topics:
                   f"kvmrr.{vm}.in", f"kvmrr.{vm}.out", f"kvmrr.{vm}.succession")
 
 
-def transactional_id(vm: str) -> str:
-    """From the VM alone: a new recorder of the same VM fences the old one."""
+def writer_id(vm: str) -> str:
+    """Every primary of the VM, in the WRITER_HEADER of what it writes (which primary, and
+    whether it still counts, is the record's epoch: kvmrr_log.epochs)."""
     return f"kvmrr.{vm}.recorder"
-
-
-RECORDER_PRODUCERS = 3
-
-
-def recorder_transactional_ids(vm: str) -> tuple[str, ...]:
-    """The recorder's producers, which take turns a transaction each.  With one, each
-    transaction's AddPartitionsToTxn comes while the previous one's commit markers are
-    still being written and is refused CONCURRENT_TRANSACTIONS, which librdkafka retries
-    after a fixed 20 ms (it has no KIP-890).  Markers took 50-100 ms on the 3-node
-    loopback cluster here: with three producers a producer's previous transaction has
-    finished before its next (bare transactions p50 37 ms with two, 15-19 ms with three or
-    four).  A new recorder inits them all, fencing them all."""
-    base = transactional_id(vm)
-    return (base,) + tuple(f"{base}.{i}" for i in range(2, RECORDER_PRODUCERS + 1))
 
 
 # librdkafka's own log lines (a "Connection refused" every 50 ms while a broker is down)

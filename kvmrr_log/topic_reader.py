@@ -1,9 +1,11 @@
 """Reading the log on Kafka: the header, the snapshots, and the events from an offset.
 
-Every consumer reads committed data only (isolation.level=read_committed).  Every record
-must carry the recorder's writer header; anything else (a stranger's record, an
+Every consumer reads what is committed (replicated: below the high watermark).  Every
+record must carry the VM's writer header; anything else (a stranger's record, an
 undecodable value, an unknown schema) stops the reader with an error that names the topic
-and the offset, before the record reaches the replay.
+and the offset, before the record reaches the replay.  On the log, the epoch rule
+(kvmrr_log.epochs) decides which records are history: void ones never leave the reader,
+and only valid snapshots are offered as starting points.
 """
 from __future__ import annotations
 
@@ -13,9 +15,9 @@ from typing import Callable, Iterator
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
 
+from kvmrr_log.epochs import EpochRule, epoch_bounds
 from kvmrr_log.kafka import (CONNECT_TIMEOUT_S, WRITER_HEADER, KafkaLogError, admin_client,
-                            client_conf, cluster_size, topics, transactional_id,
-                            watermarks)
+                            client_conf, cluster_size, topics, watermarks, writer_id)
 from schemas import LogFormatError, decode_message, join_snapshot
 
 
@@ -27,11 +29,15 @@ class EndOfLog(Exception):
 
 
 class LogTopicReader:
-    """One partition of one topic, read in order from an offset."""
+    """One partition of one topic, read in order from an offset.  On the VM's log it
+    applies the epoch rule from `epoch`, the epoch at that offset (0 at the start, a
+    snapshot's own): next() returns history only, accepted Epoch records included."""
 
-    def __init__(self, bootstrap: str, vm: str, topic: str, offset: int = OFFSET_BEGINNING):
+    def __init__(self, bootstrap: str, vm: str, topic: str, offset: int = OFFSET_BEGINNING,
+                 epoch: int = 0):
         self.topic = topic
-        self.writer = transactional_id(vm).encode()
+        self.writer = writer_id(vm).encode()
+        self.rule = EpochRule(epoch, topic) if topic == topics(vm).log else None
         conf = dict(client_conf(bootstrap), **{
             "group.id": f"kvmrr-reader-{uuid.uuid4().hex[:8]}", "enable.auto.commit": False,
             "isolation.level": "read_committed", "enable.partition.eof": True,
@@ -94,7 +100,14 @@ class LogTopicReader:
         except LogFormatError as exc:
             raise KafkaLogError(f"{self.topic} offset {offset}: {exc}") from None
         self.offset = offset + 1
+        if self.rule is not None and not self.rule.admit(record, offset):
+            return None      # void: an older epoch's writer after the seal, a lost sealer
         return record, offset
+
+    @property
+    def epoch(self) -> int:
+        """The epoch at the reading position (the log only)."""
+        return self.rule.epoch if self.rule is not None else 0
 
     def records(self, idle_timeout: float | None,
                 stop_when: Callable[[], bool] | None = None
@@ -157,7 +170,8 @@ def read_header(bootstrap: str, vm: str, timeout: float = 15.0) -> dict:
 
 
 def read_snapshots(bootstrap: str, vm: str, timeout: float = 15.0) -> list[dict]:
-    """Every complete snapshot committed so far, joined, in log order."""
+    """Every complete, valid snapshot committed so far, joined, in log order (valid: its
+    log offset precedes the next epoch's Epoch record, kvmrr_log.epochs)."""
     reader = LogTopicReader(bootstrap, vm, topics(vm).snapshots)
     snaps, chunks = [], []
     try:
@@ -186,19 +200,22 @@ def read_snapshots(bootstrap: str, vm: str, timeout: float = 15.0) -> list[dict]
         raise KafkaLogError(f"{reader.topic}: {exc.args[0].str()}") from None
     finally:
         reader.close()
-    return snaps
+    bounds = epoch_bounds(bootstrap, topics(vm).log, timeout)
+    return [s for s in snaps if bounds.snapshot_valid(s)]
 
 
-def log_has_ended(bootstrap: str, vm: str, tail: int = 32) -> bool:
-    """Whether the committed log ends with an End event (looking at its last few offsets):
-    a log that fell silent because it is finished needs no takeover."""
+def log_has_ended(bootstrap: str, vm: str, epoch: int, tail: int = 32) -> bool:
+    """Whether the committed log ends with an End event of the current `epoch` or a later
+    one (looking at its last few offsets): a log that fell silent because it is finished
+    needs no takeover."""
     topic = topics(vm).log
     low, high = watermarks(bootstrap, topic)
-    reader = LogTopicReader(bootstrap, vm, topic, max(low, high - tail))
+    reader = LogTopicReader(bootstrap, vm, topic, max(low, high - tail), epoch)
     last = None
     try:
         for record, _ in reader.records(0):
-            last = record
+            if record["kind"] != "Epoch":
+                last = record
     finally:
         reader.close()
     return bool(last and last["kind"] == "EventBatch" and last["events"]
