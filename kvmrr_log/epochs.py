@@ -22,6 +22,7 @@ anything), and the same rule applies there.
 """
 from __future__ import annotations
 
+import threading
 import time
 import uuid
 from collections import deque
@@ -149,10 +150,15 @@ class EpochTail:
         return accepted
 
     def read_to_end(self, timeout: float = 15.0) -> EpochBounds:
-        """Read up to the topic's current end."""
+        """Read up to the topic's end as its leader says it now."""
         deadline = time.monotonic() + timeout
-        self.at_end = False
-        while not self.at_end:
+        try:
+            end = self.consumer.get_watermark_offsets(TopicPartition(self.topic, 0),
+                                                      timeout=timeout, cached=False)[1]
+        except KafkaException as exc:
+            raise KafkaLogError(f"cannot read the end of {self.topic}: "
+                                f"{exc.args[0].str()}") from None
+        while self.bounds.read_to < end:
             if time.monotonic() > deadline:
                 raise KafkaLogError(f"{self.topic}: the broker sent neither records nor the "
                                     f"end within {timeout:.0f} s")
@@ -225,6 +231,10 @@ def valid_releases(bootstrap: str, vm: str, timeout: float = 15.0) -> list[dict]
     t = topics(vm)
     writer = writer_id(vm).encode()
     releases = ReleaseFilter(bootstrap, vm)
+    # the log's Epoch records are read meanwhile (a takeover waits for this), then to the
+    # end again, which covers every release read
+    ahead = threading.Thread(target=lambda: _quietly(releases.log.read_to_end, timeout))
+    ahead.start()
     try:
         for msg in scan_topic(bootstrap, t.outputs, timeout=timeout):
             if dict(msg.headers() or []).get(WRITER_HEADER) != writer:
@@ -234,7 +244,16 @@ def valid_releases(bootstrap: str, vm: str, timeout: float = 15.0) -> list[dict]
             except LogFormatError as exc:
                 raise KafkaLogError(f"{t.outputs} offset {msg.offset()}: {exc}") from None
             releases.add(record, msg.offset())
-        releases.log.read_to_end(timeout)     # read after .out: it covers every release
+        ahead.join()
+        releases.log.read_to_end(timeout)
         return releases.ready()
     finally:
+        ahead.join()
         releases.close()
+
+
+def _quietly(read, timeout: float) -> None:
+    try:
+        read(timeout)
+    except KafkaLogError:
+        pass         # the read after it says

@@ -39,6 +39,7 @@ from schemas import encode_message, icount_key, split_snapshot
 
 DELIVERY_TIMEOUT_S = 30.0  # a write not acknowledged by then ends the recording
 SEAL_TIMEOUT_S = 5.0       # a takeover's Epoch record; Kafka moving: follow again instead
+CONNECT_WARM_S = 5.0
 RELEASE_POLL_S = 0.005     # backups:N: how often held responses look at the acks
 IDLE_BATCH_S = 0.03        # slices without output wait this long at most to go together
 FENCE_WATCH_S = 0.02       # how often the log's tail is asked for a newer epoch
@@ -53,8 +54,8 @@ class KafkaSink:
     def __init__(self, bootstrap: str, vm: str, *, max_pending: int = 2000,
                  serve: bool = False, policy: CommitPolicy = CommitPolicy(),
                  epoch: int = 0, takeover: bool = False):
-        """epoch: this primary's (0 for `kvmrr record`; a takeover passes the next one and
-        seal()s it before anything else).  takeover: the log exists, skip the topic check
+        """epoch: this primary's (0 for `kvmrr record`; a takeover's is set by seal(),
+        before anything else is written).  takeover: the log exists, skip the topic check
         (every millisecond here is failover time)."""
         self.bootstrap = bootstrap
         self.vm = vm
@@ -92,11 +93,17 @@ class KafkaSink:
             self.go_live()
 
     # -- a takeover's steps (replayer.takeover), then go_live -------------------------
-    def seal(self, sealer: str) -> int:
-        """Append the Epoch record of this sink's epoch to the log; its offset.
-        KafkaLogError if Kafka does not take it within SEAL_TIMEOUT_S (its fate unknown:
-        if it lands later, it is an epoch nobody writes, and the next takeover seals the
-        one after it)."""
+    def warm_up(self) -> None:
+        """Connect now and get the producer's id, so that a takeover's seal() is one write:
+        a backup does this when it becomes the designated successor."""
+        self.producer.list_topics(self.topics.log, timeout=CONNECT_WARM_S)
+
+    def seal(self, epoch: int, sealer: str) -> int:
+        """Become the primary of `epoch` and append its Epoch record to the log; its
+        offset.  KafkaLogError if Kafka does not take it within SEAL_TIMEOUT_S (its fate
+        unknown: if it lands later, it is an epoch nobody writes, and the next takeover
+        seals the one after it)."""
+        self.epoch = epoch
         t0 = time.monotonic()
         offset = self._write_now(self.topics.log, {"kind": "Epoch", "epoch": self.epoch,
                                                    "writer": sealer, "wall_ns": time.time_ns()},
@@ -121,7 +128,10 @@ class KafkaSink:
             self.released_seq = max((o["seq"] for o in valid_releases(self.bootstrap, self.vm)),
                                     default=-1)
         t2 = time.monotonic()
-        log_end = max(watermarks(self.bootstrap, self.topics.log)[1], 0)
+        # a takeover's events start after its Epoch record (an old primary's records in
+        # between are void to a reader starting there); a first primary asks the log
+        log_end = self.sealed_at + 1 if self.sealed_at is not None else \
+            max(watermarks(self.bootstrap, self.topics.log)[1], 0)
         self.next_log_offset = log_end
         self.start_ms.update(seal_out=round((t1 - t0) * 1000, 1),
                              released_seq=round((t2 - t1) * 1000, 1),

@@ -78,6 +78,7 @@ class Follower:
         self.on_output = on_output
         self.recent_outputs: deque[dict] = deque(maxlen=RECENT_OUTPUTS)
         self._succession = None
+        self._writer = None          # the designated successor's, ready for a takeover
 
     def _on_output(self, ev: dict) -> None:
         if ev["channel"] == 1:
@@ -225,9 +226,11 @@ class Follower:
             # silence of the log itself, not of this backup's replay: a backup still
             # replaying a backlog notices a dead primary as soon as one that kept up
             nonlocal chosen
+            designated = succession.designated_for()
+            if designated > 0 and self._writer is None:
+                self._writer = self._new_writer(serve, policy)
             chosen = self._reader.silence() >= failover_timeout and \
-                succession.designated_for() >= failover_timeout and \
-                not silence_is_not_death()
+                designated >= failover_timeout and not silence_is_not_death()
             return chosen
 
         state = State.FOLLOWING
@@ -248,6 +251,22 @@ class Follower:
                 chosen = False
         finally:
             self._leave_succession()
+            if self._writer is not None:
+                self._writer.close()
+                self._writer = None
+
+    def _new_writer(self, serve: bool, policy):
+        """The designated successor's writer, made and connected ahead of a takeover (the
+        seal is then one write); None if Kafka cannot now (made at the takeover then)."""
+        from recorder.kafka_sink import KafkaSink
+        from recorder.service import CommitPolicy
+        try:
+            sink = KafkaSink(self.bootstrap, self.vm, serve=serve, takeover=True,
+                             policy=policy or CommitPolicy())
+            sink.warm_up()
+            return sink
+        except (KafkaLogError, KafkaException):
+            return None
 
     def _leave_succession(self) -> None:
         if self._succession is not None:
@@ -278,11 +297,13 @@ class Follower:
                     pass
             return state, None
 
+        sink, self._writer = self._writer, None
         try:
-            sink = KafkaSink(self.bootstrap, self.vm, serve=serve, takeover=True,
-                             policy=policy or CommitPolicy(), epoch=epoch)
+            if sink is None:
+                sink = KafkaSink(self.bootstrap, self.vm, serve=serve, takeover=True,
+                                 policy=policy or CommitPolicy())
             state = next_state(state, Event.WRITER_READY)
-            sealed_at = sink.seal(self.backup_id or "backup")
+            sealed_at = sink.seal(epoch, self.backup_id or "backup")
         except (KafkaLogError, KafkaException) as exc:
             return back_to_following("sealing", exc)
         state = next_state(state, Event.SEALED)
@@ -310,7 +331,6 @@ class Follower:
                                         f"{CATCH_UP_QUIET_S:.0f} s")
         except (KafkaLogError, KafkaException) as exc:
             return back_to_following("catching up", exc)
-        state = next_state(state, Event.OWN_EPOCH_READ)
         steps["catch_up_ms"] = _ms_since(t0) - steps["seal_ms"]
         s = self.session
         replayed = s.result()
@@ -324,6 +344,7 @@ class Follower:
                     position = input_position(self.bootstrap, self.vm)
         except (KafkaLogError, KafkaException) as exc:
             return back_to_following("going live", exc)
+        state = next_state(state, Event.OWN_EPOCH_READ)
         s.machine.go_live(record_opts.pop("checksum_every"))
         primary = build_primary(sink, s.image, counter=s.counter, input_offset=position,
                                 max_backup_lag_ms=record_opts.pop("max_backup_lag_ms", 0),

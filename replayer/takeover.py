@@ -6,7 +6,8 @@ so a test can walk it without Kafka.
                                                    backup holds the succession partition)
     Designated --writer_ready-->     Sealing      (a writer of epoch = the log's epoch + 1)
     Sealing    --sealed-->           CatchingUp   (its Epoch record is in the log)
-    CatchingUp --own_epoch_read-->   Live         (everything before it replayed: history)
+    CatchingUp --own_epoch_read-->   Live         (everything before it replayed: history;
+                                                   .out sealed too, the releases read)
     CatchingUp --newer_epoch_read--> Following    (another sealer's Epoch record came first:
                                                    this one lost, and its record is void)
     CatchingUp --log_ended-->        Following    (the old primary had finished after all)

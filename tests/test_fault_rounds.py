@@ -58,6 +58,7 @@ def one_round(name: str, boot: str, workdir, i: int, fault: str) -> dict:
     import netcut
     rng = random.Random(SEED * 1000 + i)
     port = int(boot.rsplit(":", 1)[1])
+    workdir.mkdir(parents=True, exist_ok=True)
     bridge = netcut.Bridge(workdir / "kafka.sock", port).start() if fault == "cut" else None
     ft = FtCluster(boot, workdir)
     try:

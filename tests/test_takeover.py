@@ -91,12 +91,12 @@ def test_takeover_that_kafka_cannot_seal_is_retried(kafka, monkeypatch, capsys):
 
     real, seals = kafka_sink.KafkaSink.seal, []
 
-    def seal_fails_once(self, sealer):
+    def seal_fails_once(self, epoch, sealer):
         seals.append(time.monotonic())
         if len(seals) == 1:
             raise KafkaLogError("cannot write the Epoch record: injected, the partition's "
                                 "leader is moving")
-        return real(self, sealer)
+        return real(self, epoch, sealer)
     monkeypatch.setattr(kafka_sink.KafkaSink, "seal", seal_fails_once)
     vm = f"ta{uuid.uuid4().hex[:8]}"
     url = f"kafka://{kafka.split(',')[0]}/{vm}"
