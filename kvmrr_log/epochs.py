@@ -162,7 +162,7 @@ class EpochTail:
             if time.monotonic() > deadline:
                 raise KafkaLogError(f"{self.topic}: the broker sent neither records nor the "
                                     f"end within {timeout:.0f} s")
-            self.poll(0.1)
+            self.poll(0.005, 5000)   # consume() waits its whole timeout for fewer messages
         return self.bounds
 
     def close(self) -> None:
