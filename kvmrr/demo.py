@@ -23,7 +23,11 @@ from harness.ftcluster import BACKUP_EVENTS, FtCluster
 from harness.localkafka import LocalKafka, LocalKafkaError
 from kvmrr_log.percentiles import percentile_ms
 
-RATE_HZ = 100.0          # client requests/s
+# client requests/s: well under what this machine serves with everything on its 2 cores
+# (the broker, the primary, two backups replaying, the gateway, the client): the plain
+# guest alone serves ~120-150/s here (bench/ft.json), the whole service less; at 100/s the
+# requests queued and client latency was seconds (issue 12)
+RATE_HZ = 40.0
 BEFORE_KILL_S = 5.0
 AFTER_KILL_S = 6.0
 

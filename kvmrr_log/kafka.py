@@ -109,6 +109,14 @@ def ensure_topics(bootstrap: str, vm: str) -> Topics:
     return t
 
 
+def absolute_start(offset: int) -> int:
+    """OFFSET_BEGINNING as offset 0 (with auto.offset.reset=earliest: the first one kept).
+    A consumer assigned the logical offset gets its first record ~500 ms later than one
+    assigned an absolute offset here (the logical one is resolved with a retry), and a
+    takeover waits for such reads."""
+    return 0 if offset == OFFSET_BEGINNING else offset
+
+
 def scan_topic(bootstrap: str, topic: str, *, start: int = OFFSET_BEGINNING,
                committed: bool = True, timeout: float = 30.0) -> Iterator:
     """Every message of a one-partition topic from start to its current end (raw
@@ -116,8 +124,9 @@ def scan_topic(bootstrap: str, topic: str, *, start: int = OFFSET_BEGINNING,
     c = Consumer(dict(client_conf(bootstrap), **{
         "group.id": "kvmrr-scan", "enable.auto.commit": False, "enable.partition.eof": True,
         "fetch.wait.max.ms": 10,   # the end is known when an empty fetch returns
+        "auto.offset.reset": "earliest",
         "isolation.level": "read_committed" if committed else "read_uncommitted"}))
-    c.assign([TopicPartition(topic, 0, start)])
+    c.assign([TopicPartition(topic, 0, absolute_start(start))])
     deadline = time.monotonic() + timeout
     try:
         while True:

@@ -16,7 +16,8 @@ from typing import Callable, Iterator
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
 
 from kvmrr_log.epochs import EpochRule, epoch_bounds
-from kvmrr_log.kafka import (CONNECT_TIMEOUT_S, WRITER_HEADER, KafkaLogError, admin_client,
+from kvmrr_log.kafka import (CONNECT_TIMEOUT_S, WRITER_HEADER, KafkaLogError, absolute_start,
+                            admin_client,
                             client_conf, cluster_size, topics, watermarks, writer_id)
 from schemas import LogFormatError, decode_message, join_snapshot
 
@@ -44,7 +45,7 @@ class LogTopicReader:
             "auto.offset.reset": "earliest", "fetch.wait.max.ms": 20,
         })
         self.consumer = Consumer(conf)
-        self.consumer.assign([TopicPartition(topic, 0, offset)])
+        self.consumer.assign([TopicPartition(topic, 0, absolute_start(offset))])
         self.offset = offset
         self.at_end = False     # the last poll found the committed end, nothing since
         self._end = -1

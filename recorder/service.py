@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
 
-from kvmrr_log.kafka import client_conf, topics
+from kvmrr_log.kafka import absolute_start, client_conf, topics
 from schemas import LogFormatError, decode_message
 
 NIC_MTU = 2048          # KVMRR_NIC_MTU: longer requests are cut to it, as the NIC would
@@ -108,8 +108,8 @@ class AckWatch:
         self.topic = topics(vm).acks
         self.consumer = Consumer(dict(client_conf(bootstrap), **{
             "group.id": f"kvmrr.{vm}.ackwatch", "enable.auto.commit": False,
-            "fetch.wait.max.ms": 5}))
-        self.consumer.assign([TopicPartition(self.topic, 0, OFFSET_BEGINNING)])
+            "fetch.wait.max.ms": 5, "auto.offset.reset": "earliest"}))
+        self.consumer.assign([TopicPartition(self.topic, 0, absolute_start(OFFSET_BEGINNING))])
         self.received: dict[str, int] = {}
         self.replayed: dict[str, tuple[int, int]] = {}   # (icount, wall_ns it was sent)
 
