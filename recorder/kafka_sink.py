@@ -139,6 +139,7 @@ class KafkaSink:
         start = self.sealed_at if self.sealed_at is not None else log_end
         self._tail = EpochTail(self.bootstrap, self.topics.log, start,
                                EpochBounds(starts=[(self.epoch, start)], read_to=start))
+        self._slice_began = time.monotonic()   # (a successor's writer is made long before)
         self._watch = threading.Thread(target=self._watch_epochs, name="kvmrr-epoch-watch",
                                        daemon=True)
         self._watch.start()
