@@ -54,7 +54,8 @@ test-py: build
 	$(PY) -m pytest -q -ra
 
 # the 20 seeded rounds of random faults (SIGKILL, SIGSTOP/SIGCONT, network cut, broker
-# kill), left out of `make test` for their time (about half an hour here); make test runs 3
+# kill), left out of `make test` for their time (4-5 min here when quiet, more under load);
+# make test runs 3
 fault-rounds: build
 	$(PY) -m pytest -q -ra -s -m fault_rounds tests/test_fault_rounds.py
 
