@@ -11,8 +11,8 @@ and at a random moment does one of
 
 Every round ends with the same checks as every FT test (FtCluster.finish): nothing lost,
 nothing twice, the store as acknowledged, and every survivor's state equal to an offline
-replay of the whole log.  The faults cycle through a seeded shuffle, so any four rounds in
-a row have one of each.  `make test` runs ROUNDS_QUICK of them; `make fault-rounds` runs
+replay of the whole log.  The faults come in seeded shuffles of all four, so rounds 0-3,
+4-7, ... have one of each.  `make test` runs ROUNDS_QUICK of them; `make fault-rounds` runs
 ROUNDS (marker fault_rounds, left out of the default run: 4 min 20 s on a quiet
 moment of this shared machine, much longer under load).
 """
