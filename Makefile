@@ -21,7 +21,7 @@ CLUSTER     := kvmrr-kafka1 kvmrr-kafka2 kvmrr-kafka3 kvmrr-primary kvmrr-backup
 # the container tests: no Ryuk (its image cannot be pulled), local images only
 export TESTCONTAINERS_RYUK_DISABLED := true
 
-.PHONY: all doctor build guests run test test-c test-py bench bench-core bench-log bench-ft bench-cluster bench-gdb \
+.PHONY: all doctor build guests run test test-c test-py fault-rounds bench bench-core bench-log bench-ft bench-cluster bench-gdb \
         kafka kafka-cluster kafka-down images compose-up compose-down compose-demo clean distclean
 
 all: build
@@ -68,6 +68,12 @@ test-c: $(BUILD)/test_core guests
 
 test-py: build
 	$(PY) -m pytest -q -ra
+
+# the 20 seeded rounds of random faults (SIGKILL, SIGSTOP/SIGCONT, network cut, broker
+# kill), left out of `make test` for their time (4-5 min here when quiet, more under load);
+# make test runs 3
+fault-rounds: build
+	$(PY) -m pytest -q -ra -s -m fault_rounds tests/test_fault_rounds.py
 
 # The container tests (tests/test_compose.py) run when a Docker engine can be started (the
 # images are built first); otherwise they are skipped and say why.  An engine started here

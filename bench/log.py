@@ -1,5 +1,6 @@
 """make bench-log -> bench/log.json: the log on Kafka, on a single node and a 3-node
-loopback cluster: transactions, replicated writes, recorder commit latency, follower lag."""
+loopback cluster: one replicated write (the floor under a commit), the recorder's commit
+latency (output commit: the slices that carry output; all slices), follower lag."""
 
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from kvmrr_log.percentiles import percentile_ms
 
 LOG = structlog.get_logger(bench="log")     # lazy: configured at the start of main
 COMMIT_P99_FLOOR_MS = 20.0
+COMMIT_P50_FLOOR_MS = 5.0
 
 
 class BenchError(RuntimeError):
@@ -59,9 +61,9 @@ def _instrumented_sink():
         def __init__(self, bootstrap: str, vm: str, **kw):
             self.topic_bytes: Counter[str] = Counter()
             self.handed: list[float] = []             # when each slice was handed over
+            self.handed_output: list[bool] = []       # ... and whether it had output
             self.groups: list[tuple[float, float, int]] = []   # group commit: start, end, slices
-            self.txns: list[tuple[str, float, float, int]] = []   # kind, start, end, bytes
-            self._txn_kind, self._txn_bytes = "log", 0
+            self.writes: list[tuple[str, float, float, int]] = []   # topic kind, start, end, bytes
             self.stop_at: float | None = None         # wall budget: end the record here
             self.session = None
             self.primary: list[tuple[float, int]] = []   # (t, icount) at every slice
@@ -70,6 +72,7 @@ def _instrumented_sink():
         def commit(self) -> None:
             if self._slice:
                 self.handed.append(time.monotonic())
+                self.handed_output.append(self._slice_has_output)
             super().commit()
             s = self.session
             if s is not None:
@@ -78,25 +81,24 @@ def _instrumented_sink():
                 s.max_instructions = s.machine.icount + 1   # the vCPU thread: safe
                 self.stop_at = None
 
-        def _produce(self, topic, record, key) -> None:
+        def _produce(self, topic, record, key, on_delivery) -> None:
             before = self.bytes_published
-            super()._produce(topic, record, key)
-            n = self.bytes_published - before
-            self.topic_bytes[topic] += n
-            self._txn_bytes += n
-            if topic == self.topics.snapshots:
-                self._txn_kind = "snapshot"
+            super()._produce(topic, record, key, on_delivery)
+            self.topic_bytes[topic] += self.bytes_published - before
 
-        def _transaction(self, produce_all) -> None:
-            self._txn_kind, self._txn_bytes = "log", 0
+        def _write(self, topic, items):
+            kind = "snapshot" if topic == self.topics.snapshots else \
+                "log" if topic == self.topics.log else "outputs"
+            before = self.bytes_published
             t = time.monotonic()
-            super()._transaction(produce_all)
-            self.txns.append((self._txn_kind, t, time.monotonic(), self._txn_bytes))
+            offsets = super()._write(topic, items)
+            self.writes.append((kind, t, time.monotonic(), self.bytes_published - before))
+            return offsets
 
-        def _publish_unit(self, records) -> None:
+        def _publish_units(self, units) -> None:
             t = time.monotonic()
             n = len(self.commit_latencies)
-            super()._publish_unit(records)
+            super()._publish_units(units)
             self.groups.append((t, time.monotonic(), n))
 
     return InstrumentedSink
@@ -104,38 +106,39 @@ def _instrumented_sink():
 
 def _profile(sink) -> dict:
     """Split each slice's commit latency into queueing (handed over -> its group commit
-    starts) and the group commit itself, and time the transactions by kind."""
+    starts) and the group commit itself, and time the writes by kind."""
     lat = sink.commit_latencies
     groups = sink.groups
-    waits, in_txn = [], []
-    snap_spans = [(a, b) for kind, a, b, _ in sink.txns if kind == "snapshot"]
+    waits, in_write = [], []
+    snap_spans = [(a, b) for kind, a, b, _ in sink.writes if kind == "snapshot"]
     for gi, (start, end, first) in enumerate(groups):
         last = groups[gi + 1][2] if gi + 1 < len(groups) else len(lat)
         for k in range(first, min(last, len(sink.handed))):
             waits.append(max(0.0, start - sink.handed[k]))
-            in_txn.append(end - start)
+            in_write.append(end - start)
     behind_snapshot = sum(1 for h, l in zip(sink.handed, lat)
                           if any(h < b and h + l > a for a, b in snap_spans))
     slices_per_group = [((groups[i + 1][2] if i + 1 < len(groups) else len(lat)) - g[2])
                         for i, g in enumerate(groups)]
     busy = sum(end - start for start, end, _ in groups)
     span = (groups[-1][1] - groups[0][0]) if groups else 0.0
-    out = {"queue_wait": _dist_ms(waits), "group_commit": _dist_ms(in_txn),
+    out = {"queue_wait": _dist_ms(waits), "group_commit": _dist_ms(in_write),
            "publisher_busy_fraction": round(busy / span, 3) if span > 0 else None,
            "slices_per_group_commit": {"mean": round(sum(slices_per_group)
                                                      / max(len(slices_per_group), 1), 2),
                                        "max": max(slices_per_group, default=0)},
            "slices_that_waited_for_a_snapshot": behind_snapshot}
-    for kind in ("log", "snapshot"):
-        durs = [b - a for k, a, b, _ in sink.txns if k == kind]
+    for kind in ("log", "snapshot", "outputs"):
+        durs = [b - a for k, a, b, _ in sink.writes if k == kind]
         if durs:
-            out[f"{kind}_transactions"] = dict(_dist_ms(durs), bytes=sum(
-                n for k, _, _, n in sink.txns if k == kind))
-    # steady state: the slices handed over after the first snapshot's transaction ended
+            out[f"{kind}_writes"] = dict(_dist_ms(durs), bytes=sum(
+                n for k, _, _, n in sink.writes if k == kind))
+    # steady state: the slices handed over after the first snapshot's write ended
     if snap_spans:
         after = snap_spans[0][1]
-        steady = [l for h, l in zip(sink.handed, lat) if h >= after]
-        out["commit_after_first_snapshot"] = _dist_ms(steady)
+        steady = [l for h, l, o in zip(sink.handed, lat, sink.handed_output)
+                  if h >= after and o]
+        out["output_commit_after_first_snapshot"] = _dist_ms(steady)
     return out
 
 
@@ -166,6 +169,7 @@ def _record(bootstrap: str, vm: str, guest_name: str, *, bootargs: str = "",
             sink.session = None               # no cycle: the producer goes with the sink
     wall = time.monotonic() - t0          # to the last transaction committed
     lat = sink.commit_latencies
+    out_lat = [l for l, o in zip(lat, sink.handed_output) if o]
     log_bytes = sink.topic_bytes[sink.topics.log]
     out = {
         "guest": guest_name, "bootargs": bootargs, "load_requests_per_s": load or None,
@@ -179,92 +183,25 @@ def _record(bootstrap: str, vm: str, guest_name: str, *, bootargs: str = "",
         "events_per_s": per_second(result.events, wall),
         "mb_per_s": round(sink.bytes_published / wall / 1e6, 3),
         "log_mb_per_s": round(log_bytes / wall / 1e6, 4),
-        "commit_p50_ms": percentile_ms(lat, 0.5), "commit_p99_ms": percentile_ms(lat, 0.99),
-        "commit_max_ms": percentile_ms(lat, 1.0),
+        "output_slices": len(out_lat),
+        "commit_p50_ms": percentile_ms(out_lat, 0.5),
+        "commit_p99_ms": percentile_ms(out_lat, 0.99),
+        "commit_max_ms": percentile_ms(out_lat, 1.0),
+        "all_slices_commit_p50_ms": percentile_ms(lat, 0.5),
+        "all_slices_commit_p99_ms": percentile_ms(lat, 0.99),
         "profile": _profile(sink), "state_hash": result.state_hash,
         "paced_seconds": round(pacer.paused_s, 3),
     }
     return out, (result, sink.primary)
 
 
-def _bare_transactions(bootstrap: str, n: int) -> dict:
-    """The transaction protocol alone: n transactions of one small log message, one every
-    10 ms (the recorder's slice), with the recorder's producer settings and no guest; with
-    one producer, and with as many taking turns as the recorder has
-    (recorder_transactional_ids).  librdkafka's eos debug log is counted for
-    AddPartitionsToTxn answered CONCURRENT_TRANSACTIONS (the previous transaction's
-    markers not yet complete), which librdkafka retries after a fixed 20 ms."""
-    from kvmrr_log.kafka import RECORDER_PRODUCERS, ensure_topics
-    vm = f"bench-txn-{os.getpid()}-{time.time_ns() % 10**9}"
-    topic = ensure_topics(bootstrap, vm).log
-    out = {"transactions": n}
-    for name, producers in (("one_producer", 1), ("recorder_producers", RECORDER_PRODUCERS)):
-        out[name] = _transactions(bootstrap, topic, f"{vm}.{producers}", producers, n)
-    out["replicated_write"] = _replicated_writes(bootstrap, topic, n)
-    return out
-
-
-def _transactions(bootstrap: str, topic: str, tid: str, producers: int, n: int) -> dict:
-    import logging
+def _replicated_writes(bootstrap: str, n: int) -> dict:
+    """One idempotent acks=all produce, every 10 ms: the cost of one write that the
+    in-sync replicas must have, the floor under the recorder's commit (which is one such
+    write of a group of slices, docs/ARCHITECTURE.md §4)."""
     from confluent_kafka import Producer
-    from kvmrr_log.kafka import client_conf
-
-    class Count(logging.Handler):
-        concurrent = 0
-
-        def emit(self, record):
-            if "concurrent operation" in record.getMessage():
-                Count.concurrent += 1
-
-    log = logging.getLogger(f"kvmrr.bench.txn.{time.monotonic_ns()}")
-    log.propagate = False
-    log.setLevel(logging.DEBUG)
-    log.addHandler(Count())
-    ps = []
-    for i in range(producers):
-        conf = client_conf(bootstrap, f"kvmrr.bench.{tid}.probe{i}")
-        ps.append(Producer(dict(conf, **{   # as recorder/kafka_sink.py
-            "transactional.id": f"kvmrr.{tid}.probe{i}", "enable.idempotence": True,
-            "acks": "all", "linger.ms": 1, "transaction.timeout.ms": 60000,
-            "compression.type": "lz4", "debug": "eos", "log_level": 7, "logger": log})))
-        ps[-1].init_transactions(10)
-    for k in range(6):   # warm up: metadata, leaders, the coordinator
-        p = ps[k % producers]
-        p.begin_transaction()
-        p.produce(topic, b"x" * 200, b"k")
-        p.commit_transaction(30)
-        p.poll(0)
-    Count.concurrent = 0
-    produce, commit, total = [], [], []
-    for k in range(n):
-        p = ps[k % producers]
-        t0 = time.monotonic()
-        p.begin_transaction()
-        p.produce(topic, b"x" * 200, b"k")
-        p.flush(30)                  # AddPartitionsToTxn (with its retries), then Produce
-        t1 = time.monotonic()
-        p.commit_transaction(30)     # EndTxn
-        t2 = time.monotonic()
-        produce.append(t1 - t0)
-        commit.append(t2 - t1)
-        total.append(t2 - t0)
-        p.poll(0)
-        time.sleep(0.01)
-    for p in ps:
-        p.flush(5)
-        p.poll(0)
-    del p, ps
-    return {"add_partitions_and_produce": _dist_ms(produce), "end_txn": _dist_ms(commit),
-            "whole": _dist_ms(total), "concurrent_transactions_retries": Count.concurrent}
-
-
-def _replicated_writes(bootstrap: str, topic: str, n: int) -> dict:
-    """One acks=all produce outside any transaction, every 10 ms: the cost of one write
-    that the in-sync replicas must have.  A transaction makes three (AddPartitionsToTxn
-    and EndTxn write the coordinator's replicated log; the Produce itself), so this is
-    the floor under a commit with librdkafka, which has no KIP-890 (transactions v2)."""
-    from confluent_kafka import Producer
-    from kvmrr_log.kafka import client_conf
+    from kvmrr_log.kafka import client_conf, ensure_topics
+    topic = ensure_topics(bootstrap, f"bench-write-{os.getpid()}-{time.time_ns() % 10**9}").log
     p = Producer(dict(client_conf(bootstrap, "kvmrr.bench.replicated"),
                       **{"enable.idempotence": True, "acks": "all", "linger.ms": 0}))
     for _ in range(5):
@@ -421,25 +358,21 @@ def bench_log(quick: bool) -> dict:
                    "CPUs (loadavg_* shows how busy it was). events/s: recorded events "
                    "over the wall time to the last commit; mb_per_s: Avro bytes handed to "
                    "the producer (before lz4, the initial 8.4 MB snapshot included) over "
-                   "that time, log_mb_per_s the log topic alone; commit latency: a slice "
-                   "handed to the publisher thread -> its transaction committed",
+                   "that time, log_mb_per_s the log topic alone; commit latency (commit_*): "
+                   "a slice with output handed to the publisher thread -> its log write "
+                   "acknowledged by the in-sync replicas (acks=all); all_slices_commit_* "
+                   "counts the idle slices too, which wait up to 30 ms to go together",
            "clusters": {}}
     out["loadavg_at_start"] = [round(x, 2) for x in os.getloadavg()]
     t_start = time.monotonic()
     for nodes, tag in ((1, "single"), (3, "cluster3")):
         with Brokers(nodes, tag) as b:
             entry = {"nodes": nodes, "bootstrap": b.bootstrap, "startup_s": b.started_s,
-                     "bare_transactions": _bare_transactions(b.bootstrap,
-                                                             100 if quick else 200),
+                     "replicated_write": _replicated_writes(b.bootstrap,
+                                                            100 if quick else 200),
                      "throughput": _throughput(b.bootstrap, tag, quick)}
-            bt = entry["bare_transactions"]
-            for name in ("one_producer", "recorder_producers"):
-                w = bt[name]
-                LOG.info("bare_transactions", cluster=tag, producers=name,
-                         p50_ms=w["whole"]["p50_ms"], p99_ms=w["whole"]["p99_ms"],
-                         concurrent_transactions_retries=w["concurrent_transactions_retries"])
-            LOG.info("replicated_write", cluster=tag, p50_ms=bt["replicated_write"]["p50_ms"],
-                     p99_ms=bt["replicated_write"]["p99_ms"])
+            w = entry["replicated_write"]
+            LOG.info("replicated_write", cluster=tag, p50_ms=w["p50_ms"], p99_ms=w["p99_ms"])
             if nodes == 3:   # the deployment's shape (replication 3, min ISR 2)
                 entry["follower_lag"] = lag = _follower_lag(b.bootstrap, tag, quick)
                 LOG.info("follower_lag", cluster=tag,
@@ -451,7 +384,7 @@ def bench_log(quick: bool) -> dict:
     out["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
     c3 = out["clusters"]["cluster3"]
     p99s = [r["commit_p99_ms"] for r in c3["throughput"].values()]
-    p99s.append(c3["follower_lag"]["record"]["commit_p99_ms"])
+    p99s.append(c3["follower_lag"]["record"]["commit_p99_ms"])    # (ticks: no output)
     worst_p99 = max((p for p in p99s if p is not None), default=None)
     out["cluster3_worst_commit_p99_ms"] = worst_p99
     lag = c3["follower_lag"]
@@ -459,6 +392,10 @@ def bench_log(quick: bool) -> dict:
         "follower_keeps_up(lag_not_growing)": bool(lag["lag_not_growing"]
                                                    and lag["follower"]["verified"] is True),
         "cluster3_commit_p99<=20ms": worst_p99 is not None and worst_p99 <= COMMIT_P99_FLOOR_MS,
+        "single_commit_p50<=5ms": all(
+            r["commit_p50_ms"] is not None and r["commit_p50_ms"] <= COMMIT_P50_FLOOR_MS
+            for r in out["clusters"]["single"]["throughput"].values()
+            if r["output_slices"]),
     }
     return out
 

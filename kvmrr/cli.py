@@ -20,7 +20,7 @@ from kvmrr_log.urls import FileLog, LogUrlError, parse_log_url
 from kvmrr.gateway import Limits
 from recorder.archive_sink import ArchiveSink
 from recorder.loadgen import KvLoad
-from recorder.pacing import DEFAULT_MAX_LAG_MS, pacer_for
+from recorder.pacing import DEFAULT_MAX_LAG_MS
 from recorder.session import RecordSession
 from replayer.errors import DivergenceError, ReplayError
 from replayer.session import replay_records
@@ -186,7 +186,7 @@ def cmd_run(args, log=None) -> int:
                           snapshot_every=args.snapshot_every, load=_load(args),
                           on_output=_console(args.quiet, args.json))
     extra = {}
-    inputs = None
+    primary = pacer = None
     if log is None:
         sink = _NoSink()
         session = RecordSession(guest, sink, mode="run", **session_kwargs)
@@ -194,39 +194,35 @@ def cmd_run(args, log=None) -> int:
         sink = ArchiveSink(log.path, args.compression)
         session = RecordSession(guest, sink, **session_kwargs)
     else:
-        from recorder.kafka_sink import KafkaSink
-        from recorder.service import KafkaInputs
-        sink = KafkaSink(log.bootstrap, log.vm_id, serve=args.serve,
-                         policy=_policy(args.commit))
+        from recorder.primary import record_on_kafka
+        del session_kwargs["counter"], session_kwargs["vm_id"]
+        primary = record_on_kafka(log.bootstrap, log.vm_id, guest, serve=args.serve,
+                                  policy=_policy(args.commit), counter=counter,
+                                  max_backup_lag_ms=args.max_backup_lag_ms,
+                                  heartbeat_every_ns=args.heartbeat_ms * 1_000_000,
+                                  slice_ns=int(args.txn_ms * 1_000_000), **session_kwargs)
+        sink, session, pacer = primary.sink, primary.session, primary.pacer
         if args.serve:
-            inputs = KafkaInputs(log.bootstrap, log.vm_id, held_back=sink.held_back)
-        pacer = pacer_for(log.bootstrap, log.vm_id, args.max_backup_lag_ms)
-        session_kwargs["vm_id"] = log.vm_id
-        session = RecordSession(guest, sink, heartbeat_every_ns=args.heartbeat_ms * 1_000_000,
-                                inputs=inputs, slice_ns=int(args.txn_ms * 1_000_000),
-                                pacer=pacer, **session_kwargs)
-        if args.serve:
-            _progress_lines(sink, inputs, log.vm_id)
+            _progress_lines(sink, primary.inputs, log.vm_id)
         if args.metrics_port:
             from replayer.metrics import serve
             serve(args.metrics_port)
-    try:
-        result = session.run()
-    finally:
-        if inputs:
-            inputs.close()
-        if session.pacer:
-            session.pacer.close()
-        sink.close()
+    if primary is not None:
+        result = primary.run()      # closes its sink, inputs and pacer
+    else:
+        try:
+            result = session.run()
+        finally:
+            sink.close()
     if isinstance(log, FileLog):
         log_bytes = log.path.stat().st_size
     elif log is not None:
         log_bytes = sink.bytes_published
         lat = sink.commit_latencies
         extra = {"commit_p50_ms": percentile_ms(lat, 0.5), "commit_p99_ms": percentile_ms(lat, 0.99),
-                 "transactions": len(lat), **_release_stats(sink)}
-        if session.pacer:
-            extra["paced_seconds"] = round(session.pacer.paused_s, 3)
+                 "commits": len(lat), **_release_stats(sink)}
+        if pacer:
+            extra["paced_seconds"] = round(pacer.paused_s, 3)
     else:
         log_bytes = 0
     summary = {
@@ -396,7 +392,7 @@ def cmd_follow(args) -> int:
                "instructions": primary.instructions, "state_hash": primary.state_hash,
                "outputs_sha256": primary.outputs_sha256, "reason": primary.reason,
                "events": primary.events, "mode": counter, "seconds": round(primary.seconds, 3),
-               **_release_stats(f.primary.sink)}
+               **_release_stats(f.primary_sink)}
     _emit(args, summary, f"kvmrr: backup {args.backup_id} took over at icount {result.icount} "
           f"and recorded to {primary.instructions}; state {primary.state_hash}")
     return 0
@@ -573,7 +569,8 @@ def _record_opts(p: argparse.ArgumentParser) -> None:
     p.add_argument("--heartbeat-ms", type=_count(1, 60_000), default=100, metavar="MS",
                    help="kafka logs: a heartbeat every this many ms")
     p.add_argument("--txn-ms", type=_real(0.1, 60_000), default=10.0, metavar="MS",
-                   help="kafka logs: the recorder publishes (one transaction) every MS ms")
+                   help="kafka logs: the vCPU hands what it logged to the publisher every MS "
+                        "ms (a slice with output is written at once, idle ones together)")
     p.add_argument("--serve", action="store_true",
                    help="kafka logs: take requests from kvmrr.<vm>.in and release responses "
                         "to kvmrr.<vm>.out (as the new primary, for a backup)")

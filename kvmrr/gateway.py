@@ -2,10 +2,13 @@
 (docs/ARCHITECTURE.md §5.2).
 
 One request per line, `<id> <command...>`, and one response line per request, `<id> ...`,
-as the kvstore guest speaks.  The gateway puts each new request on kvmrr.<vm>.in and
-answers from the responses released to kvmrr.<vm>.out (read_committed: only what the
-primary's commit policy let out).  It holds no state that matters to the service, so it
-does not care which primary is live: a takeover is invisible to it.
+as the kvstore guest speaks.  Ids are scoped to the client
+(HELLO).  The gateway puts each new request on kvmrr.<vm>.in and answers from the
+responses released to kvmrr.<vm>.out (only what a primary's commit policy let out).  A
+release counts only under the epoch rule (kvmrr_log.epochs.ReleaseFilter): its log record
+must precede the next epoch's Epoch record, which the gateway reads from the log itself, so
+an old primary that keeps writing after a takeover gets nothing to a client.  It holds no
+state that matters to the service, so it does not care which primary is live.
 
 Who the client is (kvmrr_log/client_ids.py).  A connection may start with `HELLO <arg>`;
 the gateway answers `HELLO OK` or `HELLO ERR <reason>` (and closes).  With `--tokens FILE`
@@ -54,9 +57,10 @@ from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
 from kvmrr_log import events
 from kvmrr_log.client_ids import (ID_MAX, declared_scope, scoped_request_id, token_scope,
                                   valid_name)
-from kvmrr_log.requests import request_fields
+from kvmrr_log.epochs import ReleaseFilter
 from kvmrr_log.kafka import (WRITER_HEADER, client_conf, client_id, ensure_topics, scan_topic,
-                             topics, transactional_id, watermarks)
+                             topics, watermarks, writer_id)
+from kvmrr_log.requests import request_fields
 from schemas import LogFormatError, decode_message
 
 MAX_LINE = 2048            # the guest NIC's MTU
@@ -139,7 +143,7 @@ class Gateway:
         self.bootstrap, self.vm = bootstrap, vm
         self.limits = limits
         self.identity = identity or DeclaredNames()
-        self.writer_id = transactional_id(vm).encode()
+        self.writer = writer_id(vm).encode()
         self.log = structlog.get_logger().bind(vm_id=vm, role="gateway")
         self.client_id = client_id(vm, "gateway")
         self.sent: OrderedDict[bytes, float] = OrderedDict()     # scoped id -> when (wall)
@@ -152,7 +156,8 @@ class Gateway:
         self.stats = {"requests": 0, "retries": 0, "responses": 0, "duplicate_outputs": 0,
                       "unknown_responses": 0, "clients": 0, "refused_clients": 0,
                       "peak_connections": 0, "idle_closed": 0, "slow_dropped": 0,
-                      "busy": 0, "not_delivered": 0, "pruned": 0}
+                      "busy": 0, "not_delivered": 0, "pruned": 0,
+                      "void_outputs": 0}
         self._nonce = secrets.token_hex(8)
         self._conn_numbers = itertools.count(1)
         self._queue: queue.Queue = queue.Queue(maxsize=limits.produce_queue)
@@ -176,8 +181,10 @@ class Gateway:
 
     # -- state from the topics ----------------------------------------------------------
     def _rebuild(self) -> None:
-        """What was sent and answered within the retry window, read from where the window
-        starts (by the records' timestamps), not from the topics' beginning."""
+        """What was sent within the retry window, read from where the window starts (by
+        the records' timestamps); and what was validly released.  .out is read from its
+        beginning: the epoch rule needs its Epoch records, and the answers kept are
+        bounded by count (max_answers) as they are added."""
         oldest_ms = (time.time() - self.limits.retry_window_s) * 1000
         start = self._offset_at(self.topics.inputs, oldest_ms)
         for msg in scan_topic(self.bootstrap, self.topics.inputs, start=start,
@@ -186,15 +193,17 @@ class Gateway:
             if ts >= oldest_ms:
                 self.sent[request_fields(msg.value() or b"")[0]] = ts / 1000
                 self._prune_count()
-        self._out_offset = start = self._offset_at(self.topics.outputs, oldest_ms)
-        for msg in scan_topic(self.bootstrap, self.topics.outputs, start=start,
-                              client_id=self.client_id):
-            got = self._take_output(msg)
-            ts = msg.timestamp()[1]
-            if got and ts >= oldest_ms:
-                self.answers[got[0]] = (ts / 1000, got[1])
-                self._prune_count()
+        self._out_offset = 0
+        self.releases = ReleaseFilter(self.bootstrap, self.vm)
+        for msg in scan_topic(self.bootstrap, self.topics.outputs, client_id=self.client_id):
+            self._admit(msg)
             self._out_offset = msg.offset() + 1
+        self.releases.log.read_to_end()
+        for out in self.releases.ready():
+            got = self._take_output(out)
+            if got:
+                self.answers[got[0]] = (time.time(), got[1])
+                self._prune_count()
         self.log.info("state", sent=len(self.sent), answered=len(self.answers))
 
     def _offset_at(self, topic: str, ts_ms: float) -> int:
@@ -214,21 +223,27 @@ class Gateway:
             c.close()
         return 0
 
-    def _take_output(self, msg) -> tuple[bytes, bytes] | None:
-        """A released response as (scoped id, the line after the id), or None for one to
-        ignore (with the reason counted)."""
-        if dict(msg.headers() or []).get(WRITER_HEADER) != self.writer_id:
+    def _admit(self, msg) -> None:
+        """A message from .out into the release filter (a stranger's or an undecodable
+        one is ignored, with the reason logged)."""
+        if dict(msg.headers() or []).get(WRITER_HEADER) != self.writer:
             self.log.warning("not the VM's recorder: ignored", offset=msg.offset())
-            return None
+            return
         try:
             out = decode_message(msg.value() or b"", msg.headers() or [])
         except LogFormatError as exc:
             self.log.error("undecodable response: ignored", offset=msg.offset(), error=str(exc))
-            return None
+            return
+        self.releases.add(out, msg.offset())
+
+    def _take_output(self, out: dict) -> tuple[bytes, bytes] | None:
+        """A valid release as (scoped id, the line after the id), or None for one to
+        ignore (with the reason counted)."""
+        self.stats["void_outputs"] = self.releases.void
         if out["seq"] <= self.max_seq:
             # a response released twice would be a broken output commit: never passed on
             self.stats["duplicate_outputs"] += 1
-            self.log.error("output seq released twice", seq=out["seq"], offset=msg.offset())
+            self.log.error("output seq released twice", seq=out["seq"], epoch=out["epoch"])
             return None
         self.max_seq = out["seq"]
         key, rest = request_fields(out["data"])
@@ -238,19 +253,21 @@ class Gateway:
     def _consume_outputs(self) -> None:
         c = Consumer(dict(client_conf(self.bootstrap, self.client_id), **{
             "group.id": f"kvmrr.{self.vm}.gateway", "enable.auto.commit": False,
-            "isolation.level": "read_committed", "fetch.wait.max.ms": 5}))
+            "fetch.wait.max.ms": 5}))
         c.assign([TopicPartition(self.topics.outputs, 0, self._out_offset)])
         try:
             while not self._stop.is_set():
-                msg = c.poll(0.1)
-                if msg is None or msg.error():
-                    continue
-                self._loop.call_soon_threadsafe(self._deliver, msg)
+                msg = c.poll(0.1 if not self.releases.waiting else 0.002)
+                if msg is not None and not msg.error():
+                    self._admit(msg)
+                for out in self.releases.ready(0.002):
+                    self._loop.call_soon_threadsafe(self._deliver, out)
         finally:
             c.close()
+            self.releases.close()
 
-    def _deliver(self, msg) -> None:
-        got = self._take_output(msg)
+    def _deliver(self, out: dict) -> None:
+        got = self._take_output(out)
         if got is not None:
             self.answer(*got)
 

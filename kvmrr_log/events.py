@@ -11,7 +11,9 @@ FOLLOWING = "following"                # icount, lag_instructions, lag_ms: every
 DONE = "done"                          # icount: it replayed the End
 LOG_END_UNKNOWN = "log_end_unknown"    # error: Kafka cannot say where the log ends; no takeover
 TAKEOVER = "takeover"                  # silent_s, icount: the primary fell silent, taking over
-TAKEOVER_ABORTED = "takeover_aborted"  # error: the fence or catch-up failed; following again
+TAKEOVER_ABORTED = "takeover_aborted"  # error: the seal or catch-up failed; following again
+SEALED_FIRST_ELSEWHERE = "sealed_first_elsewhere"  # epoch, ours: another backup won
+EPOCH = "epoch"                        # epoch, offset: an accepted Epoch record read
 LIVE = "live"                          # icount, next_seq, released_seq, takeover_ms...: primary now
 DONE_AS_PRIMARY = "done_as_primary"    # icount
 
@@ -25,4 +27,5 @@ FENCED = "fenced"      # error
 LISTENING = "listening"   # host, port: accepting clients
 
 # what a backup's log says that a scenario's narration shows
-BACKUP_EVENTS = (READING, TAKEOVER, TAKEOVER_ABORTED, LIVE, DONE_AS_PRIMARY)
+BACKUP_EVENTS = (READING, TAKEOVER, TAKEOVER_ABORTED, SEALED_FIRST_ELSEWHERE, LIVE,
+                 DONE_AS_PRIMARY)

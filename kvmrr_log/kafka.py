@@ -14,7 +14,7 @@ from typing import Iterator
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
-WRITER_HEADER = "kvmrr-writer"   # the recorder's transactional.id on every log message
+WRITER_HEADER = "kvmrr-writer"   # writer_id(vm) on every message a primary writes
 CONNECT_TIMEOUT_S = 6.0
 SNAPSHOT_CHUNK_BYTES = 512 * 1024
 
@@ -24,7 +24,8 @@ class KafkaLogError(Exception):
 
 
 class FencedError(KafkaLogError):
-    """A newer primary of this VM took over: this recorder must release nothing more."""
+    """A newer primary of this VM took over (a newer epoch in the log): this recorder must
+    release nothing more."""
 
 
 @dataclass(frozen=True)
@@ -66,24 +67,10 @@ def _topic_names(vm: str) -> Topics:
                   f"kvmrr.{vm}.in", f"kvmrr.{vm}.out", f"kvmrr.{vm}.succession")
 
 
-def transactional_id(vm: str) -> str:
-    """From the VM alone: a new recorder of the same VM fences the old one."""
+def writer_id(vm: str) -> str:
+    """Every primary of the VM, in the WRITER_HEADER of what it writes (which primary, and
+    whether it still counts, is the record's epoch: kvmrr_log.epochs)."""
     return f"kvmrr.{vm}.recorder"
-
-
-RECORDER_PRODUCERS = 3
-
-
-def recorder_transactional_ids(vm: str) -> tuple[str, ...]:
-    """The recorder's producers, which take turns a transaction each.  With one, each
-    transaction's AddPartitionsToTxn comes while the previous one's commit markers are
-    still being written and is refused CONCURRENT_TRANSACTIONS, which librdkafka retries
-    after a fixed 20 ms (it has no KIP-890).  Markers took 50-100 ms on the 3-node
-    loopback cluster here: with three producers a producer's previous transaction has
-    finished before its next (bare transactions p50 37 ms with two, 15-19 ms with three or
-    four).  A new recorder inits them all, fencing them all."""
-    base = transactional_id(vm)
-    return (base,) + tuple(f"{base}.{i}" for i in range(2, RECORDER_PRODUCERS + 1))
 
 
 # librdkafka's own log lines (a "Connection refused" every 50 ms while a broker is down)
@@ -172,6 +159,14 @@ def ensure_topics(bootstrap: str, vm: str) -> Topics:
     return t
 
 
+def absolute_start(offset: int) -> int:
+    """OFFSET_BEGINNING as offset 0 (with auto.offset.reset=earliest: the first one kept).
+    A consumer assigned the logical offset gets its first record ~500 ms later than one
+    assigned an absolute offset here (the logical one is resolved with a retry), and a
+    takeover waits for such reads."""
+    return 0 if offset == OFFSET_BEGINNING else offset
+
+
 def scan_topic(bootstrap: str, topic: str, *, start: int = OFFSET_BEGINNING,
                committed: bool = True, timeout: float = 30.0,
                client_id: str = "kvmrr") -> Iterator:
@@ -180,8 +175,9 @@ def scan_topic(bootstrap: str, topic: str, *, start: int = OFFSET_BEGINNING,
     c = Consumer(dict(client_conf(bootstrap, client_id), **{
         "group.id": "kvmrr-scan", "enable.auto.commit": False, "enable.partition.eof": True,
         "fetch.wait.max.ms": 10,   # the end is known when an empty fetch returns
+        "auto.offset.reset": "earliest",
         "isolation.level": "read_committed" if committed else "read_uncommitted"}))
-    c.assign([TopicPartition(topic, 0, start)])
+    c.assign([TopicPartition(topic, 0, absolute_start(start))])
     deadline = time.monotonic() + timeout
     try:
         while True:

@@ -1,9 +1,11 @@
 """Reading the log on Kafka: the header, the snapshots, and the events from an offset.
 
-Every consumer reads committed data only (isolation.level=read_committed).  Every record
-must carry the recorder's writer header; anything else (a stranger's record, an
+Every consumer reads what is committed (replicated: below the high watermark).  Every
+record must carry the VM's writer header; anything else (a stranger's record, an
 undecodable value, an unknown schema) stops the reader with an error that names the topic
-and the offset, before the record reaches the replay.
+and the offset, before the record reaches the replay.  On the log, the epoch rule
+(kvmrr_log.epochs) decides which records are history: void ones never leave the reader,
+and only valid snapshots are offered as starting points.
 """
 from __future__ import annotations
 
@@ -13,9 +15,10 @@ from typing import Callable, Iterator
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
 
-from kvmrr_log.kafka import (CONNECT_TIMEOUT_S, WRITER_HEADER, KafkaLogError, admin_client,
-                            client_conf, client_id, cluster_size, topics, transactional_id,
-                            watermarks)
+from kvmrr_log.epochs import EpochRule, epoch_bounds
+from kvmrr_log.kafka import (CONNECT_TIMEOUT_S, WRITER_HEADER, KafkaLogError, absolute_start,
+                             admin_client, client_conf, client_id, cluster_size, topics,
+                             watermarks, writer_id)
 from schemas import LogFormatError, decode_message, join_snapshot
 
 
@@ -27,20 +30,23 @@ class EndOfLog(Exception):
 
 
 class LogTopicReader:
-    """One partition of one topic, read in order from an offset."""
+    """One partition of one topic, read in order from an offset.  On the VM's log it
+    applies the epoch rule from `epoch`, the epoch at that offset (0 at the start, a
+    snapshot's own): next() returns history only, accepted Epoch records included."""
 
     def __init__(self, bootstrap: str, vm: str, topic: str, offset: int = OFFSET_BEGINNING,
-                 role: str = "reader"):
+                 epoch: int = 0, role: str = "reader"):
         """role: who reads, for the client.id (kvmrr_log.kafka.client_id)."""
         self.topic = topic
-        self.writer = transactional_id(vm).encode()
+        self.writer = writer_id(vm).encode()
+        self.rule = EpochRule(epoch, topic) if topic == topics(vm).log else None
         conf = dict(client_conf(bootstrap, client_id(vm, role)), **{
             "group.id": f"kvmrr-reader-{uuid.uuid4().hex[:8]}", "enable.auto.commit": False,
             "isolation.level": "read_committed", "enable.partition.eof": True,
             "auto.offset.reset": "earliest", "fetch.wait.max.ms": 20,
         })
         self.consumer = Consumer(conf)
-        self.consumer.assign([TopicPartition(topic, 0, offset)])
+        self.consumer.assign([TopicPartition(topic, 0, absolute_start(offset))])
         self.offset = offset
         self.at_end = False     # the last poll found the committed end, nothing since
         self._end = -1
@@ -96,7 +102,14 @@ class LogTopicReader:
         except LogFormatError as exc:
             raise KafkaLogError(f"{self.topic} offset {offset}: {exc}") from None
         self.offset = offset + 1
+        if self.rule is not None and not self.rule.admit(record, offset):
+            return None      # void: an older epoch's writer after the seal, a lost sealer
         return record, offset
+
+    @property
+    def epoch(self) -> int:
+        """The epoch at the reading position (the log only)."""
+        return self.rule.epoch if self.rule is not None else 0
 
     def records(self, idle_timeout: float | None,
                 stop_when: Callable[[], bool] | None = None
@@ -161,10 +174,27 @@ def read_header(bootstrap: str, vm: str, timeout: float = 15.0, role: str = "rea
 def read_snapshots(bootstrap: str, vm: str, timeout: float = 15.0, *,
                    start: str | None = None, until: int | None = None,
                    role: str = "reader") -> list[dict]:
-    """The complete snapshots committed so far, joined, in log order: every one, or with
+    """The complete, valid snapshots committed so far, joined, in log order (valid: its log
+    offset precedes the next epoch's Epoch record, kvmrr_log.epochs): every one, or with
     start ("first" or "latest") only the one a replay from there would choose (the first,
     or the last at or before icount until), so that a long log's snapshots are not all
-    held in memory at once."""
+    held in memory at once.
+
+    The epochs are read before the snapshots, to choose among valid ones only, and again
+    after: a takeover sealing meanwhile may void the one chosen, and then it is read anew."""
+    for _ in range(3):
+        before = epoch_bounds(bootstrap, topics(vm).log, timeout)
+        snaps = _read_snapshots(bootstrap, vm, timeout, start, until, role,
+                                before.snapshot_valid)
+        after = epoch_bounds(bootstrap, topics(vm).log, timeout)
+        if all(after.snapshot_valid(s) for s in snaps):
+            return snaps
+    raise KafkaLogError(f"kvmrr.{vm}: the log's epochs kept changing while its snapshots "
+                        "were read")
+
+
+def _read_snapshots(bootstrap: str, vm: str, timeout: float, start: str | None,
+                    until: int | None, role: str, valid: Callable[[dict], bool]) -> list[dict]:
     reader = LogTopicReader(bootstrap, vm, topics(vm).snapshots, role=role)
     snaps, chunks = [], []
     try:
@@ -186,7 +216,9 @@ def read_snapshots(bootstrap: str, vm: str, timeout: float = 15.0, *,
             if len(chunks) == record["chunks"]:
                 try:
                     snap = join_snapshot(chunks)
-                    if start is None:
+                    if not valid(snap):
+                        pass
+                    elif start is None:
                         snaps.append(snap)
                     elif until is None or snap["icount"] <= until:
                         if start == "latest" or not snaps:
@@ -201,16 +233,19 @@ def read_snapshots(bootstrap: str, vm: str, timeout: float = 15.0, *,
     return snaps
 
 
-def log_has_ended(bootstrap: str, vm: str, tail: int = 32, role: str = "reader") -> bool:
-    """Whether the committed log ends with an End event (looking at its last few offsets):
-    a log that fell silent because it is finished needs no takeover."""
+def log_has_ended(bootstrap: str, vm: str, epoch: int, tail: int = 32,
+                  role: str = "reader") -> bool:
+    """Whether the committed log ends with an End event of the current `epoch` or a later
+    one (looking at its last few offsets): a log that fell silent because it is finished
+    needs no takeover."""
     topic = topics(vm).log
     low, high = watermarks(bootstrap, topic, client_id=client_id(vm, role))
-    reader = LogTopicReader(bootstrap, vm, topic, max(low, high - tail), role=role)
+    reader = LogTopicReader(bootstrap, vm, topic, max(low, high - tail), epoch, role=role)
     last = None
     try:
         for record, _ in reader.records(0):
-            last = record
+            if record["kind"] != "Epoch":
+                last = record
     finally:
         reader.close()
     return bool(last and last["kind"] == "EventBatch" and last["events"]

@@ -1,150 +1,85 @@
-"""A RecordSession sink that publishes the log to Kafka (docs/ARCHITECTURE.md §4.5).
+"""A RecordSession sink that publishes the log to Kafka (docs/ARCHITECTURE.md §4-6).
 
 The vCPU loop never waits for the broker: write() collects a slice's records and commit()
-hands them to a publisher thread, which writes each slice in one transaction of an
-idempotent, transactional producer whose transactional.id comes from the VM alone (a new
-recorder fences an old one).  A Snapshot goes in a transaction of its own, chunked, and
-carries the log offset where the events after it start, so a late backup can seek there.
-A fatal error (fenced, or the broker unreachable past the timeout) is raised by the next
-commit() on the vCPU thread.
+hands them to a publisher thread.  Commit is one idempotent acks=all write of the batches
+waiting (group commit): a record is readable only once it is replicated, so a delivered
+record is committed.  No transactions: the log is its own arbiter.  Every record carries
+this primary's epoch, and the epoch rule (kvmrr_log.epochs) voids what an old primary
+writes after a newer epoch's Epoch record.  A slice with output is written at once; idle
+slices wait up to IDLE_BATCH_S to go together.
 
-Serving (docs/ARCHITECTURE.md §5), the same transactions also carry the responses the
-commit policy releases to .out (the position on .in is in the log's own batches).  A
-response is therefore visible to read_committed clients exactly when the log up to it is
-committed, and never from a fenced primary.
+A Snapshot is written (chunked, on its own topic) once every log record before it is
+delivered, and carries the log offset where the events after it start, and its epoch.
+
+Serving (docs/ARCHITECTURE.md §5), responses leave through kvmrr.<vm>.out, each carrying this epoch and
+the log offset of the record that holds it; the gateway passes one on only if that record
+precedes the next epoch's Epoch record.  The policy decides when: `log` once its record is
+delivered, `backups:N` once N backups' acks cover its icount.
+
+A thread watches the log's tail for Epoch records: one newer than this primary's epoch
+means it was sealed out; it releases nothing more and the next commit() raises FencedError
+(exit 3).  A fatal producer error, or the broker unreachable past the timeout, is raised
+by the next commit() too.
 """
 from __future__ import annotations
 
+import os
 import queue
 import threading
 import time
-import warnings
 
-from confluent_kafka import KafkaError, KafkaException, Producer
+from confluent_kafka import KafkaException, Producer
 
+from kvmrr_log.epochs import EpochBounds, EpochTail, valid_releases
 from kvmrr_log.kafka import (LOG_MESSAGE_BYTES, SNAPSHOT_CHUNK_BYTES, WRITER_HEADER,
                              FencedError, KafkaLogError, client_conf, client_id, ensure_topics,
-                             recorder_transactional_ids, topics, transactional_id,
-                             watermarks)
+                             topics, watermarks, writer_id)
 from kvmrr_log.reservoir import DEFAULT_SIZE, Reservoir
 from recorder import metrics
-from recorder.service import AckWatch, CommitPolicy, released_seq
+from recorder.service import AckWatch, CommitPolicy
 from schemas import encode_message, icount_key, split_snapshot
 
-TXN_RETRY_S = 30.0
-INIT_TIMEOUT_S = 10.0
-FENCE_ATTEMPT_S = 0.05     # see init_transactional_producer
+DELIVERY_TIMEOUT_S = 30.0  # a write not acknowledged by then ends the recording
+SEAL_TIMEOUT_S = 5.0       # a takeover's Epoch record; Kafka moving: follow again instead
+CONNECT_WARM_S = 5.0
 RELEASE_POLL_S = 0.005     # backups:N: how often held responses look at the acks
+IDLE_BATCH_S = 0.03        # slices without output wait this long at most to go together
+FENCE_WATCH_S = 0.02       # how often the log's tail is asked for a newer epoch
+# For the tests: a primary that learns of a newer epoch this many seconds late (as one
+# whose reads of the log's tail lag), so it keeps writing and releasing after the seal:
+# what it writes then must be void for every reader.
+WATCH_LAG_S = float(os.environ.get("KVMRR_TEST_EPOCH_WATCH_LAG_S", "0") or 0)
 NIC = 1                    # the output channel of responses
 MAX_HELD = 10_000          # responses held for release before the inputs wait
-
-
-def init_transactional_producer(conf: dict, timeout: float) -> Producer:
-    """A producer for conf's transactional.id, initialised: every older producer of that
-    id is fenced, and a transaction it left open is aborted.
-
-    Aborting takes the coordinator 100-300 ms here, and meanwhile it answers
-    CONCURRENT_TRANSACTIONS, which librdkafka retries only after a fixed 500 ms (its PID
-    timer, not configurable).  That is most of a takeover when the dead primary was in a
-    transaction, as it usually is.  So ask in short attempts, each with a fresh producer,
-    and drop one that is waiting out the timer; the next one is created during the
-    attempt before it, so it has already connected (that alone takes ~60 ms).  A dropped
-    attempt still in flight could at worst bump the epoch once more and fence this
-    producer; that costs the takeover, never safety (a fenced producer commits nothing)."""
-    deadline = time.monotonic() + timeout
-    attempt = FENCE_ATTEMPT_S
-    producer = Producer(conf)
-    while True:
-        spare = Producer(conf)       # connects in the background meanwhile
-        left = deadline - time.monotonic()
-        try:
-            producer.init_transactions(max(0.01, min(attempt, left)))
-            _drop(spare)
-            return producer
-        except KafkaException as exc:
-            if not exc.args[0].retriable() or time.monotonic() >= deadline:
-                _drop(spare)
-                raise
-        _drop(producer)
-        producer = spare
-        attempt = min(attempt * 1.2, 2.0)   # a slow or moving broker needs longer ones
-
-
-def _init_all(confs: list[dict], bootstrap: str) -> list[Producer]:
-    """init_transactional_producer for each conf at once (a takeover waits for them)."""
-    results: list = [None] * len(confs)
-
-    def init(i: int) -> None:
-        try:
-            results[i] = init_transactional_producer(confs[i], INIT_TIMEOUT_S)
-        except KafkaException as exc:
-            results[i] = exc
-    threads = [threading.Thread(target=init, args=(i,)) for i in range(len(confs))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    failed = [(c, r) for c, r in zip(confs, results) if isinstance(r, KafkaException)]
-    if failed:
-        for r in results:
-            if isinstance(r, Producer):
-                _drop(r)
-        conf, exc = failed[0]
-        raise KafkaLogError(f"cannot start the transactional producer "
-                            f"{conf['transactional.id']} at {bootstrap}: "
-                            f"{exc.args[0].str()}")
-    return results
-
-
-def _drop(producer: Producer) -> None:
-    producer.close()
-
-
-# a dropped fence attempt is closed mid-init_transactions, which confluent-kafka reports as
-# a RuntimeWarning; expected there (and a filter, unlike catch_warnings, is thread-safe)
-warnings.filterwarnings("ignore", message="Producer abort_transaction failed during close",
-                        category=RuntimeWarning)
 
 
 class KafkaSink:
     def __init__(self, bootstrap: str, vm: str, *, max_pending: int = 2000,
                  serve: bool = False, policy: CommitPolicy = CommitPolicy(),
-                 takeover: bool = False, latency_samples: int | None = DEFAULT_SIZE):
-        """takeover: the log exists (a backup taking over): skip the topic check, every
-        millisecond here is failover time.  latency_samples: the commit and release
-        latencies are a bounded uniform sample of this many (kvmrr_log.reservoir); None
-        keeps every one, in order (benchmarks of a bounded run)."""
+                 epoch: int = 0, takeover: bool = False,
+                 latency_samples: int | None = DEFAULT_SIZE):
+        """epoch: this primary's (0 for `kvmrr record`; a takeover's is set by seal(),
+        before anything else is written).  takeover: the log exists, skip the topic check
+        (every millisecond here is failover time).  latency_samples: the commit and
+        release latencies are a bounded uniform sample of this many (kvmrr_log.reservoir);
+        None keeps every one, in order (benchmarks of a bounded run)."""
         self.bootstrap = bootstrap
         self.vm = vm
+        self.epoch = epoch
         self.topics = topics(vm) if takeover else ensure_topics(bootstrap, vm)
-        self.txn_id = transactional_id(vm)       # the writer, in every record's header
-        conf = dict(client_conf(bootstrap, client_id(vm, "recorder")), **{
-            "enable.idempotence": True, "acks": "all",
-            "linger.ms": 1, "transaction.timeout.ms": 60000,
+        self.writer = writer_id(vm)
+        self.producer = Producer(dict(client_conf(bootstrap, client_id(vm, "recorder")), **{
+            "enable.idempotence": True, "acks": "all", "linger.ms": 0,
             "message.max.bytes": LOG_MESSAGE_BYTES,
+            "delivery.timeout.ms": int(DELIVERY_TIMEOUT_S * 1000),
             "compression.type": "lz4",   # snapshots are mostly zero pages
-            "error_cb": self._client_error,
-        })
-        self._fatal = None          # the error that made a producer unusable
-        t0 = time.monotonic()
-        self._producers = _init_all([dict(conf, **{"transactional.id": t})
-                                     for t in recorder_transactional_ids(vm)], bootstrap)
-        self._turn = 0
-        t1 = time.monotonic()
-        # A takeover appends to a log that already has messages: learn where it ends.
-        self.next_log_offset = self._log_end()
-        t2 = time.monotonic()
+        }))
         self.serving = serve
         self.policy = policy
-        self._held: list[tuple[float, dict]] = []   # (slice began, Output) not released:
+        self.start_ms: dict[str, float] = {}
+        self._held: list[tuple[float, dict]] = []   # (slice began, Output + log_offset):
         # at most about MAX_HELD, as the inputs wait while held_back() (KafkaInputs)
-        # after the fence above nothing more reaches .out behind our back: what is there
-        # is released for good and must never be released again
-        # (docs/ARCHITECTURE.md §6.6)
-        self.released_seq = released_seq(bootstrap, vm) if serve else -1
-        self.start_ms = {"init_transactions": round((t1 - t0) * 1000, 1),
-                         "log_end": round((t2 - t1) * 1000, 1),
-                         "released_seq": round((time.monotonic() - t2) * 1000, 1)}
+        self.released_seq = -1
         self.acks = AckWatch(bootstrap, vm) if serve and policy.backups else None
         def latencies():
             return [] if latency_samples is None else Reservoir(latency_samples)
@@ -152,15 +87,74 @@ class KafkaSink:
         self._slice_began = time.monotonic()
         self.outputs_released = 0
         self._slice: list[dict] = []
+        self._slice_has_output = False
         self._units: queue.Queue = queue.Queue(maxsize=max_pending)
         self.error: Exception | None = None
-        self._last_log_offset = -1   # where the next log message lands is known exactly
-                                     # once the previous transaction has committed
+        self.fenced: FencedError | None = None
+        self.next_log_offset = -1    # where the events after the last delivered record start
         self.commit_latencies = latencies()   # seconds, slice handed over -> committed
         self.bytes_published = 0
         self.messages = 0
+        self._thread: threading.Thread | None = None
+        self._watch: threading.Thread | None = None
+        self._closing = threading.Event()
+        self.sealed_at: int | None = None
+        if not takeover:
+            self.go_live()
+
+    # -- a takeover's steps (replayer.takeover), then go_live -------------------------
+    def warm_up(self) -> None:
+        """Connect now and get the producer's id, so that a takeover's seal() is one write:
+        a backup does this when it becomes the designated successor."""
+        self.producer.list_topics(self.topics.log, timeout=CONNECT_WARM_S)
+
+    def seal(self, epoch: int, sealer: str) -> int:
+        """Become the primary of `epoch` and append its Epoch record to the log; its
+        offset.  KafkaLogError if Kafka does not take it within SEAL_TIMEOUT_S (its fate
+        unknown: if it lands later, it is an epoch nobody writes, and the next takeover
+        seals the one after it)."""
+        self.epoch = epoch
+        t0 = time.monotonic()
+        offset = self._write_now(self.topics.log, {"kind": "Epoch", "epoch": self.epoch,
+                                                   "writer": sealer, "wall_ns": time.time_ns()},
+                                 icount_key(0), SEAL_TIMEOUT_S)
+        self.start_ms["seal"] = _ms_since(t0)
+        self.sealed_at = offset
+        return offset
+
+    def go_live(self) -> None:
+        """Start publishing.  A serving takeover first seals .out too and learns what is
+        validly released there: from its Epoch record on, nothing an old primary puts on
+        .out counts, so that figure is final (docs/ARCHITECTURE.md §6)."""
+        t0 = time.monotonic()
+        if self.serving and self.epoch > 0:
+            self._write_now(self.topics.outputs, {"kind": "Epoch", "epoch": self.epoch,
+                                                  "writer": self.writer,
+                                                  "wall_ns": time.time_ns()},
+                            b"epoch", SEAL_TIMEOUT_S)
+        t1 = time.monotonic()
+        if self.serving and (self.epoch > 0 or watermarks(self.bootstrap,
+                                                         self.topics.outputs)[1] > 0):
+            self.released_seq = max((o["seq"] for o in valid_releases(self.bootstrap, self.vm)),
+                                    default=-1)
+        t2 = time.monotonic()
+        # a takeover's events start after its Epoch record (an old primary's records in
+        # between are void to a reader starting there); a first primary asks the log
+        log_end = self.sealed_at + 1 if self.sealed_at is not None else \
+            max(watermarks(self.bootstrap, self.topics.log)[1], 0)
+        self.next_log_offset = log_end
+        self.start_ms.update(seal_out=round((t1 - t0) * 1000, 1),
+                             released_seq=round((t2 - t1) * 1000, 1),
+                             log_end=_ms_since(t2))
+        start = self.sealed_at if self.sealed_at is not None else log_end
+        self._tail = EpochTail(self.bootstrap, self.topics.log, start,
+                               EpochBounds(starts=[(self.epoch, start)], read_to=start))
+        self._slice_began = time.monotonic()   # (a successor's writer is made long before)
+        self._watch = threading.Thread(target=self._watch_epochs, name="kvmrr-epoch-watch",
+                                       daemon=True)
+        self._watch.start()
         self._thread = threading.Thread(target=self._publish_loop, name="kvmrr-publisher",
-                                         daemon=True)
+                                        daemon=True)
         self._thread.start()
 
     def held_back(self) -> bool:
@@ -168,22 +162,38 @@ class KafkaSink:
         acking): the service's inputs should wait, so that they stop growing."""
         return len(self._held) >= MAX_HELD
 
-    def _log_end(self) -> int:
-        return max(watermarks(self.bootstrap, self.topics.log,
-                              client_id=client_id(self.vm, "recorder"))[1], 0)
+    def _write_now(self, topic: str, record: dict, key: bytes, timeout: float) -> int:
+        """One record, written and acknowledged before this returns; its offset."""
+        got: dict = {}
+
+        def delivered(err, msg):
+            got["err"], got["offset"] = err, (msg.offset() if err is None else -1)
+        self._produce(topic, record, key, delivered)
+        self.producer.flush(timeout)
+        if got.get("err") is not None or "offset" not in got:
+            why = got["err"].str() if got.get("err") else f"no answer within {timeout:.0f} s"
+            raise KafkaLogError(f"cannot write the {record['kind']} record of epoch "
+                                f"{self.epoch} to {topic}: {why}")
+        return got["offset"]
 
     # -- vCPU thread ------------------------------------------------------------------
     def write(self, record: dict) -> None:
+        if record["kind"] == "EventBatch" and any(ev["kind"] == "Output"
+                                                  for ev in record["events"]):
+            self._slice_has_output = True
         self._slice.append(record)
 
     def hold(self, outputs: list[dict]) -> None:
-        """Responses already in the log but not released (a takeover found them while
-        catching up): they leave under this sink's policy, before any new one."""
+        """Responses in the log's history but not validly released (a takeover found them
+        while catching up; each carries its log_offset): they leave under this sink's
+        policy, before any new one."""
         now = time.monotonic()
-        self._held.extend((now, o) for o in outputs
+        self._held.extend((now, dict(o, kind="Output")) for o in outputs
                           if o["channel"] == NIC and o["seq"] > self.released_seq)
 
     def commit(self) -> None:
+        if self.fenced:
+            raise self.fenced
         if self.error:
             raise self.error
         # slices are back to back: this commit ends one and starts the next, so a response
@@ -192,106 +202,109 @@ class KafkaSink:
         now = time.monotonic()
         began, self._slice_began = self._slice_began, now
         if self._slice:
-            self._units.put((now, self._slice, began))
-            self._slice = []
+            self._units.put((now, self._slice, began, self._slice_has_output))
+            self._slice, self._slice_has_output = [], False
 
     def close(self) -> None:
-        self.commit()
-        self._units.put(None)
-        self._thread.join()
+        if self._thread is not None:
+            try:
+                self.commit()
+            finally:
+                self._units.put(None)
+                self._thread.join()
+        self._closing.set()
+        if self._watch is not None:
+            self._watch.join()
+            self._tail.close()
         if self.acks:
             self.acks.close()
+        self.producer.flush(5)
+        if self.fenced:
+            raise self.fenced
         if self.error:
             raise self.error
 
-    # -- publisher thread ---------------------------------------------------------------
-    def _delivered(self, err, msg) -> None:
-        if err is None and msg.topic() == self.topics.log:
-            self._last_log_offset = max(self._last_log_offset, msg.offset())
+    # -- the epoch watch thread -------------------------------------------------------
+    def _watch_epochs(self) -> None:
+        while not self._closing.is_set():
+            try:
+                newer = [(e, o) for e, o in self._tail.poll(FENCE_WATCH_S) if e > self.epoch]
+            except KafkaLogError:
+                time.sleep(FENCE_WATCH_S)      # Kafka moving: the publisher says if it is fatal
+                continue
+            if newer:
+                epoch, offset = newer[0]
+                self._closing.wait(WATCH_LAG_S)
+                self.fenced = FencedError(
+                    f"fenced: a newer primary of VM {self.vm} took over (epoch {epoch} "
+                    f"sealed at log offset {offset}; this recorder's epoch {self.epoch}); "
+                    "this recorder stops and releases nothing more")
+                return
 
-    def _produce(self, topic: str, record: dict, key: bytes) -> None:
+    # -- publisher thread ---------------------------------------------------------------
+    def _produce(self, topic: str, record: dict, key: bytes, on_delivery) -> None:
         value, headers = encode_message(record)
-        headers.append((WRITER_HEADER, self.txn_id.encode()))
+        headers.append((WRITER_HEADER, self.writer.encode()))
         self.bytes_published += len(value)
         self.messages += 1
         while True:
             try:
                 self.producer.produce(topic, value, key, headers=headers,
-                                      on_delivery=self._delivered)
+                                      on_delivery=on_delivery)
                 return
             except BufferError:
                 self.producer.poll(0.05)
 
-    def _client_error(self, err) -> None:
-        if err.fatal():
-            self._fatal = err
+    def _write(self, topic: str, items: list[tuple[dict, bytes]]) -> list[int]:
+        """Records written in order with one wait for all their acks: their offsets."""
+        offsets = [-1] * len(items)
+        errors: list = []
 
-    def _fail(self, err) -> KafkaLogError:
-        if err.code() == KafkaError._FATAL:
-            try:
-                self.producer.poll(0)   # serves error_cb, which names the fatal error
-            except KafkaException as exc:   # ... or raises it
-                self._fatal = exc.args[0]
-        if err.code() == KafkaError._FATAL and self._fatal is not None:
-            err = self._fatal       # "Local: Fatal error" from produce(): say which
-        if "FENCED" in err.name() or err.code() == KafkaError.INVALID_PRODUCER_EPOCH:
-            return FencedError(f"fenced: a newer primary of VM {self.vm} took over "
-                               f"({self.txn_id}: {err.str()}); this recorder stops and "
-                               "releases nothing more")
-        return KafkaLogError(f"the recorder's producer {self.txn_id} failed: {err.str()}")
+        def delivered_at(i):
+            def delivered(err, msg):
+                if err is not None:
+                    errors.append(err)
+                else:
+                    offsets[i] = msg.offset()
+            return delivered
+        for i, (record, key) in enumerate(items):
+            self._produce(topic, record, key, delivered_at(i))
+        left = self.producer.flush(DELIVERY_TIMEOUT_S)
+        if errors or left:
+            why = errors[0].str() if errors else f"{left} records unacknowledged after " \
+                                                 f"{DELIVERY_TIMEOUT_S:.0f} s"
+            raise KafkaLogError(f"the recorder of VM {self.vm} cannot write {topic}: {why}")
+        return offsets
 
-    def _commit(self, deadline: float) -> None:
-        """commit_transaction, retried as librdkafka asks: a retriable error means the
-        outcome is not known yet, so the same commit is called again (never aborted)."""
-        while True:
-            try:
-                self.producer.commit_transaction(TXN_RETRY_S)
-                return
-            except KafkaException as exc:
-                err = exc.args[0]
-                if err.retriable() and not err.txn_requires_abort() \
-                        and time.monotonic() < deadline:
-                    time.sleep(0.1)
+    def _write_log(self, records: list[tuple[dict, float]]) -> None:
+        """Log records (the LogHeader, EventBatches); responses in them are held with their
+        offsets."""
+        batches = [dict(rec, epoch=self.epoch) for rec, _ in records]
+        offsets = self._write(self.topics.log, [
+            (b, icount_key(b["events"][0]["icount"] if b.get("events") else 0))
+            for b in batches])
+        self.next_log_offset = offsets[-1] + 1
+        if self.serving:
+            for (rec, began), offset in zip(records, offsets):
+                if rec["kind"] != "EventBatch":
                     continue
-                raise
+                self._held.extend(
+                    (began, dict(ev, kind="Output", epoch=self.epoch, log_offset=offset))
+                    for ev in rec["events"]
+                    if ev["kind"] == "Output" and ev["channel"] == NIC
+                    and ev["seq"] > self.released_seq)
 
-    @property
-    def producer(self) -> Producer:
-        """The producer whose turn it is (they take turns, a transaction each)."""
-        return self._producers[self._turn]
-
-    def _transaction(self, produce_all) -> None:
-        """One transaction; aborted and redone when the producer says it must be, until
-        TXN_RETRY_S has passed; a fatal error (fenced) ends the recording.  The next one
-        starts only once this one's commit has returned, so the log's order is the
-        transactions' order even though several producers take turns."""
-        deadline = time.monotonic() + TXN_RETRY_S
-        while True:
-            try:
-                self.producer.begin_transaction()
-                produce_all()
-                self._commit(deadline)
-                if self._last_log_offset >= 0:
-                    # where the next message can land at the earliest (commit markers of
-                    # any producer may come first: a reader seeking there skips them)
-                    self.next_log_offset = self._last_log_offset + 1
-                self._turn = (self._turn + 1) % len(self._producers)
-                return
-            except KafkaException as exc:
-                err = exc.args[0]
-                if err.fatal() or time.monotonic() > deadline:
-                    raise self._fail(err) from None
-                if err.txn_requires_abort():
-                    self.producer.abort_transaction(TXN_RETRY_S)
-                    continue
-                raise self._fail(err) from None
+    def _write_snapshot(self, rec: dict) -> None:
+        snap = dict(rec, log_offset=self.next_log_offset, epoch=self.epoch)
+        self._write(self.topics.snapshots, [(c, icount_key(c["icount"]))
+                                            for c in split_snapshot(snap, SNAPSHOT_CHUNK_BYTES)])
 
     def _releasable(self) -> list[tuple[float, dict]]:
         """The held responses the policy lets go now, a prefix in seq order."""
-        if not self._held:
+        if not self._held or self.fenced:
             return []
         if not self.policy.backups:
-            return list(self._held)    # their log is in this very transaction
+            return list(self._held)    # their log records are delivered
         self.acks.poll()
         acked = self.acks.acked_icount(self.policy.backups)
         n = 0
@@ -299,83 +312,64 @@ class KafkaSink:
             n += 1
         return self._held[:n]
 
-    def _release(self, releasing: list[tuple[float, dict]]) -> None:
-        """Inside a transaction: the responses it releases."""
-        for _, out in releasing:
-            self._produce(self.topics.outputs, out, str(out["seq"]).encode())
-
-    def _released(self, releasing: list[tuple[float, dict]]) -> None:
-        """After the commit: the responses are out."""
-        if releasing:
-            now = time.monotonic()
-            del self._held[:len(releasing)]
-            self.released_seq = releasing[-1][1]["seq"]
-            self.outputs_released += len(releasing)
-            latencies = [now - began for began, _ in releasing]
-            self.output_latencies.extend(latencies)
-            hist = metrics.OUTPUT_COMMIT_SECONDS.labels(self.vm, str(self.policy))
-            for seconds in latencies:
-                hist.observe(seconds)
-            metrics.RESPONSES_RELEASED.labels(self.vm).inc(len(releasing))
-
-    def _publish_unit(self, units: list) -> None:
-        pending: list[dict] = []
-        records = [rec for _, recs, _ in units for rec in recs]
-        if self.serving:
-            for _, recs, began in units:
-                for rec in recs:
-                    if rec["kind"] == "EventBatch":
-                        self._held.extend(
-                            (began, dict(ev, kind="Output")) for ev in rec["events"]
-                            if ev["kind"] == "Output" and ev["channel"] == NIC
-                            and ev["seq"] > self.released_seq)
-
-        def flush_log(releasing=None):
-            for rec in pending:
-                first = rec["events"][0]["icount"] if rec["kind"] == "EventBatch" else 0
-                self._produce(self.topics.log, rec, icount_key(first))
-            if releasing:
-                self._release(releasing)
-
-        for rec in records:
-            if rec["kind"] == "Snapshot":
-                if pending:
-                    self._transaction(flush_log)
-                    pending = []
-                snap = dict(rec, log_offset=self.next_log_offset)
-                chunks = split_snapshot(snap, SNAPSHOT_CHUNK_BYTES)
-                self._transaction(lambda: [self._produce(self.topics.snapshots, c,
-                                                         icount_key(c["icount"]))
-                                           for c in chunks])
-            else:
-                pending.append(rec)
-        releasing = self._releasable() if self.serving else []
-        if pending or releasing:
-            self._transaction(lambda: flush_log(releasing))
-            self._released(releasing)
-
-    def _release_waiting(self) -> None:
-        """backups:N with no new slice: let out what the acks allow now."""
+    def _release(self) -> None:
         releasing = self._releasable()
-        if releasing:
-            self._transaction(lambda: self._release(releasing))
-            self._released(releasing)
+        if not releasing:
+            return
+        self._write(self.topics.outputs, [(dict(out, epoch=self.epoch), str(out["seq"]).encode())
+                                          for _, out in releasing])
+        now = time.monotonic()
+        del self._held[:len(releasing)]
+        self.released_seq = releasing[-1][1]["seq"]
+        self.outputs_released += len(releasing)
+        latencies = [now - began for began, _ in releasing]
+        self.output_latencies.extend(latencies)
+        hist = metrics.OUTPUT_COMMIT_SECONDS.labels(self.vm, str(self.policy))
+        for seconds in latencies:
+            hist.observe(seconds)
+        metrics.RESPONSES_RELEASED.labels(self.vm).inc(len(releasing))
+
+    def _publish_units(self, units: list) -> None:
+        pending: list[tuple[dict, float]] = []
+        for _, recs, began, _ in units:
+            for rec in recs:
+                if rec["kind"] == "Snapshot":
+                    if pending:
+                        self._write_log(pending)
+                        pending = []
+                    self._write_snapshot(rec)
+                else:
+                    pending.append((rec, began))
+        if pending:
+            self._write_log(pending)
 
     def _next_units(self) -> list:
+        """The slices waiting; if none has output, wait up to IDLE_BATCH_S for more."""
         waiting = self.acks is not None and bool(self._held)
         try:
             units = [self._units.get(timeout=RELEASE_POLL_S if waiting else None)]
         except queue.Empty:
             return []
+        until = time.monotonic() + IDLE_BATCH_S
         while True:
             try:
                 units.append(self._units.get_nowait())
+                continue
             except queue.Empty:
+                pass
+            if units[-1] is None or any(u[3] for u in units):
                 return units
+            left = until - time.monotonic()
+            if left <= 0:
+                return units
+            try:
+                units.append(self._units.get(timeout=min(left, RELEASE_POLL_S)))
+            except queue.Empty:
+                pass
 
     def _publish_loop(self) -> None:
-        """Group commit: every slice waiting when a transaction starts goes into it, so a
-        slow commit does not leave the publisher behind the vCPU."""
+        """Group commit: every slice waiting goes in one write, so a slow write does not
+        leave the publisher behind the vCPU."""
         done = False
         while not done:
             units = self._next_units()
@@ -386,23 +380,30 @@ class KafkaSink:
                 continue
             try:
                 if units:
-                    self._publish_unit(units)
+                    self._publish_units(units)
                     now = time.monotonic()
-                    self.commit_latencies.extend(now - handed for handed, _, _ in units)
-                elif self.acks is not None:
-                    self._release_waiting()
+                    self.commit_latencies.extend(now - handed for handed, _, _, _ in units)
+                if self.serving:
+                    self._release()
                 if done:
                     self._drain_held()
-            except Exception as exc:   # surfaced on the vCPU thread by commit()
+            except (KafkaLogError, KafkaException) as exc:   # surfaced by commit()
+                self.error = exc if isinstance(exc, KafkaLogError) else \
+                    KafkaLogError(f"the recorder's producer failed: {exc.args[0].str()}")
+            except Exception as exc:
                 self.error = exc
 
     def _drain_held(self) -> None:
         """The recording ended: responses still held wait for their acks, for a while."""
-        deadline = time.monotonic() + TXN_RETRY_S
-        while self._held and self.acks is not None:
-            self._release_waiting()
+        deadline = time.monotonic() + DELIVERY_TIMEOUT_S
+        while self._held and self.acks is not None and not self.fenced:
+            self._release()
             if time.monotonic() > deadline:
                 raise KafkaLogError(f"{len(self._held)} responses never released: fewer than "
                                     f"{self.policy.backups} backups acked their log within "
-                                    f"{TXN_RETRY_S:.0f} s")
+                                    f"{DELIVERY_TIMEOUT_S:.0f} s")
             time.sleep(RELEASE_POLL_S)
+
+
+def _ms_since(t0: float) -> float:
+    return round((time.monotonic() - t0) * 1000, 1)

@@ -6,14 +6,12 @@ Inputs: a thread takes requests from .in and pushes them into the NIC queue as t
 (nic_push wakes the vCPU), remembering each one's offset.  The core delivers queued packets
 in order, one Dma event each, so the n-th Dma event in the log is the n-th pushed offset:
 after a slice, `delivered()` turns the slice's Dma events into the next undelivered offset,
-which the slice's EventBatch carries (next_input_offset), in the same transaction.  A new
-primary therefore resumes exactly after the last input in the committed log.  (Kafka's
-send_offsets_to_transaction would say the same through a consumer group, at two more round
-trips per transaction: about 70 ms here.)
+which the slice's EventBatch carries (next_input_offset), in the same write.  A new
+primary therefore resumes exactly after the last input in the log's history.
 
-Outputs: the policy decides when a response in the log may be released (written to .out in
-a transaction): `log` with the transaction of its own log, `backups:N` once N backups have
-acked receipt of the log up to its icount.
+Outputs: the policy decides when a response in the log may be released (written to .out
+with its epoch and log offset): `log` once its log record is written (replicated),
+`backups:N` once N backups have acked receipt of the log up to its icount.
 """
 from __future__ import annotations
 
@@ -25,8 +23,7 @@ from typing import Callable
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
 
-from kvmrr_log.kafka import (WRITER_HEADER, KafkaLogError, client_conf, client_id, scan_topic, topics,
-                            transactional_id, watermarks)
+from kvmrr_log.kafka import absolute_start, client_conf, client_id, topics
 from schemas import LogFormatError, decode_message
 
 MAX_BACKUPS = 64        # backup ids an AckWatch keeps track of
@@ -121,8 +118,8 @@ class AckWatch:
         self.topic = topics(vm).acks
         self.consumer = Consumer(dict(client_conf(bootstrap, client_id(vm, "recorder")), **{
             "group.id": f"kvmrr.{vm}.ackwatch", "enable.auto.commit": False,
-            "fetch.wait.max.ms": 5}))
-        self.consumer.assign([TopicPartition(self.topic, 0, OFFSET_BEGINNING)])
+            "fetch.wait.max.ms": 5, "auto.offset.reset": "earliest"}))
+        self.consumer.assign([TopicPartition(self.topic, 0, absolute_start(OFFSET_BEGINNING))])
         self.received: dict[str, int] = {}
         self.replayed: dict[str, tuple[int, int]] = {}   # (icount, wall_ns it was sent)
         # one entry per backup id, at most MAX_BACKUPS: a new id beyond that evicts the
@@ -163,36 +160,12 @@ class AckWatch:
         self.consumer.close()
 
 
-def released_seq(bootstrap: str, vm: str, timeout: float = 15.0) -> int:
-    """The highest output seq committed to .out (-1: none).  Called by a new primary after
-    it has fenced the old one, so nothing more can be committed there behind its back."""
-    topic = topics(vm).outputs
-    writer = transactional_id(vm).encode()
-    low, high = watermarks(bootstrap, topic, timeout, client_id(vm, "recorder"))
-    window = 64
-    while True:
-        start = max(low, high - window)
-        best = -1
-        for msg in scan_topic(bootstrap, topic, start=start, timeout=timeout,
-                              client_id=client_id(vm, "recorder")):
-            if dict(msg.headers() or []).get(WRITER_HEADER) != writer:
-                continue
-            try:
-                out = decode_message(msg.value() or b"", msg.headers() or [])
-            except LogFormatError as exc:
-                raise KafkaLogError(f"{topic} offset {msg.offset()}: {exc}") from None
-            best = max(best, out["seq"])
-        if best >= 0 or start <= low:
-            return best
-        window *= 4       # only markers and aborted records at the end: look further
-
-
-
 def input_position(bootstrap: str, vm: str) -> int:
-    """The next_input_offset of the last EventBatch in the committed log that has one (0
+    """The next_input_offset of the last EventBatch in the log's history that has one (0
     if none): where a new primary resumes when its own replay saw no batch saying it."""
     from kvmrr_log.topic_reader import LogTopicReader
-    reader = LogTopicReader(bootstrap, vm, topics(vm).log, OFFSET_BEGINNING, role="recorder")
+    reader = LogTopicReader(bootstrap, vm, topics(vm).log, OFFSET_BEGINNING,   # epoch rule
+                            role="recorder")
     position = 0
     try:
         for record, _ in reader.records(0):

@@ -1,5 +1,7 @@
 """Export a log on Kafka to an Avro archive: its header, one snapshot, and every batch
-after that snapshot up to the End record (the debugging use: replay it offline)."""
+after that snapshot up to the End record (the debugging use: replay it offline).  The
+archive holds the history only: the reader applies the epoch rule, so neither Epoch
+records nor what an old primary wrote after its successor's seal go in."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -17,7 +19,8 @@ def export_archive(bootstrap: str, vm: str, path: Path, *, start: str = "first")
     snapshot = choose_snapshot(read_snapshots(bootstrap, vm, start=start, role="archive"),
                                start, None)
     offset = snapshot["log_offset"] if snapshot.get("log_offset", -1) >= 0 else OFFSET_BEGINNING
-    reader = LogTopicReader(bootstrap, vm, topics(vm).log, offset, role="archive")
+    reader = LogTopicReader(bootstrap, vm, topics(vm).log, offset, snapshot.get("epoch", 0),
+                            role="archive")
     batches = events = 0
     ended = False
     try:

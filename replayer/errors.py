@@ -14,7 +14,3 @@ class DivergenceError(ReplayError):
         self.report = report
         self.icount = icount
 
-
-class TakeoverAborted(Exception):
-    """A takeover could not finish before going live because Kafka did not answer (a broker
-    died and its partitions are moving); nothing was released, the backup follows again."""

@@ -19,7 +19,8 @@ from libkvmrr import KvmrrError
 from kvmrr_log.guest_images import GuestImage
 from kvmrr_log.kafka import KafkaLogError, client_conf, client_id, topics
 from replayer import metrics
-from replayer.errors import DivergenceError, ReplayError, TakeoverAborted
+from replayer.errors import DivergenceError, ReplayError
+from replayer.takeover import Event, State, next_state
 from kvmrr_log.topic_reader import LogTopicReader, log_has_ended, read_header, read_snapshots
 from replayer.session import ReplayResult, ReplaySession
 from schemas import encode_message
@@ -29,6 +30,7 @@ LAG_LOG_EVERY_S = 1.0
 LAG_SAMPLES = 3600         # one a LAG_LOG_EVERY_S: the last hour
 RECENT_OUTPUTS = 100_000   # replayed responses kept, to find those a takeover must release
 ASK_END_TIMEOUT_S = 5.0    # a live leader answers in milliseconds
+CATCH_UP_QUIET_S = 15.0    # a takeover's own Epoch record not readable by then: Kafka moving
 
 
 def choose_snapshot(snaps: list[dict], start: str, until: int | None) -> dict:
@@ -71,6 +73,9 @@ class Follower:
         self.snapshot = snapshot
         self.offset = snapshot["log_offset"] if snapshot.get("log_offset", -1) >= 0 \
             else OFFSET_BEGINNING
+        self.epoch = snapshot.get("epoch", 0)     # the log's epoch at self.offset
+        self.epoch_read: tuple[int, int] | None = None   # the last Epoch record read
+        self._batch_offset = -1
         self.log = structlog.get_logger().bind(vm_id=vm, role="backup",
                                                backup=backup_id or "-")
         self.acks = Producer(dict(client_conf(bootstrap, client_id(vm, self.role)), acks="all")
@@ -81,10 +86,11 @@ class Follower:
         self.on_output = on_output
         self.recent_outputs: deque[dict] = deque(maxlen=RECENT_OUTPUTS)
         self._succession = None
+        self._writer = None          # the designated successor's, ready for a takeover
 
     def _on_output(self, ev: dict) -> None:
         if ev["channel"] == 1:
-            self.recent_outputs.append(ev)
+            self.recent_outputs.append(dict(ev, log_offset=self._batch_offset))
         if self.on_output:
             self.on_output(ev)
 
@@ -144,11 +150,14 @@ class Follower:
         return self.session.result()
 
     def _follow(self, finished_log: bool, idle_timeout: float | None,
-                stop_when: Callable[[], bool] | None = None) -> bool:
+                stop_when: Callable[[], bool] | None = None,
+                stop_at_epoch: bool = False) -> bool:
         """Feed committed batches from self.offset on; True once the End is replayed.
-        stop_when(), asked between batches and while idle, may stop it early (False)."""
+        stop_when(), asked between batches and while idle, may stop it early (False), and
+        so does an accepted Epoch record if stop_at_epoch (self.epoch_read says which).
+        The reader applies the epoch rule: void records never reach the replay."""
         reader = self._reader = LogTopicReader(self.bootstrap, self.vm, self.topics.log,
-                                               self.offset, role=self.role)
+                                               self.offset, self.epoch, role=self.role)
         if self.backup_id:
             self.log.info(events.READING, snapshot_icount=self.snapshot["icount"], offset=self.offset)
         running = True
@@ -157,9 +166,17 @@ class Follower:
                                                  stop_when):
                 if record["kind"] == "LogHeader":
                     continue
+                if record["kind"] == "Epoch":
+                    self.epoch_read = (record["epoch"], offset)
+                    self.log.info(events.EPOCH, epoch=record["epoch"], offset=offset,
+                                  sealer=record["writer"])
+                    if stop_at_epoch:
+                        break
+                    continue
                 if record["kind"] != "EventBatch":
                     raise KafkaLogError(f"{self.topics.log} offset {offset}: a "
                                         f"{record['kind']} on the log topic")
+                self._batch_offset = offset
                 try:
                     running = self.session.feed_batch(record)
                 except DivergenceError:
@@ -176,16 +193,18 @@ class Follower:
             raise
         finally:
             self.offset = reader.offset
+            self.epoch = reader.epoch
             reader.close()
         return not running
 
     def follow_or_take_over(self, *, failover_timeout: float, give_up_after: float | None,
                             serve: bool = False, policy=None, **record_opts):
         """Follow the live log; if the primary falls silent for failover_timeout s and this
-        backup is the designated successor (replayer.succession), take over: fence it,
-        replay whatever it committed before the fence, and continue the same log as the
-        new primary.  A backup that is not designated keeps following whoever continues
-        the log, and gives up after give_up_after s of silence.
+        backup is the designated successor (replayer.succession), take over
+        (replayer.takeover): seal the log with the next epoch, replay the history up to
+        that Epoch record, and continue the same log as the new primary.  A backup that is
+        not designated, or loses, keeps following whoever continues the log, and gives up
+        after give_up_after s of silence.
         Returns (ReplayResult, RecordResult | None)."""
         from replayer.succession import Succession
         succession = self._succession = Succession(self.bootstrap, self.vm,
@@ -205,7 +224,8 @@ class Follower:
                 self._reader.ask_end(ASK_END_TIMEOUT_S)
                 # a backup that has read all that is committed would have replayed an End
                 ended = not self._reader.at_end and log_has_ended(self.bootstrap, self.vm,
-                                                                    role=self.role)
+                                                                  self._reader.epoch,
+                                                                  role=self.role)
                 return ended
             except KafkaLogError as exc:
                 self.log.warning(events.LOG_END_UNKNOWN, error=str(exc))
@@ -215,11 +235,14 @@ class Follower:
             # silence of the log itself, not of this backup's replay: a backup still
             # replaying a backlog notices a dead primary as soon as one that kept up
             nonlocal chosen
+            designated = succession.designated_for()
+            if designated > 0 and self._writer is None:
+                self._writer = self._new_writer(serve, policy)
             chosen = self._reader.silence() >= failover_timeout and \
-                succession.designated_for() >= failover_timeout and \
-                not silence_is_not_death()
+                designated >= failover_timeout and not silence_is_not_death()
             return chosen
 
+        state = State.FOLLOWING
         try:
             while True:
                 if self._follow(False, give_up_after, primary_gone):
@@ -228,81 +251,131 @@ class Follower:
                     raise ReplayError(f"{self.topics.log} offset {self.offset}: no new record "
                                       f"for {give_up_after} s and this backup was not chosen "
                                       f"to take over (replayed to icount {self.session.icount})")
+                state = next_state(state, Event.PRIMARY_SILENT)
                 self.log.warning(events.TAKEOVER, silent_s=failover_timeout,
-                                 icount=self.session.icount)
-                try:
-                    return self._take_over(serve, policy, record_opts)
-                except TakeoverAborted as exc:
-                    # Kafka itself is moving (a broker died): the fence or the catch-up
-                    # could not finish.  Nothing was released; follow again and decide
-                    # afresh after another silent timeout.
-                    self.log.warning(events.TAKEOVER_ABORTED, error=str(exc))
-                    chosen = False
+                                 icount=self.session.icount, epoch=self.epoch + 1)
+                state, outcome = self._take_over(state, serve, policy, dict(record_opts))
+                if state is State.LIVE or outcome is not None:
+                    return outcome
+                chosen = False
         finally:
             self._leave_succession()
+            if self._writer is not None:
+                self._writer.close()
+                self._writer = None
+
+    def _new_writer(self, serve: bool, policy):
+        """The designated successor's writer, made and connected ahead of a takeover (the
+        seal is then one write); None if Kafka cannot now (made at the takeover then)."""
+        from recorder.kafka_sink import KafkaSink
+        from recorder.service import CommitPolicy
+        try:
+            sink = KafkaSink(self.bootstrap, self.vm, serve=serve, takeover=True,
+                             policy=policy or CommitPolicy())
+            sink.warm_up()
+            return sink
+        except (KafkaLogError, KafkaException):
+            return None
 
     def _leave_succession(self) -> None:
         if self._succession is not None:
             self._succession.close()
             self._succession = None
 
-    def _take_over(self, serve: bool, policy, record_opts: dict):
+    def _take_over(self, state: State, serve: bool, policy, record_opts: dict):
+        """Designated -> Sealing -> CatchingUp -> Live (then record as the primary until
+        the end), or back to Following.  (state, (ReplayResult, RecordResult | None) or
+        None when following again)."""
         from recorder.kafka_sink import KafkaSink
-        from recorder.pacing import pacer_for
-        from recorder.service import CommitPolicy, KafkaInputs, input_position
-        from recorder.session import RecordSession
+        from recorder.primary import build_primary
+        from recorder.service import CommitPolicy, input_position
         t0 = time.monotonic()
+        steps: dict = {}
+        epoch = self.epoch + 1
+        sink = None
+
+        def back_to_following(why: str, exc: Exception | None = None):
+            nonlocal state
+            state = next_state(state, Event.KAFKA_FAILED)
+            self.log.warning(events.TAKEOVER_ABORTED, error=f"{why}: {exc}",
+                             epoch=epoch)
+            if sink is not None:
+                try:
+                    sink.close()
+                except Exception:
+                    pass
+            return state, None
+
+        sink, self._writer = self._writer, None
         try:
-            sink = KafkaSink(self.bootstrap, self.vm, serve=serve, takeover=True,
-                             policy=policy or CommitPolicy())       # fences the old primary
+            if sink is None:
+                sink = KafkaSink(self.bootstrap, self.vm, serve=serve, takeover=True,
+                                 policy=policy or CommitPolicy())
+            state = next_state(state, Event.WRITER_READY)
+            sealed_at = sink.seal(epoch, self.backup_id or "backup")
         except (KafkaLogError, KafkaException) as exc:
-            raise TakeoverAborted(f"fencing the old primary: {exc}") from None
-        steps = {"fence_ms": _ms_since(t0), "sink_ms": sink.start_ms}
-        inputs = pacer = None
+            return back_to_following("sealing", exc)
+        state = next_state(state, Event.SEALED)
+        steps["seal_ms"] = _ms_since(t0)
         try:
-            try:
-                if self._follow(True, 0):                  # it had finished after all
-                    return self._done(), None
-                steps["catch_up_ms"] = _ms_since(t0) - steps["fence_ms"]
-                s = self.session
-                replayed = s.result()
-                if serve:
-                    self._hold_unreleased(sink)
-                    position = s.next_input_offset
-                    if position < 0:     # no batch since our snapshot: ask the log itself
-                        position = input_position(self.bootstrap, self.vm)
-                    inputs = KafkaInputs(self.bootstrap, self.vm, position,
-                                         held_back=sink.held_back)
-            except (KafkaLogError, KafkaException) as exc:
-                raise TakeoverAborted(f"after the fence: {exc}") from None
-            s.machine.go_live(record_opts.pop("checksum_every"))
-            pacer = pacer_for(self.bootstrap, self.vm, record_opts.pop("max_backup_lag_ms", 0),
-                              me=self.backup_id)
-            self._leave_succession()     # the next backup in line takes the role
-            self.log.warning(events.LIVE, icount=s.icount, next_seq=s.expected_seq,
-                             released_seq=sink.released_seq,
-                             next_input_offset=inputs.start_offset if inputs else None,
-                             takeover_ms=_ms_since(t0), **steps)
-            rec = RecordSession(s.image, sink, counter=s.counter, vm_id=self.vm,
-                                bootargs=self.header["bootargs"], continue_from=s.machine,
-                                next_seq=s.expected_seq, outputs=s.outputs,
-                                outputs_complete=s.start_icount == 0,
-                                on_output=self.on_output, inputs=inputs, pacer=pacer,
-                                **record_opts)
-            self.primary = rec
-            result = rec.run()
-        finally:
-            if inputs:
-                inputs.close()
-            if pacer:
-                pacer.close()
-            sink.close()
+            deadline = time.monotonic() + CATCH_UP_QUIET_S
+            while True:
+                self.epoch_read = None
+                if self._follow(True, 0, stop_at_epoch=True):    # it had finished after all
+                    next_state(state, Event.LOG_ENDED)
+                    sink.close()
+                    return state, (self._done(), None)
+                if self.epoch_read is not None and self.epoch_read[1] == sealed_at:
+                    break
+                if self.epoch_read is not None or self.offset > sealed_at:
+                    # another sealer's Epoch record came first: it won, ours is void
+                    state = next_state(state, Event.NEWER_EPOCH_READ)
+                    self.log.warning(events.SEALED_FIRST_ELSEWHERE,
+                                     epoch=self.epoch, ours=sealed_at)
+                    sink.close()
+                    return state, None
+                if time.monotonic() > deadline:      # our record is acked, so readable
+                    raise KafkaLogError(f"{self.topics.log}: this backup's Epoch record at "
+                                        f"offset {sealed_at} is not readable after "
+                                        f"{CATCH_UP_QUIET_S:.0f} s")
+        except (KafkaLogError, KafkaException) as exc:
+            return back_to_following("catching up", exc)
+        steps["catch_up_ms"] = _ms_since(t0) - steps["seal_ms"]
+        s = self.session
+        replayed = s.result()
+        position = None
+        try:
+            sink.go_live()
+            if serve:
+                self._hold_unreleased(sink)
+                position = s.next_input_offset
+                if position < 0:     # no batch since our snapshot: ask the log itself
+                    position = input_position(self.bootstrap, self.vm)
+        except (KafkaLogError, KafkaException) as exc:
+            return back_to_following("going live", exc)
+        state = next_state(state, Event.OWN_EPOCH_READ)
+        s.machine.go_live(record_opts.pop("checksum_every"))
+        primary = build_primary(sink, s.image, counter=s.counter, input_offset=position,
+                                max_backup_lag_ms=record_opts.pop("max_backup_lag_ms", 0),
+                                me=self.backup_id, bootargs=self.header["bootargs"],
+                                continue_from=s.machine, next_seq=s.expected_seq,
+                                outputs=s.outputs, outputs_complete=s.start_icount == 0,
+                                on_output=self.on_output, **record_opts)
+        self._leave_succession()     # the next backup in line takes the role
+        self.log.warning(events.LIVE, icount=s.icount, next_seq=s.expected_seq, epoch=epoch,
+                         sealed_at=sealed_at, released_seq=sink.released_seq,
+                         next_input_offset=position, takeover_ms=_ms_since(t0),
+                         sink_ms=sink.start_ms, **steps)
+        self.primary = primary.session
+        self.primary_sink = sink
+        result = primary.run()
         self.log.info(events.DONE_AS_PRIMARY, icount=result.instructions)
-        return replayed, result
+        return state, (replayed, result)
 
     def _hold_unreleased(self, sink) -> None:
-        """Responses the replay regenerated that never left: the new primary releases them
-        (under its policy); those already on .out never leave twice."""
+        """Responses the replay regenerated that were never validly released: the new
+        primary releases them (under its policy); those already on .out never leave
+        twice."""
         recent = self.recent_outputs
         if (len(recent) == recent.maxlen and recent[0]["seq"] > sink.released_seq + 1):
             raise ReplayError(f"cannot take over: responses after seq {sink.released_seq} "

@@ -21,6 +21,7 @@ from .codec import (
     icount_from_key,
     icount_key,
     join_snapshot,
+    message_kind,
     read_archive,
     schema_fingerprint,
     split_snapshot,
@@ -31,6 +32,6 @@ __all__ = [
     "SCHEMA_HEADER", "ArchiveReader", "ArchiveWriter", "CorruptRecordError",
     "InvalidRecordError", "LogFormatError", "NotAnArchiveError", "SchemaCatalog",
     "TruncatedArchiveError", "UnknownSchemaError", "decode_message", "encode_message",
-    "icount_from_key", "icount_key", "join_snapshot", "read_archive", "schema_fingerprint",
+    "icount_from_key", "icount_key", "join_snapshot", "message_kind", "read_archive", "schema_fingerprint",
     "split_snapshot",
 ]

@@ -17,7 +17,7 @@ def _timer_batches(events: int, batch_size: int) -> list[dict]:
                   "rip": 0x101000 + (seq % 7) * 0x13, "vector": 32}
                  for seq in range(first, min(first + batch_size, events))]
         batches.append({"kind": "EventBatch", "first_seq": first, "events": batch,
-                        "next_input_offset": -1})
+                        "next_input_offset": -1, "epoch": 0})
     return batches
 
 

@@ -48,7 +48,7 @@ FORMAT_VERSION = 1
 #: CRC-64-AVRO, as in Avro's single-object encoding).
 SCHEMA_HEADER = "kvmrr-schema"
 
-MESSAGE_KINDS = ("LogHeader", "Snapshot", "EventBatch", "Ack", "Output")
+MESSAGE_KINDS = ("LogHeader", "Snapshot", "EventBatch", "Ack", "Output", "Epoch")
 ARCHIVE_KINDS = ("LogHeader", "Snapshot", "EventBatch", "ArchiveEnd")
 ARCHIVE_CODECS = ("null", "deflate")
 
@@ -237,7 +237,8 @@ def _to_avro(kind: str, record: dict, catalog: SchemaCatalog) -> dict:
         raise InvalidRecordError(f"EventBatch events must be event dicts with a 'kind' of "
                                  f"{', '.join(names)}: {_one_line(exc)}") from None
     return {"first_seq": record.get("first_seq"), "events": events,
-            "next_input_offset": record.get("next_input_offset", -1)}
+            "next_input_offset": record.get("next_input_offset", -1),
+            "epoch": record.get("epoch", 0)}
 
 
 def _with_defaults(kind: str, record: dict, catalog: SchemaCatalog) -> dict:
@@ -293,6 +294,12 @@ def _schema_fingerprint_header(headers: Any) -> bytes:
         raise UnknownSchemaError(f"{SCHEMA_HEADER} header {found[0]!r} is not an "
                                  f"8-byte schema fingerprint")
     return fingerprint
+
+
+def message_kind(headers: Any, *, catalog: SchemaCatalog = CATALOG) -> str:
+    """The record kind of a Kafka message from its schema header alone, without decoding
+    the value (a reader looking for one kind skips the others cheaply)."""
+    return catalog.writer_schema(_schema_fingerprint_header(headers))[0]
 
 
 def decode_message(value: bytes, headers: Any, *, catalog: SchemaCatalog = CATALOG) -> dict:

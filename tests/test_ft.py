@@ -21,7 +21,8 @@ from harness.ftcluster import FtCluster, wait_for
 from kvmrr_log.client_ids import declared_scope, scoped_request_id
 from kvmrr_log import events
 from kvmrr_log.kafka import scan_topic, topics
-from harness.logstats import released_seqs
+from harness.logstats import released_outputs, released_seqs, void_outputs
+from schemas import decode_message
 
 pytestmark = pytest.mark.kafka
 RATE = 60.0          # requests/s: well within what the emulated guest serves
@@ -85,6 +86,56 @@ def test_stopped_primary_is_fenced_and_stops_itself(cluster):
     res = ft.finish(client)
     assert res["took_over"] == ["b1"]
     assert_verified(res, survivors=1)
+
+
+def test_zombie_that_writes_after_the_takeover_is_ignored(cluster, kafka):
+    """SIGSTOP the primary until a backup has taken over, then SIGCONT it while it is still
+    connected: it learns of the newer epoch only seconds late (as one whose reads of the
+    log's tail lag), so it keeps writing its log and releasing responses after the seal.
+    Its records land in the topics and no reader uses them: the gateway passes on none of
+    its releases, and the offline replay of the whole log equals the survivor."""
+    boot = kafka.split(",")[0]
+    ft = cluster()
+    primary = ft.start_primary(wrap=lambda cmd: ["env", "KVMRR_TEST_EPOCH_WATCH_LAG_S=4",
+                                                 *cmd])
+    ft.start_backup("b1")
+    ft.start_gateway()
+    ft.wait_backups_reading()
+    client = ft.client()
+    client.run(RATE, 2.0)
+    primary.signal(signal.SIGSTOP)
+    client.run(RATE, 1.0)
+    wait_for(lambda: ft.live_backup() is not None, 60, "a backup to take over")
+    client.run(RATE, 1.0)
+    primary.signal(signal.SIGCONT)
+    client.run(RATE, 3.0)                 # the zombie serves these too, for nothing
+    rc = primary.wait(60)
+    err = "".join(primary.text)
+    assert rc == 3 and "fenced: a newer primary of VM" in err, err[-2000:]
+    # its log records landed after the new epoch's Epoch record...
+    log = [(m.offset(), decode_message(m.value(), m.headers()))
+           for m in scan_topic(boot, topics(ft.vm).log)]
+    sealed_at = min(o for o, r in log if r["kind"] == "Epoch" and r["epoch"] == 1)
+    late = [o for o, r in log if o > sealed_at and r.get("epoch", 0) == 0]
+    assert late, "the resumed primary wrote nothing after the seal"
+    # ...and so did its releases, which nobody passed on: those of records after the seal,
+    # and any it put on .out after the new primary's Epoch record there
+    void = void_outputs(boot, ft.vm)
+    assert void and all(o["epoch"] == 0 for o in void), void
+    after_seal = [o for o in void if o["log_offset"] > sealed_at]
+    client.run(RATE, 1.0)
+    res = ft.finish(client)
+    valid = {o["data"].split(b" ", 1)[0]: o["data"].rstrip(b"\n")
+             for o in released_outputs(boot, ft.vm)}
+    answers = {rid.encode(): line for rid, line in client.answers.items()}
+    assert all(valid[rid] == line for rid, line in answers.items())
+    differing = [o for o in void if o["data"].split(b" ", 1)[0] in answers
+                 and o["data"].rstrip(b"\n") != valid.get(o["data"].split(b" ", 1)[0])]
+    assert res["took_over"] == ["b1"]
+    assert_verified(res, survivors=1)
+    print(f"zombie: {len(late)} log records after the seal; {len(void)} void releases, "
+          f"{len(after_seal)} of records after the seal, {len(differing)} different from "
+          f"the valid answer; none passed on")
 
 
 def test_commit_log_goes_on_when_a_backup_dies(cluster):

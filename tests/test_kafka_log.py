@@ -25,7 +25,7 @@ ck = pytest.importorskip("confluent_kafka")
 from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition  # noqa: E402
 from confluent_kafka.admin import AdminClient  # noqa: E402
 
-from kvmrr_log.kafka import WRITER_HEADER, topics, transactional_id  # noqa: E402
+from kvmrr_log.kafka import WRITER_HEADER, topics, writer_id  # noqa: E402
 from recorder.kafka_sink import KafkaSink  # noqa: E402
 from kvmrr_log.topic_reader import read_snapshots  # noqa: E402
 from schemas import CATALOG, SCHEMA_HEADER, decode_message, encode_message, icount_key  # noqa: E402
@@ -182,7 +182,7 @@ def test_record_replay_archive(kafka, tmp_path, guest, n, step):
     rec = kvmrr_json("record", guest, "--log", url(kafka, vm), "--mode", "fast",
                      "--max-instructions", n, "--checksum-every", 100_000,
                      "--bootargs", HZ)
-    assert rec["instructions"] == n and rec["transactions"] > 0
+    assert rec["instructions"] == n and rec["commits"] > 0
     assert rec["events_by_kind"]["Heartbeat"] > 0 and rec["events_by_kind"]["Interrupt"] > 50
     if guest == "kvstore":
         assert rec["events_by_kind"]["Dma"] > 5 and rec["events_by_kind"]["PortIn"] > 5
@@ -191,7 +191,7 @@ def test_record_replay_archive(kafka, tmp_path, guest, n, step):
     log = read_topic(kafka, topics(vm).log)
     first = decode_message(log[0].value(), log[0].headers())
     assert first["kind"] == "LogHeader" and first["vm_id"] == vm
-    assert all(dict(m.headers())[WRITER_HEADER] == transactional_id(vm).encode() for m in log)
+    assert all(dict(m.headers())[WRITER_HEADER] == writer_id(vm).encode() for m in log)
     batches = [decode_message(m.value(), m.headers()) for m in log[1:]]
     assert sum(len(b["events"]) for b in batches) == rec["events"]
     assert [m.key() for m in log[1:]] == [icount_key(b["events"][0]["icount"]) for b in batches]
@@ -426,7 +426,7 @@ def publish(boot: str, vm: str, header: dict, records: list[dict], k: int, injec
     sink.commit()
     sink.close()
     offset = inject(boot, vm, records, k)
-    rest = KafkaSink(boot, vm)            # the recorder again (fences inject's producer)
+    rest = KafkaSink(boot, vm)            # the recorder again
     for rec in records[k + skip:]:
         rest.write(rec)
     rest.commit()
@@ -434,14 +434,11 @@ def publish(boot: str, vm: str, header: dict, records: list[dict], k: int, injec
     return offset, records[k - 1]["events"][-1]["icount"]
 
 
-def _produce_one(boot: str, vm: str, value: bytes, headers: list, key: bytes,
-                 transactional: bool = True) -> int:
-    """One message on VM's log, in a transaction of the recorder's transactional.id (or
-    none); its offset."""
-    conf = {"bootstrap.servers": boot, "logger": _quiet}
-    if transactional:
-        conf.update({"transactional.id": transactional_id(vm), "enable.idempotence": True})
-    p = Producer(conf)
+def _produce_one(boot: str, vm: str, value: bytes, headers: list, key: bytes) -> int:
+    """One message on VM's log, written as the recorder writes (idempotent, acks=all);
+    its offset."""
+    p = Producer({"bootstrap.servers": boot, "logger": _quiet, "enable.idempotence": True,
+                  "acks": "all"})
     offsets, errors = [], []
 
     def delivered(err, msg):
@@ -450,19 +447,14 @@ def _produce_one(boot: str, vm: str, value: bytes, headers: list, key: bytes,
         else:
             errors.append(err)
 
-    if transactional:
-        p.init_transactions(30)
-        p.begin_transaction()
     p.produce(topics(vm).log, value, key, headers=headers, on_delivery=delivered)
-    if transactional:
-        p.commit_transaction(30)
     assert p.flush(30) == 0 and not errors, errors
     assert len(offsets) == 1
     return offsets[0]
 
 
 def _writer(vm):
-    return (WRITER_HEADER, transactional_id(vm).encode())
+    return (WRITER_HEADER, writer_id(vm).encode())
 
 
 def _key(batch):
@@ -505,7 +497,7 @@ def inject_gap(boot, vm, records, k):
 def inject_stranger(boot, vm, records, k):
     """(f) a valid batch from a plain producer: no transaction, no writer header."""
     value, headers = encode_message(records[k])
-    return _produce_one(boot, vm, value, headers, _key(records[k]), transactional=False)
+    return _produce_one(boot, vm, value, headers, _key(records[k]))
 
 
 @pytest.mark.parametrize("case,expect", [

@@ -43,7 +43,7 @@ def typical_events():
         {"kind": "Insn", "icount": 1_000_000_400, "rip": 0x101250, "opcode": 0x0F31,
          "rax": 0x12345678, "rdx": 0x9, "rcx": 0},
         {"kind": "Output", "icount": 1_000_000_500, "rip": 0x101260, "channel": 0, "seq": 17,
-         "data": b"hello, world\n"},
+         "data": b"hello, world\n", "epoch": 0, "log_offset": -1},
         {"kind": "Checksum", "icount": 1_000_001_000, "rip": 0x101270,
          "state_hash": 0xDEADBEEFCAFEF00D, "regs": list(range(16)) + [0x101270, 0x2]},
         {"kind": "Heartbeat", "icount": 1_000_002_000, "wall_ns": 1_795_000_000_000_000_000},
@@ -63,7 +63,7 @@ def extreme_events():
         {"kind": "Insn", "icount": I64_MAX, "rip": U64_MAX, "opcode": 0x0FC7, "rax": U64_MAX,
          "rdx": 2**63, "rcx": U64_MAX},
         {"kind": "Output", "icount": I64_MAX, "rip": U64_MAX, "channel": 1, "seq": I64_MAX,
-         "data": b""},
+         "data": b"", "epoch": I64_MAX, "log_offset": I64_MAX},
         {"kind": "Checksum", "icount": I64_MAX, "rip": U64_MAX, "state_hash": U64_MAX,
          "regs": [U64_MAX, 2**63] * 9},
         {"kind": "Heartbeat", "icount": I64_MAX, "wall_ns": I64_MAX},
@@ -79,18 +79,18 @@ def header(**changes):
             "icount_semantics": "x86-retired;rep=1+per-1KiB-chunk;kvm-insn-emulation-v1",
             "checksum_every": 1_000_000, "created_wall_ns": 1_795_000_000_123_456_789,
             "kvmrr_version": "0.1.0", "cpu_model": "kvmrr-x86-64-v1:0123456789abcdef",
-            "guest_image": b"\x7fELF" + bytes(60), **changes}
+            "guest_image": b"\x7fELF" + bytes(60), "epoch": 0, **changes}
 
 
 def snapshot(blob=b"\x7fKVMRR-SNAPSHOT" + bytes(range(256)) * 40):
     return {"kind": "Snapshot", "icount": 999_999_000, "next_seq": 0,
             "guest_sha256": "0123456789abcdef" * 4, "chunk": 0, "chunks": 1, "blob": blob,
-            "state_hash": "00ff" * 4, "log_offset": 42}
+            "state_hash": "00ff" * 4, "log_offset": 42, "epoch": 3}
 
 
 def batch(first_seq, events):
     return {"kind": "EventBatch", "first_seq": first_seq, "events": events,
-            "next_input_offset": -1}
+            "next_input_offset": -1, "epoch": 2}
 
 
 def archive_records():

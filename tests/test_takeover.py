@@ -1,5 +1,5 @@
 """Takeover on the Kafka log (the core of issue 4): a backup that hears nothing from the
-primary for the failover timeout fences it and continues the same log, and the whole log
+primary for the failover timeout seals the log with the next epoch and continues it, and the whole log
 (old primary's part, then the new one's) replays from icount 0 to the new primary's state."""
 import json
 import signal
@@ -95,30 +95,30 @@ def test_backup_takes_over_a_killed_primary(kafka):
     assert rep["outputs_sha256"] == took["outputs_sha256"]
 
 
-def test_takeover_that_kafka_cannot_fence_is_retried(kafka, monkeypatch, capsys):
-    """The fence fails (as while a dead broker's partitions move): the backup does not die;
+def test_takeover_that_kafka_cannot_seal_is_retried(kafka, monkeypatch, capsys):
+    """The seal fails (as while a dead broker's partitions move): the backup does not die;
     it follows again and takes over at the next silent timeout.  In-process, with the
-    first fence made to fail; everything else is the real CLI on the real broker."""
+    first Epoch record made to fail; everything else is the real CLI on the real broker."""
     from kvmrr import cli
     from kvmrr_log.kafka import KafkaLogError
     from recorder import kafka_sink
 
-    real, fences = kafka_sink.KafkaSink, []
+    real, seals = kafka_sink.KafkaSink.seal, []
 
-    def fence_fails_once(*args, **kw):
-        fences.append(time.monotonic())
-        if len(fences) == 1:
-            raise KafkaLogError("cannot start the transactional producer: injected, the "
-                                "transaction coordinator is moving")
-        return real(*args, **kw)
-    monkeypatch.setattr(kafka_sink, "KafkaSink", fence_fails_once)
+    def seal_fails_once(self, epoch, sealer):
+        seals.append(time.monotonic())
+        if len(seals) == 1:
+            raise KafkaLogError("cannot write the Epoch record: injected, the partition's "
+                                "leader is moving")
+        return real(self, epoch, sealer)
+    monkeypatch.setattr(kafka_sink.KafkaSink, "seal", seal_fails_once)
     vm = f"ta{uuid.uuid4().hex[:8]}"
     url = f"kafka://{kafka.split(',')[0]}/{vm}"
     _record_then_kill(kafka, vm, url)
     assert cli.main(_follow_args(url)) == 0
     out, err = capsys.readouterr()
     took = json.loads(out.strip().splitlines()[-1])
-    assert len(fences) == 2 and fences[1] - fences[0] >= 1.0, fences
+    assert len(seals) == 2 and seals[1] - seals[0] >= 1.0, seals
     assert _events(err).count(events.TAKEOVER_ABORTED) == 1, err[-3000:]
     assert _events(err).count(events.TAKEOVER) == 2, err[-3000:]
     assert took["took_over"] and took["instructions"] == BUDGET

@@ -82,7 +82,8 @@ def load_log(url: str) -> LoadedLog:
     c.snapshot_record(snaps[0])
     offset = snaps[0].get("log_offset", -1)
     reader = LogTopicReader(log.bootstrap, log.vm_id, topics(log.vm_id).log,
-                            offset if offset >= 0 else OFFSET_BEGINNING)
+                            offset if offset >= 0 else OFFSET_BEGINNING,
+                            snaps[0].get("epoch", 0), role="gdb")
     try:
         for rec, _ in reader.records(0):
             if rec["kind"] == "EventBatch" and not c.batch(rec):
