@@ -96,6 +96,7 @@ struct kvmrr_vm {
     int stats_fd;
     off_t insn_stat_offset;          /* -1 when KVM has no insn_emulation statistic */
     uint64_t watch[4];               /* single-step: exception handler entries watched */
+    int watch_vec[4];                /* and their vectors */
     int watch_n;
     bool sregs_synced;               /* run->s.regs.sregs holds KVM's current sregs */
     uint64_t stat_base;              /* stat value at icount 0 (fast) */

@@ -498,6 +498,28 @@ static int gate_target(struct kvmrr_vm *vm, const struct kvm_sregs *s, int vecto
     return 0;
 }
 
+/*
+ * After a single-step stopped at a watched handler entry: KVM delivered the exception
+ * with the debugger's TF set, and the RFLAGS image in the frame would give the guest a
+ * real TF at its IRET (a #DB of its own, later, at a place that depends on the host).
+ * Put the guest's own TF back there, as delivered() does for injected interrupts.
+ */
+static void mend_exception_frame(struct kvmrr_vm *vm, uint64_t guest_tf)
+{
+    uint64_t dr6 = vm->run->debug.arch.dr6;
+    if (vm->debug_mode != DEBUG_STEP_WATCH || !(dr6 & 0xf) || (dr6 & (1ull << 14)))
+        return;   /* not a handler-entry breakpoint (BS: an ordinary step) */
+    int slot = __builtin_ctzll(dr6 & 0xf);
+    int v = vm->watch_vec[slot];
+    bool has_error = v == 8 || (v >= 10 && v <= 14) || v == 17 || v == 21 || v == 29 || v == 30;
+    struct kvm_sregs s;
+    uint64_t at = vm->run->s.regs.regs.rsp + (has_error ? 8 : 0) + 16, image;
+    if (v < 0 || cur_sregs(vm, &s) < 0 || guest_read(vm, &s, at, &image, 8) < 0)
+        return;
+    image = (image & ~RFLAGS_TF) | guest_tf;
+    (void)guest_write(vm, &s, at, &image, 8);
+}
+
 static int step_debug(struct kvmrr_vm *vm, int extra_vector)
 {
     struct kvm_sregs s;
@@ -505,13 +527,14 @@ static int step_debug(struct kvmrr_vm *vm, int extra_vector)
         return vm_set_guest_debug(vm, DEBUG_STEP, 0);
     struct kvm_guest_debug dbg = { .control = KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_SINGLESTEP };
     uint64_t dr7 = 0x400;   /* bit 10 reads as 1 */
-    int n = 0;
+    int n = 0, vec[4] = { -1, -1, -1, -1 };
     for (int i = 0; i < 4; i++) {
         int v = i == 3 && extra_vector >= 0 ? extra_vector : watched_vectors[i];
         uint64_t t;
         if (gate_target(vm, &s, v, &t) < 0)
             continue;
         dbg.arch.debugreg[n] = t;
+        vec[n] = v;
         if (t != cur_rip(vm))
             dr7 |= 1ull << (2 * n);          /* Ln: enabled, execute, 1 byte */
         n++;
@@ -519,6 +542,7 @@ static int step_debug(struct kvmrr_vm *vm, int extra_vector)
     if (n == 0)
         return vm_set_guest_debug(vm, DEBUG_STEP, 0);
     dbg.arch.debugreg[7] = dr7;
+    memcpy(vm->watch_vec, vec, sizeof(vec));
     if (vm->debug_mode == DEBUG_STEP_WATCH && vm->watch_n == n && vm->debug_bp == dr7
         && memcmp(vm->watch, dbg.arch.debugreg, sizeof(vm->watch)) == 0)
         return 0;
@@ -546,6 +570,7 @@ static int settle_exception(struct kvmrr_vm *vm)
         return -1;
     if (!ev.exception.injected && !ev.exception.pending)
         return 0;
+    uint64_t guest_tf = vm->run->s.regs.regs.rflags & RFLAGS_TF;
     if (step_debug(vm, ev.exception.nr) < 0)
         return -1;
     vm->run->immediate_exit = 0;
@@ -554,6 +579,7 @@ static int settle_exception(struct kvmrr_vm *vm)
     vm->sregs_synced = rc == 0 && (vm->run->kvm_valid_regs & KVM_SYNC_X86_SREGS);
     if (rc < 0 || vm->run->exit_reason != KVM_EXIT_DEBUG)
         return -1;   /* the delivery itself failed (a double fault): reported as an error */
+    mend_exception_frame(vm, guest_tf);
     return counter_sync(vm);
 }
 
@@ -571,6 +597,7 @@ static int enter(struct kvmrr_vm *vm, int debug, uint64_t bp, int64_t kick_at_ns
         kick_arm(vm, kick_at_ns);
     kvmrr_icount_t before = vm->icount;
     int64_t t0 = kicked ? mono_ns() : 0;
+    uint64_t guest_tf = vm->run->s.regs.regs.rflags & RFLAGS_TF;
     int rc = ioctl(vm->vcpu_fd, KVM_RUN, 0);
     int saved = errno;
     vm->run->immediate_exit = 0;
@@ -587,6 +614,8 @@ static int enter(struct kvmrr_vm *vm, int debug, uint64_t bp, int64_t kick_at_ns
         vm->stats.kicks++;
     if (single_step)
         vm->stats.steps++;
+    if (single_step && er->exit_reason == KVM_EXIT_DEBUG)
+        mend_exception_frame(vm, guest_tf);
     if (debug == DEBUG_BP && er->exit_reason == KVM_EXIT_DEBUG)
         vm->stats.breakpoints++;
     if (vm->frame_rflags_gpa) {
