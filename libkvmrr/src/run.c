@@ -1,7 +1,7 @@
 /*
  * run.c - the vCPU run loop: live (run/record) and replay, mirror images of each other.
  *
- * Counting (DESIGN §2).  `step` single-steps every instruction and counts the exits
+ * Counting.  `step` single-steps every instruction and counts the exits
  * itself: a debug exit, an I/O exit and a HLT exit each retire one instruction.  `fast`
  * runs free and reads KVM's exact statistic at every exit (counter.c).  Both see the same
  * exits, so both give the same icount at every event, which the tests check by recording
@@ -18,8 +18,38 @@
  * single-steps then remain only for hot loops and for the few instructions before it.
  *
  * Single-step traps are lost after IRETQ (the popped RFLAGS has no TF), so whenever the
- * loop single-steps it executes IRETQ itself; under `step` it also executes RDTSC, RDTSCP,
- * RDRAND and RDSEED itself, so their results become log events.
+ * loop single-steps it executes IRETQ itself (emulate.c); under `step` it also executes
+ * RDTSC, RDTSCP, RDRAND, RDSEED and RDMSR of a time MSR itself, so their results become
+ * log events.
+ *
+ * Exceptions.  The statistic counts a faulting instruction as one and its delivery as
+ * none; a single-step over it stops at a hardware breakpoint on the handler's entry
+ * (step_debug), the same state at the same count, so both counters agree at every
+ * instruction and an exact stop can fall between a fault and its handler.
+ *
+ * What this host's KVM lets the core see of time and randomness (measured 2026-12-01 on
+ * 6.18 with kvm_pvm, a guest at CPL 0; every value below from a probe run free):
+ *  - RDTSC, RDRAND, RDSEED: executed without an exit and counted as one each by
+ *    insn_emulation; CR4.TSD does not fault at CPL 0; an MSR filter does not see RDTSC;
+ *    clearing the RDRAND/RDSEED/TSC bits with KVM_SET_CPUID2 changes nothing.  The only
+ *    per-vCPU trace is insn_emulation_fail (+1 per RDRAND/RDSEED), which also moves for
+ *    every IRETQ and every exception, so it cannot tell them apart.  `fast` records
+ *    therefore watch the places in guest RAM holding their encodings with hardware
+ *    breakpoints (at most four; more are refused at once with exit 2).  Code written
+ *    later (self-modifying, or mapped at another virtual address than its physical
+ *    one) is not watched: a gap, stated here rather than hidden.
+ *  - RDTSCP, INT3, INT n, CLAC/STAC, FWAIT, XGETBV, XRSTOR/XSAVE: the emulator fails
+ *    (KVM_EXIT_INTERNAL_ERROR, suberror 1, counted as one); the core executes the ones
+ *    it knows (all but the XSAVE family) and says which it cannot.
+ *  - RDPID: #UD from the emulator, alike in every mode.
+ *  - RDMSR of IA32_TSC: silent, but an MSR filter (KVM_CAP_X86_USER_SPACE_MSR) makes it
+ *    exit with KVM_EXIT_X86_RDMSR, already counted: every mode logs it.
+ *  - CPUID leaf 1 EBX[31:24] is the APIC ID of the host CPU the vCPU thread runs on
+ *    (0x20800 on CPU 0, 0x1020800 on CPU 1), whatever KVM_SET_CPUID2 says.
+ *
+ * Ring 3 runs natively here, uncounted, and single-step does not stop it: an IRET to CPL
+ * 3 the core executes, or any exit found at CPL 3 (a backstop kick makes one at least
+ * every BACKSTOP_NS), ends the run with an error.
  */
 #define _GNU_SOURCE
 #include <errno.h>
