@@ -37,10 +37,10 @@ int main(void)
 {
     static const uint64_t counts[] = { 0, 1, 7, 300, 5000 };
     uint64_t n = t_iters(2);
-    for (unsigned k = 0; k < sizeof(src); k++)
-        src[k] = (uint8_t)(k * 7 + (k >> 9));
     t_timer_start();
     irq_enable();
+    for (unsigned k = 0; k < sizeof(src); k += 8)
+        *(uint64_t *)(src + k) = k * 0x0701030507010305ull + (k >> 9);
     for (uint64_t it = 0; it < n; it++) {
         for (unsigned ci = 0; ci < sizeof(counts) / sizeof(counts[0]); ci++) {
             /* counts are in elements; keep every access inside the buffers (q: 8 bytes) */
