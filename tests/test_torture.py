@@ -128,3 +128,12 @@ def test_cpuid_leaf1_replays(tmp_path):
     for _ in range(3):
         log, rec = record(tmp_path, "timeinsn", "fast", 1000, extra=("--bootargs", "leaf=1"))
         check_replays(log, "timeinsn", rec)
+
+
+def test_fuzz_seeds():
+    """A handful of the differential fuzzer's seeds (make fuzz SEEDS=N runs more)."""
+    import subprocess
+    import sys
+    proc = subprocess.run([sys.executable, "guests/fuzz/fuzz.py", "--seeds", "4", "--first", "100"],
+                          cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
