@@ -481,6 +481,11 @@ static int exec_special(struct kvmrr_vm *vm, bool flow, bool intercept_time,
         if (in.kind == INSN_HLT)
             vm->halted = true;       /* as a HLT exit leaves it: after the HLT, halted */
     }
+    /* An instruction that completes clears RF (IRET loads it: a fault handler's return
+     * sets it so the restarted instruction skips its breakpoint); found by the fuzzer,
+     * seed 1003: a PUSHF executed here after such an IRET kept RF set under step. */
+    if (in.kind != INSN_IRET)
+        r.rflags &= ~(1ull << 16);
     vm_set_regs(vm, &r);
     emulated_retired(vm, 1);
     return 1;
@@ -615,6 +620,13 @@ static void mend_exception_frame(struct kvmrr_vm *vm, uint64_t guest_tf)
         return;
     image = (image & ~RFLAGS_TF) | guest_tf;
     (void)guest_write(vm, &s, at, &image, 8);
+    /* A delivery clears RF: at the handler's first instruction it is clear, whatever
+     * the stop at the breakpoint left there. */
+    struct kvm_regs r = vm->run->s.regs.regs;
+    if (r.rflags & RFLAGS_RF_VM & (1ull << 16)) {
+        r.rflags &= ~(1ull << 16);
+        vm_set_regs(vm, &r);
+    }
 }
 
 static int step_debug(struct kvmrr_vm *vm, int extra_vector)
