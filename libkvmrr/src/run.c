@@ -692,6 +692,17 @@ static int settle_exception(struct kvmrr_vm *vm)
     return counter_sync(vm);
 }
 
+/*
+ * How many such places a `fast` record watches with hardware breakpoints: none.  The
+ * breakpoints do not fire reliably here: on the instruction right after an IRETQ that
+ * KVM executes (a handler's return) they are skipped (measured: a loop of
+ * "int $0x40; rdtsc" logs 66 RDTSC under fast against 735 under step in 8000
+ * instructions; fuzzer seeds 2010 and 2017).  Until that is understood, `fast` refuses
+ * a guest whose memory holds any, at once, and step records it.  The watch below is kept
+ * for the host where it holds (set this to 4 there, and test it with the fuzzer).
+ */
+#define TIME_SITES_WATCHED 0
+
 /* Free-running `fast` record: hardware breakpoints on the places that may hold RDTSC,
  * RDRAND or RDSEED (time_sites_scan).  All of them, the one at the current RIP too: the
  * loop enters at a site only with an interrupt or exception to deliver first (else
@@ -1043,11 +1054,11 @@ static void live_run(struct kvmrr_vm *vm, const struct kvmrr_limits *lim, struct
     if (recording && !step && !vm->time_scanned) {
         vm->time_scanned = true;
         int n = time_sites_scan(vm, vm->time_site, 4);
-        if (n > 4) {
+        if (n > TIME_SITES_WATCHED) {
             char what[200];
-            snprintf(what, sizeof(what), "guest memory holds %d places that may be RDTSC, "
+            snprintf(what, sizeof(what), "guest memory holds %d place(s) that may be RDTSC, "
                      "RDRAND or RDSEED (the first at 0x%llx), which this host's emulator runs "
-                     "unseen and `fast` can watch at most 4 of; record with --mode step", n,
+                     "unseen by `fast`; record with --mode step", n,
                      (unsigned long long)vm->time_site[0]);
             fail(res, vm, "%s (at icount %lld rip 0x%llx)", what);
             return;
