@@ -1051,7 +1051,10 @@ static void live_run(struct kvmrr_vm *vm, const struct kvmrr_limits *lim, struct
     bool recording = vm->cfg.mode == KVMRR_MODE_RECORD;
     if (vm->dev.timer_period_ns && !vm->next_tick_ns)
         arm_timer(vm);    /* after a restore, or the first run */
-    if (recording && !step && !vm->time_scanned) {
+    /* Scanned once, as the image was loaded: a takeover or a restored snapshot continues
+     * a log whose record made the check at its start (its RAM by then holds guest data,
+     * where the bytes match by chance). */
+    if (recording && !step && !vm->time_scanned && vm->icount == 0) {
         vm->time_scanned = true;
         int n = time_sites_scan(vm, vm->time_site, 4);
         if (n > TIME_SITES_WATCHED) {
