@@ -21,7 +21,7 @@ CLUSTER     := kvmrr-kafka1 kvmrr-kafka2 kvmrr-kafka3 kvmrr-primary kvmrr-backup
 # the container tests: no Ryuk (its image cannot be pulled), local images only
 export TESTCONTAINERS_RYUK_DISABLED := true
 
-.PHONY: all doctor build guests run test test-c test-py fault-rounds bench bench-core bench-log bench-ft bench-cluster bench-gdb \
+.PHONY: all doctor build guests run test test-c test-py fault-rounds fuzz bench bench-core bench-log bench-ft bench-cluster bench-gdb \
         kafka kafka-cluster kafka-down images compose-up compose-down compose-demo clean distclean
 
 all: build
@@ -85,6 +85,12 @@ test: build $(BUILD)/.doctor-containers
 	@if $(ENGINE) start; then $(MAKE) -s images || exit 1; \
 	 else echo "make test: no Docker engine could be started; the container tests will be skipped"; fi
 	$(PY) -m pytest -q -ra; rc=$$?; $(ENGINE) stop; exit $$rc
+
+# Differential fuzzer of the core (issue 11): SEEDS random guests recorded with fast,
+# replayed with fast and step, compared.
+SEEDS ?= 20
+fuzz: build
+	$(PY) guests/fuzz/fuzz.py --seeds $(SEEDS)
 
 # ---- benchmarks ----------------------------------------------------------------------
 bench-core: build

@@ -102,8 +102,13 @@ struct kvmrr_vm {
     int stats_fd;
     off_t insn_stat_offset;          /* -1 when KVM has no insn_emulation statistic */
     uint64_t watch[4];               /* single-step: exception handler entries watched */
+    int watch_vec[4];                /* and their vectors */
     int watch_n;
     bool sregs_synced;               /* run->s.regs.sregs holds KVM's current sregs */
+    bool time_scanned;               /* fast record: guest RAM searched for them once */
+    int time_sites;                  /* fast record: RDTSC/RDRAND/RDSEED places watched */
+    uint64_t time_site[4];
+    bool msr_filter;                 /* time-like MSR reads exit to the core */
     uint64_t stat_base;              /* stat value at icount 0 (fast) */
     kvmrr_icount_t icount;           /* exact count at the current stop */
     int debug_mode;                  /* guest debug currently set: enum guest_debug */
@@ -157,7 +162,8 @@ void vm_regs_to_array(const struct kvm_regs *r, uint64_t out[KVMRR_NREGS]);
 /* KVM_SET_GUEST_DEBUG, only when it changes: off, single-step, or one hardware
  * instruction breakpoint (DR0) at bp. */
 enum guest_debug { DEBUG_OFF, DEBUG_STEP, DEBUG_BP,
-                   DEBUG_STEP_WATCH /* run.c: single-step, exception handlers watched */ };
+                   DEBUG_STEP_WATCH, /* run.c: single-step, exception handlers watched */
+                   DEBUG_TIME_WATCH  /* run.c: free, breakpoints on RDTSC/RDRAND/RDSEED */ };
 int  vm_set_guest_debug(struct kvmrr_vm *vm, int mode, uint64_t bp);
 
 /* x86.c */
@@ -197,7 +203,7 @@ int  guest_write(struct kvmrr_vm *vm, const struct kvm_sregs *s, uint64_t gva,
 /* emulate.c: instructions the core executes itself */
 enum insn_kind { INSN_NONE, INSN_IRET, INSN_PUSHF, INSN_HLT, INSN_RDTSC, INSN_RDTSCP,
                  INSN_RDRAND, INSN_RDSEED, INSN_INT3, INSN_INTN, INSN_CLAC, INSN_STAC,
-                 INSN_FWAIT, INSN_XGETBV, INSN_RDPID };
+                 INSN_FWAIT, INSN_XGETBV, INSN_RDPID, INSN_RDMSR };
 struct insn {
     int kind;          /* enum insn_kind */
     int len;           /* bytes */
@@ -215,6 +221,7 @@ int  insn_execute(struct kvmrr_vm *vm, struct kvm_regs *r, struct kvm_sregs *s,
 int  deliver_vector(struct kvmrr_vm *vm, struct kvm_regs *r, struct kvm_sregs *s, int vector,
                     bool has_error, uint32_t error, bool *cs_changed, char *why, size_t why_len);
 uint64_t *insn_gpr(struct kvm_regs *r, int reg);
+int  time_sites_scan(struct kvmrr_vm *vm, uint64_t *sites, int max);
 const char *insn_name(int kind);
 
 /* hash.c */

