@@ -167,7 +167,7 @@ def _record(bootstrap: str, vm: str, guest_name: str, *, bootargs: str = "",
             sink.close()
         finally:
             sink.session = None               # no cycle: the producer goes with the sink
-    wall = time.monotonic() - t0          # to the last transaction committed
+    wall = time.monotonic() - t0          # to the last write delivered
     lat = sink.commit_latencies
     out_lat = [l for l, o in zip(lat, sink.handed_output) if o]
     log_bytes = sink.topic_bytes[sink.topics.log]

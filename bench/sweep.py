@@ -5,7 +5,8 @@ bench.sweep_report turns that into bench/report.md with its plots.
 Sections (each a list of rows, one per point and repeat):
 - counter_timer: counting backend x guest timer frequency, no Kafka: record and replay
   instructions/s against a plain run of the same guest, and log bytes per second.
-- txn_interval: the recorder's transaction interval, served kvstore with one backup:
+- txn_interval: the recorder's slice interval (--txn-ms; one write per group of slices
+  since the epochs, the name is older), served kvstore with one backup:
   output commit latency, log throughput, requests/s against a plain run.
 - commit_policy: policy x number of backups: requests/s and output commit latency.
 - snapshot_interval: the primary's instructions/s against a run without periodic

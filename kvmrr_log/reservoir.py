@@ -1,6 +1,6 @@
 """A bounded sample of a run's measurements, for percentiles over a run of any length.
 
-A long-running primary measures every transaction and every response; keeping them all
+A long-running primary measures every commit and every response; keeping them all
 grows without bound.  A Reservoir keeps a uniform random sample of at most `size` of them
 (Vitter's algorithm R, seeded: the same run keeps the same sample), so a p50 or p99 over
 it estimates the run's, and memory stays fixed.  Iterating yields the sample; len() is the

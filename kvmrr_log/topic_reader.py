@@ -54,7 +54,7 @@ class LogTopicReader:
 
     def silence(self) -> float:
         """Seconds since the end of the partition last moved, as the consumer's fetches
-        see it (the committed end, read_committed): how long the writer has been silent,
+        see it (the high watermark: replicated records only): how long the writer has been silent,
         however far behind the reading is."""
         try:
             _, end = self.consumer.get_watermark_offsets(TopicPartition(self.topic, 0),

@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from recorder.pacing import BackupPacer
 
 SLICE_NS = 10_000_000        # the vCPU comes back this often to publish what it logged: on
-                             # Kafka, one transaction interval (group commit may merge slices)
+                             # Kafka, one slice for the publisher (group commit may merge slices)
 
 
 class LogSink(Protocol):

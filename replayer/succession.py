@@ -5,8 +5,9 @@ The group coordinator gives that partition to one live member at a time; the sti
 assignor leaves it where it is when other backups come and go.  A backup that dies loses it
 after the session timeout, and another member gets it.  A member that has just been given
 it waits a whole failover timeout before acting, so a role handed over while a new primary
-is starting up does not start a second takeover.  Fencing through the transactional.id
-keeps the log safe even if two backups did act: the second fences the first.
+is starting up does not start a second takeover.  The epoch rule keeps the log safe even
+if two backups did act: the first Epoch record of the number wins, and the other backup
+reads it while catching up and follows again (kvmrr_log.epochs, docs/ARCHITECTURE.md §6.3).
 """
 from __future__ import annotations
 
