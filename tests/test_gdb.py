@@ -11,7 +11,7 @@ import pytest
 from conftest import kvmrr_json
 from kvmrr_log.paths import REPO
 
-GDB = shutil.which("gdb") or "/usr/bin/gdb"
+GDB = "gdb"        # Debian's, installed by setup/doctor (setup/programs.tsv)
 TICKS = 300_000
 KVSTORE = 600_000
 STEPS = 1500
