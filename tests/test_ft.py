@@ -21,6 +21,7 @@ from harness.ftcluster import FtCluster, wait_for
 from kvmrr_log.client_ids import declared_scope, scoped_request_id
 from kvmrr_log import events
 from kvmrr_log.kafka import scan_topic, topics
+from kvmrr_log.requests import request_fields
 from harness.logstats import released_outputs, released_seqs, void_outputs
 from schemas import decode_message
 
@@ -125,12 +126,15 @@ def test_zombie_that_writes_after_the_takeover_is_ignored(cluster, kafka):
     after_seal = [o for o in void if o["log_offset"] > sealed_at]
     client.run(RATE, 1.0)
     res = ft.finish(client)
-    valid = {o["data"].split(b" ", 1)[0]: o["data"].rstrip(b"\n")
-             for o in released_outputs(boot, ft.vm)}
-    answers = {rid.encode(): line for rid, line in client.answers.items()}
-    assert all(valid[rid] == line for rid, line in answers.items())
-    differing = [o for o in void if o["data"].split(b" ", 1)[0] in answers
-                 and o["data"].rstrip(b"\n") != valid.get(o["data"].split(b" ", 1)[0])]
+    # on .out a response carries the gateway's id for the client's (client-scoped ids);
+    # what follows the id is what the client got
+    valid = dict(request_fields(o["data"]) for o in released_outputs(boot, ft.vm))
+    scope = declared_scope(client.name)
+    answers = {scoped_request_id(scope, rid.encode()): request_fields(line)[1]
+               for rid, line in client.answers.items()}
+    assert all(valid[key] == rest for key, rest in answers.items())
+    differing = [o for o in void if request_fields(o["data"])[0] in answers
+                 and request_fields(o["data"])[1] != valid.get(request_fields(o["data"])[0])]
     assert res["took_over"] == ["b1"]
     assert_verified(res, survivors=1)
     print(f"zombie: {len(late)} log records after the seal; {len(void)} void releases, "

@@ -6,8 +6,9 @@ from __future__ import annotations
 import os
 import select
 import socket
-import sys
 from typing import Callable
+
+import structlog
 
 from replayer.gdbstub.handlers import GdbSession
 from replayer.gdbstub.packets import PacketReader, frame
@@ -73,8 +74,14 @@ class Connection:
 
 def serve(timeline: Timeline, host: str, port: int, *, once: bool = False,
           ready: Callable[[int], None] | None = None,
-          log: Callable[[str], None] = lambda m: print(m, file=sys.stderr, flush=True)) -> None:
-    """Listen on host:port; serve connections one after another (once: just one)."""
+          log: Callable[[str], None] | None = None) -> None:
+    """Listen on host:port; serve connections one after another (once: just one).  log:
+    where the session's notes go (default: a `gdb` event on the structured log)."""
+    if log is None:
+        events = structlog.get_logger().bind(role="gdb")
+
+        def log(note: str) -> None:
+            events.info("gdb", note=note)
     lsock = socket.create_server((host, port), reuse_port=False)
     try:
         if ready:
