@@ -216,13 +216,11 @@ def _read_snapshots(bootstrap: str, vm: str, timeout: float, start: str | None,
             if len(chunks) == record["chunks"]:
                 try:
                     snap = join_snapshot(chunks)
-                    if not valid(snap):
-                        pass
-                    elif start is None:
+                    if valid(snap) and start is None:
                         snaps.append(snap)
-                    elif until is None or snap["icount"] <= until:
-                        if start == "latest" or not snaps:
-                            snaps[:] = [snap]
+                    elif valid(snap) and (until is None or snap["icount"] <= until) \
+                            and (start == "latest" or not snaps):
+                        snaps[:] = [snap]
                 except LogFormatError as exc:
                     raise KafkaLogError(f"{reader.topic} offset {offset}: {exc}") from None
                 chunks = []
