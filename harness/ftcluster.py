@@ -176,6 +176,10 @@ class FtCluster:
                  "the gateway")
         listening = gw.last(events.LISTENING)
         if listening is None:
+            # It exited: its last lines may still be in the pipe, so read them all first.
+            gw.wait(10)
+            listening = gw.last(events.LISTENING)
+        if listening is None:
             raise RuntimeError(f"the gateway exited {gw.proc.poll()}: "
                                f"{''.join(gw.text[-4:]).strip()[-600:]}")
         self.gateway_port = int(listening["port"])
