@@ -16,6 +16,7 @@ from kvmrr_log import events
 from kvmrr_log.guest_images import load_guest
 from kvmrr_log.percentiles import percentile_ms
 from kvmrr_log.kafka import FencedError, KafkaLogError
+from kvmrr_log.kafka_config import KafkaConfigError
 from kvmrr_log.urls import FileLog, LogUrlError, parse_log_url
 from kvmrr.gateway import Limits
 from recorder.archive_sink import ArchiveSink
@@ -438,6 +439,18 @@ def _room_for_connections(n: int) -> None:
                              f"is {hard}")
 
 
+def cmd_provision(args) -> int:
+    """The admin's step on a secure Kafka: the VM's topics, principals and ACLs
+    (kvmrr_log.kafka_acls; docs/operating.md §6.2)."""
+    log = parse_log_url(args.log)
+    if isinstance(log, FileLog):
+        raise UsageError("provision is for a log on Kafka: --log kafka://HOST:PORT/VM")
+    from kvmrr_log.kafka_acls import provision
+    n = provision(log.bootstrap, log.vm_id)
+    print(json.dumps({"vm": log.vm_id, "acls": n}))
+    return 0
+
+
 def cmd_archive(args) -> int:
     log = parse_log_url(args.log)
     if isinstance(log, FileLog):
@@ -671,6 +684,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-answers", type=_count(1, 10_000_000), default=d.max_answers,
                    metavar="N", help="request ids and answers kept, at most N of each")
     p.set_defaults(fn=cmd_gateway)
+    p = sub.add_parser("provision", help="as the admin of a secure Kafka: create a VM's "
+                                         "topics, principals and ACLs")
+    p.add_argument("--log", type=log_url, required=True, help="kafka://HOST:PORT/VM")
+    p.set_defaults(fn=cmd_provision)
     p = sub.add_parser("archive", help="export a log on Kafka to an Avro archive")
     p.add_argument("--log", type=log_url, required=True, help="kafka://HOST:PORT/VM")
     p.add_argument("-o", "--output", type=_nonempty("output"), required=True,
@@ -713,7 +730,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"kvmrr: {exc}", file=sys.stderr)
         return EXIT_DIVERGED
     except (KvmrrError, ReplayError, LogFormatError, LogUrlError, UsageError, KafkaLogError,
-            OSError) as exc:
+            KafkaConfigError, OSError) as exc:
         print(f"kvmrr: error: {_one_line(exc)}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:

@@ -54,7 +54,7 @@ from pathlib import Path
 import structlog
 from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
 
-from kvmrr_log import events
+from kvmrr_log import events, record_mac
 from kvmrr_log.client_ids import (ID_MAX, declared_scope, scoped_request_id, token_scope,
                                   valid_name)
 from kvmrr_log.epochs import ReleaseFilter
@@ -157,7 +157,7 @@ class Gateway:
                       "unknown_responses": 0, "clients": 0, "refused_clients": 0,
                       "peak_connections": 0, "idle_closed": 0, "slow_dropped": 0,
                       "busy": 0, "not_delivered": 0, "pruned": 0,
-                      "void_outputs": 0}
+                      "void_outputs": 0, "forged_outputs": 0}
         self._nonce = secrets.token_hex(8)
         self._conn_numbers = itertools.count(1)
         self._queue: queue.Queue = queue.Queue(maxsize=limits.produce_queue)
@@ -228,6 +228,11 @@ class Gateway:
         one is ignored, with the reason logged)."""
         if dict(msg.headers() or []).get(WRITER_HEADER) != self.writer:
             self.log.warning("not the VM's recorder: ignored", offset=msg.offset())
+            return
+        forged = record_mac.problem(msg)
+        if forged:     # ignored and counted: a client never gets a forged answer
+            self.stats["forged_outputs"] += 1
+            self.log.error("forged response: ignored", offset=msg.offset(), error=forged)
             return
         try:
             out = decode_message(msg.value() or b"", msg.headers() or [])

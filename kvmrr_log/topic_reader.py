@@ -15,6 +15,7 @@ from typing import Callable, Iterator
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
 
+from kvmrr_log import record_mac
 from kvmrr_log.epochs import EpochRule, epoch_bounds
 from kvmrr_log.kafka import (CONNECT_TIMEOUT_S, WRITER_HEADER, KafkaLogError, absolute_start,
                              admin_client, client_conf, client_id, cluster_size, topics,
@@ -97,6 +98,9 @@ class LogTopicReader:
             raise KafkaLogError(f"{self.topic} offset {offset}: record not written by this "
                                 f"VM's recorder (no {WRITER_HEADER} header of "
                                 f"{self.writer.decode()}): refusing it")
+        forged = record_mac.problem(msg)
+        if forged:
+            raise KafkaLogError(f"{self.topic} offset {offset}: {forged}: refusing it")
         try:
             record = decode_message(msg.value() or b"", msg.headers() or [])
         except LogFormatError as exc:
