@@ -59,10 +59,21 @@ def grants(vm: str) -> list[tuple[str, ResourceType, str, AclOperation]]:
     return out
 
 
+# The readers' scratch groups (kvmrr-reader-*, kvmrr-epochs-*, kvmrr-scan, ...): a consumer
+# with a group.id asks for its coordinator even when it assigns its partitions itself, and
+# is refused without Read on the group.  These groups hold nothing (no member commits, none
+# subscribes), so they are granted by prefix; the groups that decide anything are literal.
+SCRATCH_GROUPS = "kvmrr-"
+
+
 def acl_bindings(vm: str) -> list[AclBinding]:
-    return [AclBinding(rtype, name, ResourcePatternType.LITERAL, f"User:{who}", "*", op,
-                       AclPermissionType.ALLOW)
-            for who, rtype, name, op in grants(vm)]
+    literal = [AclBinding(rtype, name, ResourcePatternType.LITERAL, f"User:{who}", "*", op,
+                          AclPermissionType.ALLOW)
+               for who, rtype, name, op in grants(vm)]
+    scratch = [AclBinding(ResourceType.GROUP, SCRATCH_GROUPS, ResourcePatternType.PREFIXED,
+                          f"User:{who}", "*", R, AclPermissionType.ALLOW)
+               for who in (vm_principal(vm), gateway_principal(vm))]
+    return literal + scratch
 
 
 def _passwords() -> dict[str, str]:

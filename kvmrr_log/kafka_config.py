@@ -10,6 +10,7 @@ broker of the tests and `make kafka`.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,6 +71,32 @@ def load(path: Path) -> KafkaConfig:
 
 
 _cache: dict[tuple, KafkaConfig] = {}
+
+
+@contextlib.contextmanager
+def using(path: Path | None):
+    """KVMRR_KAFKA_CONFIG=path (unset for None) within the block: a harness signing in as
+    one principal for its own reads, then as it was."""
+    before = os.environ.get(ENV)
+    if path is None:
+        os.environ.pop(ENV, None)
+    else:
+        os.environ[ENV] = str(path)
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(ENV, None)
+        else:
+            os.environ[ENV] = before
+
+
+def env_for(path: Path | None) -> dict:
+    """os.environ for a child process signing in with path (PLAIN for None)."""
+    env = {k: v for k, v in os.environ.items() if k != ENV}
+    if path is not None:
+        env[ENV] = str(path)
+    return env
 
 
 def current() -> KafkaConfig:
