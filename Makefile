@@ -21,7 +21,7 @@ CLUSTER     := kvmrr-kafka1 kvmrr-kafka2 kvmrr-kafka3 kvmrr-primary kvmrr-backup
 # the container tests: no Ryuk (its image cannot be pulled), local images only
 export TESTCONTAINERS_RYUK_DISABLED := true
 
-.PHONY: all doctor build guests run test test-c test-py fault-rounds fuzz bench bench-core bench-log bench-ft bench-cluster bench-gdb \
+.PHONY: all doctor build guests run test test-c test-py fault-rounds fuzz bench bench-core bench-log bench-ft bench-cluster bench-gdb bench-security \
         kafka kafka-cluster kafka-down secrets images compose-up compose-down compose-demo clean distclean
 
 all: build
@@ -105,6 +105,11 @@ bench-gdb: build
 bench-log: build
 	$(PY) -m bench log --out bench/log.json $(if $(QUICK),--quick)
 
+# TLS + SASL/SCRAM + ACLs + record MACs against a plain broker, side by side in one run
+# (two single nodes, alternating runs): replicated write, record commit, served commit
+bench-security: build
+	$(PY) -m bench security --out bench/security.json $(if $(QUICK),--quick)
+
 # kvstore served through the gateway on its own single-node Kafka against a plain run,
 # and failover time over 10 trials
 bench-ft: build
@@ -119,7 +124,7 @@ bench: build
 images: build $(BUILD)/.doctor-containers
 	compose/images/build
 
-compose-up: images
+compose-up: images secrets
 	$(COMPOSE) up -d
 	$(PY) -m harness.containers wait-healthy $(CLUSTER)
 
