@@ -415,15 +415,30 @@ def cmd_gateway(args) -> int:
                     max_pending=args.max_pending, retry_window_s=args.retry_window,
                     max_answers=args.max_answers)
     _room_for_connections(limits.max_clients)
+    tls = _server_tls(args.tls_cert) if args.tls_cert else None
     gw = Gateway(log.bootstrap, log.vm_id, limits=limits, identity=identity)
 
     def ready(bound: int) -> None:
-        print(f"kvmrr gateway: listening on {host}:{bound} for VM {log.vm_id}", flush=True)
+        print(f"kvmrr gateway: listening on {host}:{bound} for VM {log.vm_id}"
+              + (" (TLS)" if tls else ""), flush=True)
     try:
-        asyncio.run(gw.serve(host, port, ready))
+        asyncio.run(gw.serve(host, port, ready, tls))
     except KeyboardInterrupt:
         pass
     return 0
+
+
+def _server_tls(pem: str):
+    """The gateway's TLS context: PEM holds its key and certificate chain (`make secrets`
+    writes build/secrets/gateway-tls.pem)."""
+    import ssl
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        ctx.load_cert_chain(pem)
+    except (OSError, ssl.SSLError) as exc:
+        raise UsageError(f"--tls-cert {pem}: {getattr(exc, 'strerror', None) or exc}") from None
+    return ctx
 
 
 def _room_for_connections(n: int) -> None:
@@ -671,6 +686,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokens", type=_nonempty("tokens file"), default=None, metavar="FILE",
                    help="clients must say HELLO <token>; FILE has '<name> <token>' lines, "
                         "mode 600 (without it: HELLO <name>, unauthenticated)")
+    p.add_argument("--tls-cert", type=_nonempty("TLS certificate"), default=None,
+                   metavar="PEM", help="serve clients over TLS with this key and "
+                                       "certificate (build/secrets/gateway-tls.pem)")
     d = Limits()
     p.add_argument("--max-clients", type=_count(1, 100_000), default=d.max_clients,
                    metavar="N", help="open connections at most")

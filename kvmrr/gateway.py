@@ -466,9 +466,12 @@ class Gateway:
             conn.waiting.discard(key)
             self._send(conn, rid + b" ERR not sent to the log: retry")
 
-    async def serve(self, host: str, port: int, ready=None) -> None:
+    async def serve(self, host: str, port: int, ready=None, tls=None) -> None:
+        """tls: an ssl.SSLContext for the client port (--tls-cert), or None for TCP."""
         self._loop = asyncio.get_running_loop()
-        server = await asyncio.start_server(self._client, host, port, limit=MAX_LINE + 2)
+        server = await asyncio.start_server(self._client, host, port, limit=MAX_LINE + 2,
+                                            ssl=tls, ssl_handshake_timeout=(
+                                                min(10.0, self.limits.idle_timeout_s) if tls else None))
         self.port = server.sockets[0].getsockname()[1]
         threads = [threading.Thread(target=self._produce_loop, name="kvmrr-gateway-in",
                                     daemon=True)]
@@ -478,7 +481,8 @@ class Gateway:
         for t in threads:
             t.start()
         housekeeping = asyncio.create_task(self._housekeeping())
-        self.log.info(events.LISTENING, host=host, port=self.port, **self.limits.__dict__)
+        self.log.info(events.LISTENING, host=host, port=self.port, tls=tls is not None,
+                      **self.limits.__dict__)
         if ready:
             ready(self.port)
         try:

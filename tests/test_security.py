@@ -307,3 +307,38 @@ def test_primary_killed_with_security_on(secure, tmp_path):
         ft.stop()
     assert res["took_over"] == ["b1"], res["ends"]
     assert_verified(res, survivors=1)
+
+
+def test_the_gateway_serves_tls(tmp_path):
+    """`kvmrr gateway --tls-cert`: a client that checks the certificate against the CA of
+    `make secrets` gets HELLO OK and its answer; a plain TCP client gets nothing."""
+    import socket
+    import ssl
+
+    from kvmrr.cli import _server_tls
+    from test_gateway_limits import Running, read_line
+    secrets = localkafka.make_secrets(tmp_path / "secrets", [])
+    run = Running(tls=_server_tls(str(secrets / "gateway-tls.pem")))
+    try:
+        ctx = ssl.create_default_context(cafile=str(secrets / "ca.pem"))
+        with socket.create_connection(("127.0.0.1", run.port), timeout=5) as raw, \
+                ctx.wrap_socket(raw, server_hostname="localhost") as s:
+            s.sendall(b"HELLO c1\nc1-1 PUT k v\n")
+            assert read_line(s) == b"HELLO OK"
+            (key,) = run.produced_keys(1)
+            run.answer(key, b" OK")
+            assert read_line(s) == b"c1-1 OK"
+        with socket.create_connection(("127.0.0.1", run.port), timeout=5) as s:
+            s.sendall(b"HELLO c2\n")
+            s.settimeout(5)
+            try:
+                got = s.recv(100)
+            except (ConnectionError, socket.timeout):
+                got = b""
+            assert b"HELLO OK" not in got
+    finally:
+        run.stop()
+    bad = subprocess.run([sys.executable, "-m", "kvmrr.cli", "gateway", "--log",
+                          "kafka://127.0.0.1:1/vm1", "--tls-cert", str(tmp_path / "none.pem")],
+                         cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1, bad.stderr

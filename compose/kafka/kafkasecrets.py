@@ -10,6 +10,9 @@ folder:
     broker.pem                   the brokers' PEM keystore: PKCS#8 key + certificate signed
                                  by the CA, for localhost, 127.0.0.1, kafka1..3 and
                                  kvmrr-kafka1..3 (the compose brokers' names)
+    gateway-tls.pem              the gateway's key + certificate (`kvmrr gateway
+                                 --tls-cert`), for localhost, 127.0.0.1, gateway and
+                                 kvmrr-gateway
     users.json                   {principal: password}: admin, broker (inter-broker and the
                                  controller listener), vm-<vm> (the VM's primary and
                                  backups), gateway-<vm>
@@ -36,6 +39,7 @@ from pathlib import Path
 BROKER_NAMES = ["localhost", "kafka1", "kafka2", "kafka3",
                 "kvmrr-kafka1", "kvmrr-kafka2", "kvmrr-kafka3"]
 BROKER_IPS = ["127.0.0.1"]
+GATEWAY_NAMES = ["localhost", "gateway", "kvmrr-gateway"]
 VM_RE = re.compile(r"[a-zA-Z0-9._-]+")   # the same as kvmrr_log.kafka.VM_ID_CHARS
 
 
@@ -75,8 +79,10 @@ def _make_ca(d: Path) -> None:
              "-addext", "keyUsage=critical,keyCertSign,cRLSign", "-out", "ca.pem", cwd=d)
 
 
-def _make_broker_cert(d: Path) -> None:
-    san = ",".join([f"DNS:{n}" for n in BROKER_NAMES] + [f"IP:{ip}" for ip in BROKER_IPS])
+def _make_server_cert(d: Path, out: str, cn: str, names: list[str]) -> None:
+    """out: a PEM with a PKCS#8 key and its certificate, signed by the CA, for names and
+    127.0.0.1."""
+    san = ",".join([f"DNS:{n}" for n in names] + [f"IP:{ip}" for ip in BROKER_IPS])
     with tempfile.TemporaryDirectory(dir=d) as tmp:
         t = Path(tmp)
         (t / "ext.cnf").write_text(f"subjectAltName={san}\nextendedKeyUsage=serverAuth,"
@@ -86,12 +92,12 @@ def _make_broker_cert(d: Path) -> None:
         # Kafka's PEM keystore reads PKCS#8 keys only
         _openssl("pkcs8", "-topk8", "-nocrypt", "-in", str(t / "k.pem"),
                  "-out", str(t / "k8.pem"), cwd=d)
-        _openssl("req", "-new", "-key", str(t / "k8.pem"), "-subj", "/CN=kvmrr broker",
+        _openssl("req", "-new", "-key", str(t / "k8.pem"), "-subj", f"/CN={cn}",
                  "-out", str(t / "req.pem"), cwd=d)
         _openssl("x509", "-req", "-in", str(t / "req.pem"), "-CA", "ca.pem", "-CAkey",
                  "ca.key", "-CAcreateserial", "-days", "825", "-sha256", "-extfile",
                  str(t / "ext.cnf"), "-out", str(t / "cert.pem"), cwd=d)
-        _write_private(d / "broker.pem",
+        _write_private(d / out,
                        (t / "k8.pem").read_text() + (t / "cert.pem").read_text())
     (d / "ca.srl").unlink(missing_ok=True)
 
@@ -118,10 +124,14 @@ def ensure(d: Path, vms: list[str]) -> list[str]:
     if not (d / "ca.key").exists() or not (d / "ca.pem").exists():
         _make_ca(d)
         (d / "broker.pem").unlink(missing_ok=True)
+        (d / "gateway-tls.pem").unlink(missing_ok=True)
         written += ["ca.key", "ca.pem"]
     if not (d / "broker.pem").exists():
-        _make_broker_cert(d)
+        _make_server_cert(d, "broker.pem", "kvmrr broker", BROKER_NAMES)
         written.append("broker.pem")
+    if not (d / "gateway-tls.pem").exists():
+        _make_server_cert(d, "gateway-tls.pem", "kvmrr gateway", GATEWAY_NAMES)
+        written.append("gateway-tls.pem")
     users_path = d / "users.json"
     users = json.loads(users_path.read_text()) if users_path.exists() else {}
     wanted = ["admin", "broker"] + [p for vm in vms
