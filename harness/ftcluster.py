@@ -27,6 +27,7 @@ from pathlib import Path
 import structlog
 
 from harness.client import KvClient
+from harness.localkafka import make_secrets
 from kvmrr_log.client_ids import declared_scope, scoped_request_id
 from kvmrr_log import events
 from kvmrr_log import kafka_config
@@ -159,6 +160,8 @@ class FtCluster:
         self.nodes: dict[str, Node] = {}
         self.primary: Node | None = None
         self.secrets = Path(secrets) if secrets else None
+        if self.secrets:
+            make_secrets(self.secrets, [self.vm])    # its principals, if new
         with self.as_admin():
             if self.secrets:
                 provision(bootstrap, self.vm)
