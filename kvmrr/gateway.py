@@ -469,9 +469,9 @@ class Gateway:
     async def serve(self, host: str, port: int, ready=None, tls=None) -> None:
         """tls: an ssl.SSLContext for the client port (--tls-cert), or None for TCP."""
         self._loop = asyncio.get_running_loop()
+        handshake_s = min(10.0, self.limits.idle_timeout_s) if tls else None
         server = await asyncio.start_server(self._client, host, port, limit=MAX_LINE + 2,
-                                            ssl=tls, ssl_handshake_timeout=(
-                                                min(10.0, self.limits.idle_timeout_s) if tls else None))
+                                            ssl=tls, ssl_handshake_timeout=handshake_s)
         self.port = server.sockets[0].getsockname()[1]
         threads = [threading.Thread(target=self._produce_loop, name="kvmrr-gateway-in",
                                     daemon=True)]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -71,6 +72,8 @@ def load(path: Path) -> KafkaConfig:
 
 
 _cache: dict[tuple, KafkaConfig] = {}
+_checked: dict[str, tuple[float, KafkaConfig]] = {}   # env value -> (when, config)
+RECHECK_S = 1.0    # readers ask per record: the file is looked at again at most this often
 
 
 @contextlib.contextmanager
@@ -105,6 +108,10 @@ def current() -> KafkaConfig:
     name = os.environ.get(ENV, "").strip()
     if not name:
         return PLAIN
+    now = time.monotonic()
+    seen = _checked.get(name)
+    if seen and now - seen[0] < RECHECK_S:
+        return seen[1]
     path = Path(name).expanduser()
     try:
         stamp = (str(path), path.stat().st_mtime_ns)
@@ -113,4 +120,6 @@ def current() -> KafkaConfig:
     if stamp not in _cache:
         _cache.clear()
         _cache[stamp] = load(path)
+    _checked.clear()
+    _checked[name] = (now, _cache[stamp])
     return _cache[stamp]
