@@ -8,6 +8,11 @@ secure first in the next round), so a busy moment of this shared machine falls o
 - the served service through the gateway (one backup, 150 requests/s): the primary's
   output commit and the client's latency.
 Floor (issue 14): the secure p50 of the recorder's commit at most 10% above the plain one.
+
+Both brokers are warmed up first (WARMUP_S of writes and reads each): a fresh secure
+broker's tail latency stays high until the JIT has compiled its TLS path, which on this
+loaded machine took minutes (produce -> consume p90 of 460-1150 ms in its first rounds,
+18-50 ms later; the plain broker's 4-40 ms).
 """
 from __future__ import annotations
 
@@ -27,6 +32,28 @@ from kvmrr_log.percentiles import percentile_ms
 
 LOG = structlog.get_logger(bench="security")
 P50_FLOOR = 1.10
+WARMUP_S = 45.0
+
+
+def _warm_up(side: "Side", seconds: float) -> None:
+    """Writes and reads for `seconds` as a VM of its own, figures thrown away."""
+    from confluent_kafka import Consumer, Producer, TopicPartition
+    from kvmrr_log.kafka import client_conf, ensure_topics
+    vm = side.new_vm()
+    with side.signed_in(vm):
+        topic = ensure_topics(side.kafka.bootstrap, vm).log
+        p = Producer(dict(client_conf(side.kafka.bootstrap, "kvmrr.bench.warmup"),
+                          **{"enable.idempotence": True, "acks": "all", "linger.ms": 1}))
+        c = Consumer(dict(client_conf(side.kafka.bootstrap, "kvmrr.bench.warmup"),
+                          **{"group.id": "kvmrr-warmup", "fetch.wait.max.ms": 5}))
+        c.assign([TopicPartition(topic, 0, 0)])
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            p.produce(topic, b"w" * 2000, b"k")
+            p.poll(0)
+            c.poll(0.002)
+        p.flush(30)
+        c.close()
 
 
 def _write_latencies(bootstrap: str, vm: str, n: int) -> list[float]:
@@ -112,6 +139,10 @@ def bench_security(quick: bool) -> dict:
                 LocalKafka(1, f"bench-{os.getpid()}-secure", secrets) as secure:
             sides = {"plain": Side(plain, None), "secure": Side(secure, secrets)}
             out["startup_s"] = {"plain": plain.started_s, "secure": secure.started_s}
+            warm = 10.0 if quick else WARMUP_S
+            for side in sides.values():
+                _warm_up(side, warm)
+            out["warmup_s"] = warm
             for r in range(rounds):
                 order = ["plain", "secure"] if r % 2 == 0 else ["secure", "plain"]
                 for name in order:
