@@ -118,6 +118,7 @@ def ensure(d: Path, vms: list[str]) -> list[str]:
     for vm in vms:
         if not VM_RE.fullmatch(vm):
             raise SecretsError(f"VM id {vm!r}: letters, digits, '.', '_' and '-' only")
+    d = d.resolve()       # openssl runs in d: every path it gets must be absolute
     d.mkdir(parents=True, exist_ok=True)
     os.chmod(d, 0o700)
     written = []
