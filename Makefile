@@ -21,8 +21,8 @@ CLUSTER     := kvmrr-kafka1 kvmrr-kafka2 kvmrr-kafka3 kvmrr-primary kvmrr-backup
 # the container tests: no Ryuk (its image cannot be pulled), local images only
 export TESTCONTAINERS_RYUK_DISABLED := true
 
-.PHONY: all doctor build guests run test test-c test-py fault-rounds fuzz bench bench-core bench-log bench-ft bench-cluster bench-gdb \
-        kafka kafka-cluster kafka-down images compose-up compose-down compose-demo clean distclean
+.PHONY: all doctor build guests run test test-c test-py fault-rounds fuzz bench bench-core bench-log bench-ft bench-cluster bench-gdb bench-security \
+        kafka kafka-cluster kafka-down secrets images compose-up compose-down compose-demo clean distclean
 
 all: build
 
@@ -105,6 +105,11 @@ bench-gdb: build
 bench-log: build
 	$(PY) -m bench log --out bench/log.json $(if $(QUICK),--quick)
 
+# TLS + SASL/SCRAM + ACLs + record MACs against a plain broker, side by side in one run
+# (two single nodes, alternating runs): replicated write, record commit, served commit
+bench-security: build
+	$(PY) -m bench security --out bench/security.json $(if $(QUICK),--quick)
+
 # kvstore served through the gateway on its own single-node Kafka against a plain run,
 # and failover time over 10 trials
 bench-ft: build
@@ -119,7 +124,7 @@ bench: build
 images: build $(BUILD)/.doctor-containers
 	compose/images/build
 
-compose-up: images
+compose-up: images secrets
 	$(COMPOSE) up -d
 	$(PY) -m harness.containers wait-healthy $(CLUSTER)
 
@@ -137,11 +142,27 @@ bench-cluster: compose-up
 	rc=$$?; $(MAKE) -s compose-down; exit $$rc
 
 # ---- Kafka (real Apache Kafka from Maven Central, KRaft, loopback) --------------------
-kafka: | $(BUILD)/.doctor-core
-	KAFKA_PORT=$(KAFKA_PORT) $(PYTHON) $(KAFKACTL) start --nodes 1 --port $(KAFKA_PORT)
+# The secrets of a secure Kafka (docs/operating.md §6): a local CA, the brokers' certificate,
+# SCRAM users (admin, broker, vm-<vm> and gateway-<vm> per VM) and each VM's record key, in
+# $(SECRETS) (git ignores build/), mode 0600; made when missing, never remade.
+SECRETS     ?= $(BUILD)/secrets
+VMS         ?= vm1
+secrets: | $(BUILD)/.doctor-core
+	$(PYTHON) $(KAFKACTL) secrets --dir $(SECRETS) $(foreach v,$(VMS),--vm $(v))
 
-kafka-cluster: | $(BUILD)/.doctor-core
-	$(PYTHON) $(KAFKACTL) start --nodes 3 --port $(KAFKA_PORT)
+# the single node is PLAINTEXT unless SECURE=1: it is the README's walk-through and a
+# loopback-only scratch broker (docs/operating.md §6.5); the cluster is secure by default
+# (SECURE=0 for a plain one).  Secure: provision each VM as the admin, then run every
+# kvmrr process with its principal's file, e.g.
+#   KVMRR_KAFKA_CONFIG=build/secrets/admin.conf kvmrr provision --log kafka://127.0.0.1:19092/vm1
+#   KVMRR_KAFKA_CONFIG=build/secrets/vm-vm1.conf kvmrr record ... --log kafka://127.0.0.1:19092/vm1
+kafka: | $(BUILD)/.doctor-core $(if $(filter 1,$(SECURE)),secrets)
+	KAFKA_PORT=$(KAFKA_PORT) $(PYTHON) $(KAFKACTL) start --nodes 1 --port $(KAFKA_PORT) \
+	  $(if $(filter 1,$(SECURE)),--secrets $(SECRETS))
+
+kafka-cluster: | $(BUILD)/.doctor-core $(if $(filter 0,$(SECURE)),,secrets)
+	$(PYTHON) $(KAFKACTL) start --nodes 3 --port $(KAFKA_PORT) \
+	  $(if $(filter 0,$(SECURE)),,--secrets $(SECRETS))
 
 kafka-down:
 	$(PYTHON) $(KAFKACTL) stop --all

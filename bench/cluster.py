@@ -18,7 +18,9 @@ import structlog
 from libkvmrr import best_counter
 from kvmrr import demo
 from harness.containers import wait_healthy
-from harness.localkafka import kafka_version
+from harness.localkafka import kafka_version, make_secrets
+from kvmrr_log import kafka_config
+from kvmrr_log.kafka_acls import provision
 from kvmrr_log.paths import REPO
 
 ENV_FILE = REPO / "compose" / ".env"
@@ -27,8 +29,17 @@ NODES = ["primary", "backup1", "backup2", "gateway"]
 
 
 def _fresh_nodes(vm: str) -> None:
-    """The kvmrr containers created again for VM `vm`; the brokers stay as they are."""
+    """The kvmrr containers created again for VM `vm`; the brokers stay as they are.  The
+    new VM's principals and record key are made first (the compose cluster is secure; its
+    provision service runs with the first `up` only)."""
     env = dict(os.environ, KVMRR_VM=vm, KAFKA_VERSION=kafka_version())
+    secrets = demo.compose_secrets(ENV_FILE, demo.read_env(ENV_FILE))
+    if secrets:
+        make_secrets(secrets, [vm])
+        boot = ",".join(f"127.0.0.1:{demo.read_env(ENV_FILE)[f'KAFKA{i}_HOST_PORT']}"
+                        for i in (1, 2, 3))
+        with kafka_config.using(secrets / "admin.conf"):
+            provision(boot, vm)
     subprocess.run([*COMPOSE, "rm", "-f", "-s", *NODES], env=env, check=True,
                    capture_output=True)
     subprocess.run([*COMPOSE, "up", "-d", "--no-deps", "primary"], env=env, check=True,

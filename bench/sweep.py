@@ -123,10 +123,12 @@ def plain_requests_per_s(rate_hz: float, seconds: float) -> float:
 
 
 def served(bootstrap: str, work: Path, *, commit: str, backups: int, txn_ms: float,
-           rate_hz: float, seconds: float, counter: str) -> dict:
+           rate_hz: float, seconds: float, counter: str, secrets: Path | None = None) -> dict:
+    """secrets: on a secure Kafka (FtCluster(secrets=...), bench/security.py)."""
     from harness.ftcluster import FtCluster
     from harness.logstats import log_bytes
-    ft = FtCluster(bootstrap, work, counter=counter, commit=commit, txn_ms=txn_ms)
+    ft = FtCluster(bootstrap, work, counter=counter, commit=commit, txn_ms=txn_ms,
+                   secrets=secrets)
     try:
         ft.start_primary()
         for i in range(backups):
@@ -142,7 +144,8 @@ def served(bootstrap: str, work: Path, *, commit: str, backups: int, txn_ms: flo
         report = client.report()
         client.request("QUIT", timeout=60)
         summary = ft.primary.result() if ft.primary.wait(120) == 0 else {}
-        nbytes = log_bytes(bootstrap, ft.vm)
+        with ft.as_admin():
+            nbytes = log_bytes(bootstrap, ft.vm)
     finally:
         ft.stop()
     return {"requests_per_s": report.answered / (last - t0), "drained": drained,

@@ -27,9 +27,12 @@ from pathlib import Path
 import structlog
 
 from harness.client import KvClient
+from harness.localkafka import make_secrets
 from kvmrr_log.client_ids import declared_scope, scoped_request_id
 from kvmrr_log import events
+from kvmrr_log import kafka_config
 from kvmrr_log.kafka import ensure_topics
+from kvmrr_log.kafka_acls import gateway_principal, provision, vm_principal
 from harness.logstats import log_bytes, released_outputs, released_seqs
 from kvmrr_log.paths import REPO
 from kvmrr_log.requests import request_id
@@ -41,11 +44,11 @@ PRIMARY_EVENTS = (events.FENCED,)
 _LEVELS = ("debug", "info", "warning", "error", "critical")
 
 
-def start_process(args: list[str], wrap=None) -> subprocess.Popen:
+def start_process(args: list[str], wrap=None, env: dict | None = None) -> subprocess.Popen:
     """`kvmrr ARGS` as a local process; wrap(cmd) -> cmd: how to start it (e.g. in a
-    network namespace of its own)."""
+    network namespace of its own); env: its environment (this one's by default)."""
     cmd = [sys.executable, "-m", "kvmrr.cli", *args]
-    return subprocess.Popen(wrap(cmd) if wrap else cmd, cwd=REPO,
+    return subprocess.Popen(wrap(cmd) if wrap else cmd, cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -138,7 +141,12 @@ class FtCluster:
     def __init__(self, bootstrap: str, workdir: Path, *, counter: str = "auto",
                  commit: str = "log", failover_timeout: float = 1.0,
                  snapshot_every: int = 2_000_000, narrate: bool = False,
-                 vm: str | None = None, txn_ms: float = 10.0):
+                 vm: str | None = None, txn_ms: float = 10.0,
+                 secrets: Path | None = None):
+        """secrets: a `kafkactl secrets` folder holding this VM's principals, for a secure
+        Kafka (harness.localkafka.LocalKafka(secrets=...)): the VM is provisioned as the
+        admin, the primary and backups sign in as vm-<vm>, the gateway as gateway-<vm>,
+        and this harness reads as the admin (docs/operating.md §6)."""
         self.bootstrap = bootstrap
         self.vm = vm or f"ft{uuid.uuid4().hex[:8]}"
         self.url = f"kafka://{bootstrap}/{self.vm}"
@@ -151,7 +159,21 @@ class FtCluster:
         self.log = structlog.get_logger().bind(vm=self.vm) if narrate else None
         self.nodes: dict[str, Node] = {}
         self.primary: Node | None = None
-        ensure_topics(bootstrap, self.vm)
+        self.secrets = Path(secrets) if secrets else None
+        if self.secrets:
+            make_secrets(self.secrets, [self.vm])    # its principals, if new
+        with self.as_admin():
+            if self.secrets:
+                provision(bootstrap, self.vm)
+            else:
+                ensure_topics(bootstrap, self.vm)
+
+    def conf(self, principal: str) -> Path | None:
+        """The principal's client config (KVMRR_KAFKA_CONFIG), None on a plain Kafka."""
+        return self.secrets / f"{principal}.conf" if self.secrets else None
+
+    def as_admin(self):
+        return kafka_config.using(self.conf("admin"))
 
     # -- the processes ----------------------------------------------------------------------
     def start_primary(self, wrap=None, extra: tuple[str, ...] = ()) -> Node:
@@ -159,7 +181,7 @@ class FtCluster:
             "record", "kvstore", "--log", self.url, "--serve", "--commit", self.commit,
             "--mode", self.counter, "--snapshot-every", str(self.snapshot_every),
             "--txn-ms", str(self.txn_ms), "--json", "--quiet", *extra],
-            watch=PRIMARY_EVENTS, wrap=wrap)
+            watch=PRIMARY_EVENTS, wrap=wrap, principal=vm_principal(self.vm))
         return self.primary
 
     def start_backup(self, name: str, start: str = "first") -> Node:
@@ -168,10 +190,11 @@ class FtCluster:
             self.commit, "--mode", self.counter, "--failover-timeout",
             str(self.failover_timeout), "--snapshot-every", str(self.snapshot_every),
             "--txn-ms", str(self.txn_ms), "--start", start, "--idle-timeout", "60", "--json", "--quiet"],
-            watch=BACKUP_EVENTS)
+            watch=BACKUP_EVENTS, principal=vm_principal(self.vm))
 
     def start_gateway(self) -> int:
-        gw = self._node("gateway", ["gateway", "--log", self.url, "--listen", "127.0.0.1:0"])
+        gw = self._node("gateway", ["gateway", "--log", self.url, "--listen", "127.0.0.1:0"],
+                        principal=gateway_principal(self.vm))
         wait_for(lambda: gw.last(events.LISTENING) or gw.proc.poll() is not None, 60,
                  "the gateway")
         listening = gw.last(events.LISTENING)
@@ -185,8 +208,10 @@ class FtCluster:
         self.gateway_port = int(listening["port"])
         return self.gateway_port
 
-    def _node(self, name: str, args: list[str], watch=(), wrap=None) -> Node:
-        return self.attach(name, start_process(args, wrap), watch)
+    def _node(self, name: str, args: list[str], watch=(), wrap=None,
+              principal: str = "admin") -> Node:
+        env = kafka_config.env_for(self.conf(principal)) if self.secrets else None
+        return self.attach(name, start_process(args, wrap, env), watch)
 
     def attach(self, name: str, proc, watch=()) -> Node:
         """Take on a node started elsewhere (a container): `name` is "primary", "gateway"
@@ -219,8 +244,9 @@ class FtCluster:
         if live is None:
             return None
         released = live.last(events.LIVE)["released_seq"]
-        new_ids = {request_id(o["data"]) for o in released_outputs(self.bootstrap, self.vm)
-                   if o["seq"] > released}
+        with self.as_admin():
+            outs = released_outputs(self.bootstrap, self.vm)
+        new_ids = {request_id(o["data"]) for o in outs if o["seq"] > released}
         scope = declared_scope(client.name)     # the gateway's ids for this client's
         times = [a for rid, (_, a) in client.answer_times().items()
                  if scoped_request_id(scope, rid.encode()).decode() in new_ids]
@@ -247,10 +273,14 @@ class FtCluster:
                                       "stderr": "".join(node.text[-4:]).strip()[-600:]}
         rep = subprocess.run([sys.executable, "-m", "kvmrr.cli", "replay", "--log", self.url,
                               "--start", "first", "--mode", self.counter, "--json",
-                              "--quiet"], cwd=REPO, capture_output=True, text=True, timeout=900)
+                              "--quiet"], cwd=REPO, capture_output=True, text=True, timeout=900,
+                             env=kafka_config.env_for(self.conf(vm_principal(self.vm)))
+                             if self.secrets else None)
         replay = json.loads(rep.stdout.strip().splitlines()[-1]) if rep.returncode == 0 else {}
         hashes = {n: r.get("state_hash") for n, r in ends.items() if r}
-        seqs = released_seqs(self.bootstrap, self.vm)
+        with self.as_admin():
+            seqs = released_seqs(self.bootstrap, self.vm)
+            logged = log_bytes(self.bootstrap, self.vm)
         winners = [n for n, r in ends.items() if r and r.get("took_over")]
         new = ends[winners[0]] if winners else (ends.get("primary") or {})
         return {
@@ -269,7 +299,7 @@ class FtCluster:
             "commit_p50_ms": new.get("output_commit_p50_ms"),
             "commit_p99_ms": new.get("output_commit_p99_ms"),
             "latency_p50_ms": report.latency_p50_ms, "latency_p99_ms": report.latency_p99_ms,
-            "responses_released": len(seqs), "log_bytes": log_bytes(self.bootstrap, self.vm),
+            "responses_released": len(seqs), "log_bytes": logged,
         }
 
     def stop(self) -> None:

@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import structlog
 
@@ -55,11 +56,21 @@ def free_base_port(nodes: int) -> int:
     raise LocalKafkaError("no free loopback ports for a broker")
 
 
-def start(nodes: int, name: str) -> tuple[str, int]:
-    """Start a kafkactl cluster; (bootstrap, base port)."""
+def make_secrets(folder: Path, vms: list[str]) -> Path:
+    """`kafkactl secrets`: what a secure Kafka and these VMs need, made where missing."""
+    proc = kafkactl("secrets", "--dir", str(folder), *[a for vm in vms for a in ("--vm", vm)],
+                    timeout=60)
+    if proc.returncode != 0:
+        raise LocalKafkaError(f"kafkactl secrets: {proc.stderr.strip()[-500:]}")
+    return folder
+
+
+def start(nodes: int, name: str, secrets: Path | None = None) -> tuple[str, int]:
+    """Start a kafkactl cluster, secure with a secrets folder; (bootstrap, base port)."""
     for _ in range(3):   # a port may be taken between the check and the start
         port = free_base_port(nodes)
-        proc = kafkactl("start", "--nodes", str(nodes), "--port", str(port), "--name", name)
+        proc = kafkactl("start", "--nodes", str(nodes), "--port", str(port), "--name", name,
+                        *(["--secrets", str(secrets)] if secrets else []))
         if proc.returncode == 0:
             return proc.stdout.strip().splitlines()[-1], port
         if "already in use" not in proc.stderr:
@@ -78,10 +89,11 @@ def stop(name: str) -> str | None:
 
 class LocalKafka:
     """with LocalKafka(3, "bench-x") as k: k.bootstrap.  Logs `kafka_started` and, if
-    stopping fails, `kafka_stop_failed`."""
+    stopping fails, `kafka_stop_failed`.  secrets: a `kafkactl secrets` folder (make_secrets)
+    makes it a secure Kafka (SASL_SSL, ACLs; docs/operating.md §6)."""
 
-    def __init__(self, nodes: int, name: str):
-        self.nodes, self.name = nodes, name
+    def __init__(self, nodes: int, name: str, secrets: Path | None = None):
+        self.nodes, self.name, self.secrets = nodes, name, secrets
         self.log = structlog.get_logger().bind(kafka=name)
         self.bootstrap = ""
         self.port = 0
@@ -90,13 +102,13 @@ class LocalKafka:
     def __enter__(self) -> "LocalKafka":
         t0 = time.monotonic()
         try:
-            self.bootstrap, self.port = start(self.nodes, self.name)
+            self.bootstrap, self.port = start(self.nodes, self.name, self.secrets)
         except LocalKafkaError:
             stop(self.name)
             raise
         self.started_s = round(time.monotonic() - t0, 1)
         self.log.info("kafka_started", nodes=self.nodes, bootstrap=self.bootstrap,
-                      seconds=self.started_s)
+                      seconds=self.started_s, secure=bool(self.secrets))
         return self
 
     def __exit__(self, *exc) -> None:

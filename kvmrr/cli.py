@@ -16,6 +16,7 @@ from kvmrr_log import events
 from kvmrr_log.guest_images import load_guest
 from kvmrr_log.percentiles import percentile_ms
 from kvmrr_log.kafka import FencedError, KafkaLogError
+from kvmrr_log.kafka_config import KafkaConfigError
 from kvmrr_log.urls import FileLog, LogUrlError, parse_log_url
 from kvmrr.gateway import Limits
 from recorder.archive_sink import ArchiveSink
@@ -414,15 +415,30 @@ def cmd_gateway(args) -> int:
                     max_pending=args.max_pending, retry_window_s=args.retry_window,
                     max_answers=args.max_answers)
     _room_for_connections(limits.max_clients)
+    tls = _server_tls(args.tls_cert) if args.tls_cert else None
     gw = Gateway(log.bootstrap, log.vm_id, limits=limits, identity=identity)
 
     def ready(bound: int) -> None:
-        print(f"kvmrr gateway: listening on {host}:{bound} for VM {log.vm_id}", flush=True)
+        print(f"kvmrr gateway: listening on {host}:{bound} for VM {log.vm_id}"
+              + (" (TLS)" if tls else ""), flush=True)
     try:
-        asyncio.run(gw.serve(host, port, ready))
+        asyncio.run(gw.serve(host, port, ready, tls))
     except KeyboardInterrupt:
         pass
     return 0
+
+
+def _server_tls(pem: str):
+    """The gateway's TLS context: PEM holds its key and certificate chain (`make secrets`
+    writes build/secrets/gateway-tls.pem)."""
+    import ssl
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        ctx.load_cert_chain(pem)
+    except (OSError, ssl.SSLError) as exc:
+        raise UsageError(f"--tls-cert {pem}: {getattr(exc, 'strerror', None) or exc}") from None
+    return ctx
 
 
 def _room_for_connections(n: int) -> None:
@@ -436,6 +452,18 @@ def _room_for_connections(n: int) -> None:
         if new < want:
             raise UsageError(f"--max-clients {n} needs {want} open files; the hard limit "
                              f"is {hard}")
+
+
+def cmd_provision(args) -> int:
+    """The admin's step on a secure Kafka: the VM's topics, principals and ACLs
+    (kvmrr_log.kafka_acls; docs/operating.md §6.2)."""
+    log = parse_log_url(args.log)
+    if isinstance(log, FileLog):
+        raise UsageError("provision is for a log on Kafka: --log kafka://HOST:PORT/VM")
+    from kvmrr_log.kafka_acls import provision
+    n = provision(log.bootstrap, log.vm_id)
+    print(json.dumps({"vm": log.vm_id, "acls": n}))
+    return 0
 
 
 def cmd_archive(args) -> int:
@@ -658,6 +686,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokens", type=_nonempty("tokens file"), default=None, metavar="FILE",
                    help="clients must say HELLO <token>; FILE has '<name> <token>' lines, "
                         "mode 600 (without it: HELLO <name>, unauthenticated)")
+    p.add_argument("--tls-cert", type=_nonempty("TLS certificate"), default=None,
+                   metavar="PEM", help="serve clients over TLS with this key and "
+                                       "certificate (build/secrets/gateway-tls.pem)")
     d = Limits()
     p.add_argument("--max-clients", type=_count(1, 100_000), default=d.max_clients,
                    metavar="N", help="open connections at most")
@@ -671,6 +702,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-answers", type=_count(1, 10_000_000), default=d.max_answers,
                    metavar="N", help="request ids and answers kept, at most N of each")
     p.set_defaults(fn=cmd_gateway)
+    p = sub.add_parser("provision", help="as the admin of a secure Kafka: create a VM's "
+                                         "topics, principals and ACLs")
+    p.add_argument("--log", type=log_url, required=True, help="kafka://HOST:PORT/VM")
+    p.set_defaults(fn=cmd_provision)
     p = sub.add_parser("archive", help="export a log on Kafka to an Avro archive")
     p.add_argument("--log", type=log_url, required=True, help="kafka://HOST:PORT/VM")
     p.add_argument("-o", "--output", type=_nonempty("output"), required=True,
@@ -713,7 +748,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"kvmrr: {exc}", file=sys.stderr)
         return EXIT_DIVERGED
     except (KvmrrError, ReplayError, LogFormatError, LogUrlError, UsageError, KafkaLogError,
-            OSError) as exc:
+            KafkaConfigError, OSError) as exc:
         print(f"kvmrr: error: {_one_line(exc)}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:

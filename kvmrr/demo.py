@@ -101,6 +101,13 @@ def read_env(path: Path) -> dict[str, str]:
     return env
 
 
+def compose_secrets(env_file: Path, env: dict[str, str]) -> Path | None:
+    """The compose cluster's secrets folder (KVMRR_SECRETS, relative to compose/): the
+    harness signs in with them as the containers do (docs/operating.md §6)."""
+    folder = env.get("KVMRR_SECRETS")
+    return (env_file.parent / folder).resolve() if folder else None
+
+
 def compose_cluster(env_file: Path, counter: str, work: Path) -> FtCluster:
     """The docker-compose cluster's primary, backups and gateway (containers kvmrr-*),
     attached; Kafka on the brokers' ports published on the host's loopback."""
@@ -113,7 +120,8 @@ def compose_cluster(env_file: Path, counter: str, work: Path) -> FtCluster:
                           " up); a demo needs a fresh one: make compose-down compose-up")
     ft = FtCluster(bootstrap, work, counter=counter, narrate=True, vm=env["KVMRR_VM"],
                    commit=env["KVMRR_COMMIT"],
-                   failover_timeout=float(env["KVMRR_FAILOVER_TIMEOUT"]))
+                   failover_timeout=float(env["KVMRR_FAILOVER_TIMEOUT"]),
+                   secrets=compose_secrets(env_file, env))
     _log().info("compose_cluster", vm=ft.vm, brokers=bootstrap, commit=ft.commit)
     ft.attach("primary", ContainerProcess("kvmrr-primary"), watch=PRIMARY_EVENTS)
     for b in ("backup1", "backup2"):

@@ -54,7 +54,7 @@ from pathlib import Path
 import structlog
 from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
 
-from kvmrr_log import events
+from kvmrr_log import events, record_mac
 from kvmrr_log.client_ids import (ID_MAX, declared_scope, scoped_request_id, token_scope,
                                   valid_name)
 from kvmrr_log.epochs import ReleaseFilter
@@ -157,7 +157,7 @@ class Gateway:
                       "unknown_responses": 0, "clients": 0, "refused_clients": 0,
                       "peak_connections": 0, "idle_closed": 0, "slow_dropped": 0,
                       "busy": 0, "not_delivered": 0, "pruned": 0,
-                      "void_outputs": 0}
+                      "void_outputs": 0, "forged_outputs": 0}
         self._nonce = secrets.token_hex(8)
         self._conn_numbers = itertools.count(1)
         self._queue: queue.Queue = queue.Queue(maxsize=limits.produce_queue)
@@ -228,6 +228,11 @@ class Gateway:
         one is ignored, with the reason logged)."""
         if dict(msg.headers() or []).get(WRITER_HEADER) != self.writer:
             self.log.warning("not the VM's recorder: ignored", offset=msg.offset())
+            return
+        forged = record_mac.problem(msg)
+        if forged:     # ignored and counted: a client never gets a forged answer
+            self.stats["forged_outputs"] += 1
+            self.log.error("forged response: ignored", offset=msg.offset(), error=forged)
             return
         try:
             out = decode_message(msg.value() or b"", msg.headers() or [])
@@ -461,9 +466,12 @@ class Gateway:
             conn.waiting.discard(key)
             self._send(conn, rid + b" ERR not sent to the log: retry")
 
-    async def serve(self, host: str, port: int, ready=None) -> None:
+    async def serve(self, host: str, port: int, ready=None, tls=None) -> None:
+        """tls: an ssl.SSLContext for the client port (--tls-cert), or None for TCP."""
         self._loop = asyncio.get_running_loop()
-        server = await asyncio.start_server(self._client, host, port, limit=MAX_LINE + 2)
+        handshake_s = min(10.0, self.limits.idle_timeout_s) if tls else None
+        server = await asyncio.start_server(self._client, host, port, limit=MAX_LINE + 2,
+                                            ssl=tls, ssl_handshake_timeout=handshake_s)
         self.port = server.sockets[0].getsockname()[1]
         threads = [threading.Thread(target=self._produce_loop, name="kvmrr-gateway-in",
                                     daemon=True)]
@@ -473,7 +481,8 @@ class Gateway:
         for t in threads:
             t.start()
         housekeeping = asyncio.create_task(self._housekeeping())
-        self.log.info(events.LISTENING, host=host, port=self.port, **self.limits.__dict__)
+        self.log.info(events.LISTENING, host=host, port=self.port, tls=tls is not None,
+                      **self.limits.__dict__)
         if ready:
             ready(self.port)
         try:

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
+from kvmrr_log import record_mac
 from kvmrr_log.kafka import KafkaLogError, client_conf
 from schemas import LogFormatError, decode_message, message_kind
 
@@ -122,6 +123,7 @@ class EpochTail:
             "auto.offset.reset": "earliest"}))
         self.consumer.assign([TopicPartition(topic, 0, start)])
         self.at_end = False
+        self.refused = 0      # Epoch records without this VM's valid MAC (record_mac)
 
     def poll(self, timeout: float = 0.0, max_messages: int = 500) -> list[tuple[int, int]]:
         """Read what is there; the Epoch records accepted by it, as (epoch, offset)."""
@@ -140,7 +142,9 @@ class EpochTail:
             self.at_end = False
             offset = msg.offset()
             try:
-                if message_kind(msg.headers() or []) == "Epoch":
+                if message_kind(msg.headers() or []) == "Epoch" and record_mac.problem(msg):
+                    self.refused += 1     # a forged Epoch record fences nobody
+                elif message_kind(msg.headers() or []) == "Epoch":
                     record = decode_message(msg.value() or b"", msg.headers() or [])
                     if self.bounds.add(record["epoch"], offset):
                         accepted.append((record["epoch"], offset))
@@ -237,8 +241,8 @@ def valid_releases(bootstrap: str, vm: str, timeout: float = 15.0) -> list[dict]
     ahead.start()
     try:
         for msg in scan_topic(bootstrap, t.outputs, timeout=timeout):
-            if dict(msg.headers() or []).get(WRITER_HEADER) != writer:
-                continue
+            if dict(msg.headers() or []).get(WRITER_HEADER) != writer or record_mac.problem(msg):
+                continue     # a stranger's or forged release: never one that counts
             try:
                 record = decode_message(msg.value() or b"", msg.headers() or [])
             except LogFormatError as exc:

@@ -14,6 +14,8 @@ from typing import Iterator
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
+from kvmrr_log import kafka_config
+
 WRITER_HEADER = "kvmrr-writer"   # writer_id(vm) on every message a primary writes
 CONNECT_TIMEOUT_S = 6.0
 SNAPSHOT_CHUNK_BYTES = 512 * 1024
@@ -91,9 +93,11 @@ def client_id(vm: str, role: str) -> str:
 
 
 def client_conf(bootstrap: str, client_id: str = "kvmrr") -> dict:
+    """Every client's settings; on a secure Kafka, with how this process signs in
+    (KVMRR_KAFKA_CONFIG, kvmrr_log.kafka_config: the one way credentials reach a client)."""
     return {"bootstrap.servers": bootstrap, "client.id": client_id,
             "socket.connection.setup.timeout.ms": 5000, "log_level": 3,
-            "logger": CLIENT_LOG}
+            "logger": CLIENT_LOG, **kafka_config.current().settings}
 
 
 def admin_client(bootstrap: str, client_id: str = "kvmrr") -> AdminClient:
@@ -154,6 +158,10 @@ def ensure_topics(bootstrap: str, vm: str) -> Topics:
             try:
                 fut.result()
             except KafkaException as exc:
+                if exc.args[0].name() == "TOPIC_AUTHORIZATION_FAILED":
+                    raise KafkaLogError(f"cannot create topic {name}: not authorized (on a "
+                                        f"secure Kafka the admin provisions a VM first: "
+                                        f"kvmrr provision)") from None
                 if exc.args[0].name() != "TOPIC_ALREADY_EXISTS":
                     raise KafkaLogError(f"cannot create topic {name}: {exc.args[0].str()}") from None
     return t

@@ -15,6 +15,7 @@ from typing import Callable, Iterator
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
 
+from kvmrr_log import kafka_config, record_mac
 from kvmrr_log.epochs import EpochRule, epoch_bounds
 from kvmrr_log.kafka import (CONNECT_TIMEOUT_S, WRITER_HEADER, KafkaLogError, absolute_start,
                              admin_client, client_conf, client_id, cluster_size, topics,
@@ -97,6 +98,9 @@ class LogTopicReader:
             raise KafkaLogError(f"{self.topic} offset {offset}: record not written by this "
                                 f"VM's recorder (no {WRITER_HEADER} header of "
                                 f"{self.writer.decode()}): refusing it")
+        forged = record_mac.problem(msg)
+        if forged:
+            raise KafkaLogError(f"{self.topic} offset {offset}: {forged}: refusing it")
         try:
             record = decode_message(msg.value() or b"", msg.headers() or [])
         except LogFormatError as exc:
@@ -146,8 +150,10 @@ def check_log_exists(bootstrap: str, vm: str) -> None:
     admin = admin_client(bootstrap, client_id(vm, "admin"))
     cluster_size(admin, bootstrap)
     if topics(vm).log not in admin.list_topics(timeout=CONNECT_TIMEOUT_S).topics:
+        hidden = (" or this principal may not see it" if kafka_config.current().path
+                  else "")   # a topic one may not describe is not listed (ACLs)
         raise KafkaLogError(f"no log for VM {vm!r} at {bootstrap} (topic {topics(vm).log} "
-                            "does not exist)")
+                            f"does not exist{hidden})")
 
 
 def read_header(bootstrap: str, vm: str, timeout: float = 15.0, role: str = "reader") -> dict:

@@ -30,6 +30,7 @@ import time
 
 from confluent_kafka import KafkaException, Producer
 
+from kvmrr_log import record_mac
 from kvmrr_log.epochs import EpochBounds, EpochTail, valid_releases
 from kvmrr_log.kafka import (LOG_MESSAGE_BYTES, SNAPSHOT_CHUNK_BYTES, WRITER_HEADER,
                              FencedError, KafkaLogError, client_conf, client_id, ensure_topics,
@@ -245,6 +246,7 @@ class KafkaSink:
     def _produce(self, topic: str, record: dict, key: bytes, on_delivery) -> None:
         value, headers = encode_message(record)
         headers.append((WRITER_HEADER, self.writer.encode()))
+        headers = record_mac.sign(topic, key, value, headers)   # docs/operating.md §6.3
         self.bytes_published += len(value)
         self.messages += 1
         while True:

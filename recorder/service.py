@@ -23,6 +23,7 @@ from typing import Callable
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
 
+from kvmrr_log import record_mac
 from kvmrr_log.kafka import absolute_start, client_conf, client_id, topics
 from schemas import LogFormatError, decode_message
 
@@ -121,6 +122,7 @@ class AckWatch:
             "fetch.wait.max.ms": 5, "auto.offset.reset": "earliest"}))
         self.consumer.assign([TopicPartition(self.topic, 0, absolute_start(OFFSET_BEGINNING))])
         self.received: dict[str, int] = {}
+        self.forged = 0      # acks without this VM's valid MAC (kvmrr_log.record_mac)
         self.replayed: dict[str, tuple[int, int]] = {}   # (icount, wall_ns it was sent)
         # one entry per backup id, at most MAX_BACKUPS: a new id beyond that evicts the
         # one heard from longest ago (which can only hold outputs back, never release one)
@@ -128,6 +130,9 @@ class AckWatch:
     def poll(self) -> None:
         for msg in self.consumer.consume(500, 0):
             if msg.error():
+                continue
+            if record_mac.problem(msg):
+                self.forged += 1   # ignored and counted: a forged ack would release outputs
                 continue
             try:
                 ack = decode_message(msg.value() or b"", msg.headers() or [])

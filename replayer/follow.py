@@ -14,7 +14,7 @@ from typing import Callable
 import structlog
 from confluent_kafka import OFFSET_BEGINNING, KafkaException, Producer
 
-from kvmrr_log import events
+from kvmrr_log import events, record_mac
 from libkvmrr import KvmrrError
 from kvmrr_log.guest_images import GuestImage
 from kvmrr_log.kafka import KafkaLogError, client_conf, client_id, topics
@@ -111,7 +111,9 @@ class Follower:
                 "kind": "Ack", "backup_id": self.backup_id,
                 "received_icount": s.received_icount, "received_seq": s.expected_seq,
                 "replayed_icount": s.icount, "wall_ns": time.time_ns()})
-            self.acks.produce(self.topics.acks, value, self.backup_id.encode(), headers=headers)
+            key = self.backup_id.encode()
+            headers = record_mac.sign(self.topics.acks, key, value, headers)
+            self.acks.produce(self.topics.acks, value, key, headers=headers)
             self.acks.poll(0)
             self._last_ack = now
         if self.backup_id and now - self._last_lag_log >= LAG_LOG_EVERY_S:

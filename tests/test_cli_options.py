@@ -78,6 +78,7 @@ def _base(verb: str, archive, tmp) -> list[str]:
         "gateway": ["gateway", "--log", f"file:{archive}"],
         "archive": ["archive", "--log", f"file:{archive}", "-o", f"{tmp}/out.avro"],
         "inspect": ["inspect", "--log", f"file:{archive}"],
+        "provision": ["provision", "--log", f"file:{archive}"],
         "demo": ["demo", "--compose", f"{tmp}/no-such.env", "--workdir", f"{tmp}/demo"],
     }[verb]
 

@@ -47,7 +47,7 @@ class StubProducer:
 class Running:
     """A gateway serving on loopback from a thread of its own."""
 
-    def __init__(self, limits=Limits(), identity=None):
+    def __init__(self, limits=Limits(), identity=None, tls=None):
         self.stub = StubProducer()
         self.gw = Gateway("stub:0", "gwtest", limits=limits, identity=identity,
                           producer=self.stub)
@@ -57,7 +57,7 @@ class Running:
         def run():
             asyncio.set_event_loop(self.loop)
             self.task = self.loop.create_task(
-                self.gw.serve("127.0.0.1", 0, lambda port: ready.set()))
+                self.gw.serve("127.0.0.1", 0, lambda port: ready.set(), tls))
             try:
                 self.loop.run_until_complete(self.task)
             except asyncio.CancelledError:

@@ -65,7 +65,7 @@ def test_watched_events_are_narrated_with_the_node_name(tmp_path):
 def test_the_gateway_port_comes_from_its_listening_event(tmp_path, monkeypatch):
     from harness import ftcluster
     monkeypatch.setattr(ftcluster, "ensure_topics", lambda *a: None)
-    monkeypatch.setattr(ftcluster, "start_process", lambda args, wrap=None: FakeProc(
+    monkeypatch.setattr(ftcluster, "start_process", lambda args, wrap=None, env=None: FakeProc(
         [_ev("state", sent=0, answered=0), _ev(events.LISTENING, host="127.0.0.1",
                                                 port=40123)],
         ["kvmrr gateway: some human text that may change"]))

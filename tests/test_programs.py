@@ -34,7 +34,7 @@ MAKEFILES = ["Makefile", "guests/Makefile"]
 SCRIPTS = ["compose/images/build", "compose/images/engine", "setup/doctor"]
 PY_DIRS = ["tests", "harness", "bench", "kvmrr", "kvmrr_log", "recorder", "replayer",
            "libkvmrr", "schemas", "guests/test"]
-PY_FILES = ["compose/kafka/kafkactl", "setup.py"]
+PY_FILES = ["compose/kafka/kafkactl", "compose/kafka/kafkasecrets.py", "setup.py"]
 
 # argv[0] expressions the reader cannot follow, each with why no PATH program hides there
 UNFOLLOWED = {

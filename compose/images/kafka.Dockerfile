@@ -5,7 +5,7 @@ FROM kvmrr/base:bookworm
 RUN apt-get update && apt-get install -y --no-install-recommends openjdk-17-jre-headless python3 \
     && rm -rf /var/lib/apt/lists/*
 COPY libs/ /opt/kafka/libs/
-COPY kafkactl log4j2.yaml pom.xml /opt/kafka/
+COPY kafkactl kafkasecrets.py log4j2.yaml pom.xml /opt/kafka/
 ENV KVMRR_KAFKA_HOME=/opt/kafka \
     KAFKA_HEAP_OPTS="-Xmx512m -Xms128m" \
     KAFKA_DATA=/var/lib/kafka

@@ -1,0 +1,186 @@
+"""make bench-security -> bench/security.json: what TLS + SASL/SCRAM + ACLs + record MACs
+cost (docs/operating.md §6), side by side with the same runs on a plain broker.
+
+Both single nodes run at once and the runs alternate between them (plain first, then
+secure first in the next round), so a busy moment of this shared machine falls on both:
+- one idempotent acks=all write of 200 bytes, every 10 ms (the floor under a commit);
+- the recorder's output commit latency (kvstore under a 2000 requests/s load);
+- the served service through the gateway (one backup, 150 requests/s): the primary's
+  output commit and the client's latency.
+Floor (issue 14): the secure p50 of the recorder's commit at most 10% above the plain one.
+
+Both brokers are warmed up first (WARMUP_S of writes and reads each): a fresh secure
+broker's tail latency stays high until the JIT has compiled its TLS path, which on this
+loaded machine took minutes (produce -> consume p90 of 460-1150 ms in its first rounds,
+18-50 ms later; the plain broker's 4-40 ms).
+"""
+from __future__ import annotations
+
+import os
+import platform
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import structlog
+
+from harness.localkafka import LocalKafka, kafkactl, make_secrets
+from kvmrr_log import kafka_config
+from kvmrr_log.kafka_acls import provision, vm_principal
+from kvmrr_log.percentiles import percentile_ms
+
+LOG = structlog.get_logger(bench="security")
+P50_FLOOR = 1.10
+WARMUP_S = 45.0
+
+
+def _warm_up(side: "Side", seconds: float) -> None:
+    """Writes and reads for `seconds` as a VM of its own, figures thrown away."""
+    from confluent_kafka import Consumer, Producer, TopicPartition
+    from kvmrr_log.kafka import client_conf, ensure_topics
+    vm = side.new_vm()
+    with side.signed_in(vm):
+        topic = ensure_topics(side.kafka.bootstrap, vm).log
+        p = Producer(dict(client_conf(side.kafka.bootstrap, "kvmrr.bench.warmup"),
+                          **{"enable.idempotence": True, "acks": "all", "linger.ms": 1}))
+        c = Consumer(dict(client_conf(side.kafka.bootstrap, "kvmrr.bench.warmup"),
+                          **{"group.id": "kvmrr-warmup", "fetch.wait.max.ms": 5}))
+        c.assign([TopicPartition(topic, 0, 0)])
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            p.produce(topic, b"w" * 2000, b"k")
+            p.poll(0)
+            c.poll(0.002)
+        p.flush(30)
+        c.close()
+
+
+def _write_latencies(bootstrap: str, vm: str, n: int) -> list[float]:
+    from confluent_kafka import Producer
+    from kvmrr_log.kafka import client_conf, ensure_topics
+    topic = ensure_topics(bootstrap, vm).log
+    p = Producer(dict(client_conf(bootstrap, "kvmrr.bench.security"),
+                      **{"enable.idempotence": True, "acks": "all", "linger.ms": 0}))
+    for _ in range(5):
+        p.produce(topic, b"w" * 200, b"k")
+        p.flush(30)
+    lat = []
+    for _ in range(n):
+        t0 = time.monotonic()
+        p.produce(topic, b"w" * 200, b"k")
+        p.flush(30)
+        lat.append(time.monotonic() - t0)
+        time.sleep(0.01)
+    return lat
+
+
+class Side:
+    """One broker, plain or secure; `signed_in(vm)` runs a block as that VM's principal
+    (provisioned first) on the secure one."""
+
+    def __init__(self, kafka: LocalKafka, secrets: Path | None):
+        self.kafka, self.secrets = kafka, secrets
+        self.writes: list[float] = []
+        self.commits: list[dict] = []
+        self.served: list[dict] = []
+
+    def new_vm(self) -> str:
+        vm = f"bsec{uuid.uuid4().hex[:8]}"
+        if self.secrets:
+            make_secrets(self.secrets, [vm])
+            with kafka_config.using(self.secrets / "admin.conf"):
+                provision(self.kafka.bootstrap, vm)
+        return vm
+
+    def signed_in(self, vm: str):
+        return kafka_config.using(self.secrets / f"{vm_principal(vm)}.conf"
+                                  if self.secrets else None)
+
+
+def _summary(side: Side) -> dict:
+    def med(rows, key):
+        vals = sorted(r[key] for r in rows if r.get(key) is not None)
+        return vals[len(vals) // 2] if vals else None
+    return {
+        "replicated_write": {"n": len(side.writes),
+                             "p50_ms": percentile_ms(side.writes, 0.5),
+                             "p99_ms": percentile_ms(side.writes, 0.99)},
+        "record_commit_p50_ms": med(side.commits, "commit_p50_ms"),
+        "record_commit_p99_ms": med(side.commits, "commit_p99_ms"),
+        "record_events_per_s": med(side.commits, "events_per_s"),
+        "records": side.commits,
+        "served_output_commit_p50_ms": med(side.served, "output_commit_p50_ms"),
+        "served_client_p50_ms": med(side.served, "client_latency_p50_ms"),
+        "served_requests_per_s": med(side.served, "requests_per_s"),
+        "served": side.served,
+    }
+
+
+def bench_security(quick: bool) -> dict:
+    from bench.log import _record
+    from bench.sweep import served
+    from libkvmrr import best_counter
+    proc = kafkactl("fetch", timeout=900)
+    if proc.returncode != 0:
+        raise RuntimeError(f"kafkactl fetch failed: {proc.stderr.strip()[-2000:]}")
+    rounds = 2 if quick else 4
+    counter, _ = best_counter()
+    out = {"machine": platform.node(), "cpus": os.cpu_count(), "quick": quick,
+           "loadavg_at_start": [round(x, 2) for x in os.getloadavg()],
+           "note": "two single-node brokers on loopback at once, plain and secure "
+                   "(SASL_SSL, SCRAM-SHA-512, ACLs; clients with the VM's record key so "
+                   "every record carries its HMAC), the runs alternating between them; "
+                   "the recorder, the brokers and other work share this machine's CPUs"}
+    t0 = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="kvmrr-bench-secrets-") as tmp:
+        secrets = make_secrets(Path(tmp) / "secrets", [])
+        with LocalKafka(1, f"bench-{os.getpid()}-plain") as plain, \
+                LocalKafka(1, f"bench-{os.getpid()}-secure", secrets) as secure:
+            sides = {"plain": Side(plain, None), "secure": Side(secure, secrets)}
+            out["startup_s"] = {"plain": plain.started_s, "secure": secure.started_s}
+            warm = 10.0 if quick else WARMUP_S
+            for side in sides.values():
+                _warm_up(side, warm)
+            out["warmup_s"] = warm
+            for r in range(rounds):
+                order = ["plain", "secure"] if r % 2 == 0 else ["secure", "plain"]
+                for name in order:
+                    side = sides[name]
+                    vm = side.new_vm()
+                    with side.signed_in(vm):
+                        side.writes += _write_latencies(side.kafka.bootstrap, vm,
+                                                        50 if quick else 100)
+                    vm = side.new_vm()
+                    with side.signed_in(vm):
+                        rec, _ = _record(side.kafka.bootstrap, vm, "kvstore", load=2000.0,
+                                         max_instructions=1_000_000 if quick else 2_000_000)
+                    side.commits.append({k: rec[k] for k in (
+                        "commit_p50_ms", "commit_p99_ms", "events_per_s", "output_slices")})
+                    LOG.info("round", side=name, round=r, commit_p50_ms=rec["commit_p50_ms"])
+                    if r < 2:
+                        side.served.append(served(
+                            side.kafka.bootstrap, Path(tmp) / f"{name}{r}", commit="log",
+                            backups=1, txn_ms=10.0, rate_hz=150.0,
+                            seconds=4.0 if quick else 8.0, counter=counter,
+                            secrets=side.secrets))
+            for name, side in sides.items():
+                out[name] = _summary(side)
+    p, s = out["plain"], out["secure"]
+
+    def ratio(a, b):
+        return round(b / a, 3) if a and b else None
+    out["secure_over_plain"] = {
+        "replicated_write_p50": ratio(p["replicated_write"]["p50_ms"],
+                                      s["replicated_write"]["p50_ms"]),
+        "record_commit_p50": ratio(p["record_commit_p50_ms"], s["record_commit_p50_ms"]),
+        "served_output_commit_p50": ratio(p["served_output_commit_p50_ms"],
+                                          s["served_output_commit_p50_ms"]),
+        "served_client_p50": ratio(p["served_client_p50_ms"], s["served_client_p50_ms"]),
+        "record_events_per_s": ratio(p["record_events_per_s"], s["record_events_per_s"]),
+    }
+    r = out["secure_over_plain"]["record_commit_p50"]
+    out["floors"] = {"secure_record_commit_p50<=1.10*plain": r is not None and r <= P50_FLOOR}
+    out["seconds"] = round(time.monotonic() - t0, 1)
+    out["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    return out
