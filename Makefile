@@ -21,7 +21,7 @@ CLUSTER     := kvmrr-kafka1 kvmrr-kafka2 kvmrr-kafka3 kvmrr-primary kvmrr-backup
 # the container tests: no Ryuk (its image cannot be pulled), local images only
 export TESTCONTAINERS_RYUK_DISABLED := true
 
-.PHONY: all doctor build guests run test test-c test-py fault-rounds fuzz bench bench-core bench-log bench-ft bench-cluster bench-gdb \
+.PHONY: all doctor build guests linux-guest linux-slow run test test-c test-py fault-rounds fuzz bench bench-core bench-log bench-ft bench-cluster bench-gdb \
         kafka kafka-cluster kafka-down images compose-up compose-down compose-demo clean distclean
 
 all: build
@@ -57,6 +57,13 @@ $(BUILD)/test_core: $(CORE_SRC) libkvmrr/tests/test_core.c | $(BUILD)/.doctor-co
 	$(CC) $(CORE_CFLAGS) -o $@ libkvmrr/src/*.c libkvmrr/tests/test_core.c -lpthread
 
 build: $(VENV)/.core guests $(BUILD)/test_core
+
+# The Linux guest (docs/guests.md, "Linux"): Debian's linux-source-6.1 configured from
+# guests/linux/config and built once into ~/.cache/kvmrr (minutes on two cores; then
+# instant); build/guests/linux.vmlinux points at it, for `kvmrr record linux`.
+linux-guest: $(BUILD)/.doctor-linux
+	mkdir -p $(BUILD)/guests
+	ln -sfn "$$(guests/linux/build)" $(BUILD)/guests/linux.vmlinux
 
 # ---- the main job --------------------------------------------------------------------
 run: build

@@ -65,7 +65,8 @@ def check_header(header: dict, guest: GuestImage | None) -> GuestImage:
     if guest is not None:
         image = guest
     elif carried:
-        image = guest_from_bytes(header["guest_name"], carried, "in the log")
+        image = guest_from_bytes(header["guest_name"], carried, "in the log",
+                                 machine=header.get("machine", "kvmrr"))
     else:
         image = load_guest(header["guest_name"])
     if image.sha256 != header["guest_sha256"]:
@@ -109,7 +110,9 @@ class ReplaySession:
             raise ReplayError("a chunked snapshot must be joined before replay")
         self.machine = Machine(self.image.elf, mode="replay", counter=self.counter,
                                bootargs=self.header["bootargs"],
-                               mem_size=self.header["memory_bytes"])
+                               mem_size=self.header["memory_bytes"],
+                               machine=self.header.get("machine", "kvmrr"),
+                               host_cpu=self.header.get("host_cpu", -1))
         # The snapshot, not the image, is what the replay runs: a first snapshot must be
         # the state this image boots into, or labels could pass off one guest's log as
         # another's.
