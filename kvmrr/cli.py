@@ -534,7 +534,9 @@ def cmd_inspect(args) -> int:
     carried = f"{len(image)} bytes carried in the log" if image else "not carried in the log"
     print(f"  image: {header['guest_name']} sha256 {header['guest_sha256']} ({carried})")
     if header.get("cpu_model"):
-        print(f"  cpu: {header['cpu_model']}")
+        print(f"  cpu: {header['cpu_model']}, host CPU {header.get('host_cpu', -1)}")
+    if header.get("machine", "kvmrr") != "kvmrr":
+        print(f"  machine: {header['machine']}, command line: {header['bootargs']}")
     print(f"  icount: {header['icount_semantics']}")
     print(f"  {len(snapshots)} snapshot(s) at icount "
           f"{', '.join(str(s['icount']) for s in snapshots)}; {batches} batches; "

@@ -76,9 +76,9 @@ def test_boot_records_and_replays(linux, tmp_path):
     assert rec["events_by_kind"].get("Output", 0) > 10
     assert rec["events_by_kind"].get("Checksum", 0) >= 9
     proc = kvmrr("inspect", f"file:{log}", "--json")
-    header = json.loads(proc.stdout.strip().splitlines()[-1]).get("header", {})
-    if header:
-        assert header.get("machine") == "pc"
+    header = json.loads(proc.stdout.strip().splitlines()[-1])["header"]
+    assert header["machine"] == "pc" and header["guest_name"] == "linux"
+    assert "console=ttyS0" in header["bootargs"] and header["host_cpu"] >= 0
 
 
 def test_a_log_naming_an_absent_host_cpu_is_refused(linux, tmp_path):

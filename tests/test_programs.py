@@ -31,7 +31,7 @@ from kvmrr_log.paths import REPO
 
 LIST = REPO / "setup" / "programs.tsv"
 MAKEFILES = ["Makefile", "guests/Makefile"]
-SCRIPTS = ["compose/images/build", "compose/images/engine", "setup/doctor"]
+SCRIPTS = ["compose/images/build", "compose/images/engine", "setup/doctor", "guests/linux/build"]
 PY_DIRS = ["tests", "harness", "bench", "kvmrr", "kvmrr_log", "recorder", "replayer",
            "libkvmrr", "schemas", "guests/test"]
 PY_FILES = ["compose/kafka/kafkactl", "setup.py"]
