@@ -107,3 +107,18 @@ def test_kunit_records_and_replays_and_every_suite_passes(linux, tmp_path):
     assert suites, "no KTAP results on the console"
     assert not [r for r in results if r[1] == "not ok"], [r for r in results if r[1] == "not ok"]
     assert len(suites) >= 10, suites
+
+
+@pytest.mark.linux_slow
+def test_boot_replays_with_step(linux, tmp_path):
+    """The reference counter replays a Linux log too (10 M instructions, a quarter of the
+    boot: the scheduler and timers running on PIT ticks; minutes under step)."""
+    log = tmp_path / "linux.avro"
+    rec, rec_console = run_json("record", "linux", "--mode", "step", "--log", f"file:{log}",
+                                "--max-instructions", 10_000_000, timeout=3600)
+    rep, rep_console = run_json("replay", "--log", f"file:{log}", "--mode", "step",
+                                timeout=3600)
+    assert rep["verified"] and rep["outputs_verified"], rep
+    assert (rep["instructions"], rep["state_hash"]) == (rec["instructions"], rec["state_hash"])
+    assert rep_console == rec_console and "Linux version 6.1" in rec_console
+    assert rec["events_by_kind"]["Interrupt"] > 100
