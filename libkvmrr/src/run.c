@@ -1559,6 +1559,11 @@ int kvmrr_vm_go_live(struct kvmrr_vm *vm, int64_t checksum_every, char *err, siz
         return ERRF(err, err_len, "only a replaying VM can go live");
     if (vm->replay.count)
         return ERRF(err, err_len, "%d logged events are not applied yet", vm->replay.count);
+    /* A `fast` record checks guest RAM for RDTSC only at icount 0 (live_run); a Linux
+     * kernel holds it, so its new primary must execute and log it: step. */
+    if (vm->dev.machine == KVMRR_MACHINE_PC && vm->cfg.counter == KVMRR_COUNTER_FAST)
+        return ERRF(err, err_len, "a Linux guest reads the TSC, which `fast` cannot record "
+                    "here: a backup that may take over follows with --mode step");
     /* From here the devices take their inputs from the host; the guest cannot tell. */
     vm->cfg.mode = KVMRR_MODE_RECORD;
     vm->cfg.checksum_every = checksum_every;
