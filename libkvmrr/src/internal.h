@@ -26,8 +26,6 @@
 
 /* ---- devices (devices.c): the state every replica must agree on ---- */
 struct kvmrr_devices {
-    uint32_t machine;                /* enum kvmrr_machine: which port map (devices.c) */
-    uint32_t pad;
     uint64_t timer_period_ns;        /* programmed by the guest; 0 = off */
     uint64_t clock_latch;            /* value latched by the last CLOCK_LO read */
     uint64_t nic_rx_addr, nic_rx_cap, nic_rx_len;
@@ -35,6 +33,9 @@ struct kvmrr_devices {
     uint64_t output_seq;             /* next output seq number (all channels) */
     uint32_t serial_len;
     uint8_t serial_buf[KVMRR_SERIAL_LINE];
+    /* (added after the fields above, which keep their offsets in a snapshot) */
+    uint32_t machine;                /* enum kvmrr_machine: which port map (devices.c) */
+    uint32_t pad;
     struct pc_devices pc;            /* KVMRR_MACHINE_PC: the PC devices (pc.h) */
 };
 
