@@ -13,7 +13,7 @@ from pathlib import Path
 from libkvmrr import KvmrrError, resolve_counter
 from kvmrr.logsetup import configure as configure_logging
 from kvmrr_log import events
-from kvmrr_log.guest_images import LINUX_CMDLINE, load_guest
+from kvmrr_log.guest_images import LINUX_CMDLINE, carried_image, load_guest
 from kvmrr_log.percentiles import percentile_ms
 from kvmrr_log.kafka import FencedError, KafkaLogError
 from kvmrr_log.urls import FileLog, LogUrlError, parse_log_url
@@ -518,8 +518,9 @@ def cmd_inspect(args) -> int:
                     shown = {k: (v.hex() if isinstance(v, bytes) else v) for k, v in ev.items()}
                     shown["seq"] = rec["first_seq"] + i
                     events_out.append(shown)
-    image = header.get("guest_image") or b""
-    hdr = {k: v for k, v in header.items() if k not in ("kind", "guest_image")}
+    image = carried_image(header)
+    hdr = {k: v for k, v in header.items()
+           if k not in ("kind", "guest_image", "guest_image_deflated")}
     hdr["guest_image_bytes"] = len(image)
     summary = {"header": hdr, "snapshots": snapshots, "batches": batches,
                "events_by_kind": dict(kinds), "events": sum(kinds.values()),

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,6 +40,35 @@ class GuestImage:
     sha256: str
     machine: str = "kvmrr"        # 'kvmrr' or 'pc' (a Linux vmlinux): libkvmrr.Machine
     mem_size: int = DEFAULT_MEM_SIZE
+
+
+# A header carries an image larger than this deflated (a Kafka record is at most 2 MiB;
+# a tinyconfig vmlinux is 12 MB, 1.1 MB deflated).
+DEFLATE_ABOVE = 1 << 20
+
+
+def image_fields(elf: bytes) -> dict:
+    """The LogHeader fields that carry an image: as is, or deflated when it is large."""
+    if len(elf) > DEFLATE_ABOVE:
+        return {"guest_image": b"", "guest_image_deflated": zlib.compress(elf, 6)}
+    return {"guest_image": elf, "guest_image_deflated": b""}
+
+
+def carried_image(header: dict) -> bytes:
+    """The image a header carries (b"" if none), inflated at most to MAX_GUEST_BYTES."""
+    if header.get("guest_image"):
+        return header["guest_image"]
+    packed = header.get("guest_image_deflated") or b""
+    if not packed:
+        return b""
+    d = zlib.decompressobj()
+    try:
+        elf = d.decompress(packed, MAX_GUEST_BYTES + 1)
+    except zlib.error as exc:
+        raise KvmrrError(f"the log's deflated guest image is corrupt: {exc}") from None
+    if len(elf) > MAX_GUEST_BYTES or d.unconsumed_tail:
+        raise KvmrrError(f"the log's guest image inflates beyond {MAX_GUEST_BYTES >> 20} MiB")
+    return elf
 
 
 def guest_from_bytes(name: str, elf: bytes, origin: str, machine: str = "kvmrr") -> GuestImage:

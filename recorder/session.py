@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Protocol
 
 from libkvmrr import DEFAULT_MEM_SIZE, GuestError, Machine, cpu_model
-from kvmrr_log.guest_images import GuestImage
+from kvmrr_log.guest_images import GuestImage, image_fields
 from kvmrr_log.verify import ICOUNT_SEMANTICS, OutputDigest
 from kvmrr_log.version import __version__
 from recorder.loadgen import KvLoad
@@ -106,7 +106,7 @@ class RecordSession:
             "counter": self.counter, "icount_semantics": ICOUNT_SEMANTICS,
             "checksum_every": self.checksum_every, "created_wall_ns": time.time_ns(),
             "kvmrr_version": __version__, "cpu_model": cpu_model(),
-            "guest_image": self.guest.elf, "machine": self.machine.machine,
+            **image_fields(self.guest.elf), "machine": self.machine.machine,
             "host_cpu": self.machine.host_cpu,
         }
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
 from libkvmrr import GuestError, Machine, cpu_model
-from kvmrr_log.guest_images import GuestImage, guest_from_bytes, load_guest
+from kvmrr_log.guest_images import GuestImage, carried_image, guest_from_bytes, load_guest
 from kvmrr_log.verify import ICOUNT_SEMANTICS, OutputDigest
 from replayer.errors import DivergenceError, ReplayError
 from replayer.report import format_divergence
@@ -58,7 +58,7 @@ def check_header(header: dict, guest: GuestImage | None) -> GuestImage:
                           f"guest here sees {cpu_model()}: this host cannot give the same "
                           "CPUID answers")
     # The log carries its image (logs from before it did name a built-in one).
-    carried = header.get("guest_image") or b""
+    carried = carried_image(header)
     if carried and hashlib.sha256(carried).hexdigest() != header["guest_sha256"]:
         raise ReplayError("the guest image the log carries does not match the log's "
                           "guest_sha256: the log is corrupt")

@@ -122,3 +122,24 @@ def test_boot_replays_with_step(linux, tmp_path):
     assert (rep["instructions"], rep["state_hash"]) == (rec["instructions"], rec["state_hash"])
     assert rep_console == rec_console and "Linux version 6.1" in rec_console
     assert rec["events_by_kind"]["Interrupt"] > 100
+
+
+def test_a_large_image_is_carried_deflated():
+    """A Linux kernel is 12 MB; a Kafka record at most 2 MiB: the header deflates an image
+    above 1 MiB, and a reader inflates it, never beyond the image cap."""
+    import zlib
+
+    from libkvmrr import KvmrrError
+    from kvmrr_log.guest_images import MAX_GUEST_BYTES, carried_image, image_fields
+    small = b"\x7fELF" + bytes(1000)
+    assert image_fields(small) == {"guest_image": small, "guest_image_deflated": b""}
+    big = b"\x7fELF" + bytes(range(256)) * 8192
+    fields = image_fields(big)
+    assert fields["guest_image"] == b"" and len(fields["guest_image_deflated"]) < len(big) // 10
+    assert carried_image(fields) == big
+    assert carried_image({"guest_image": b"", "guest_image_deflated": b""}) == b""
+    bomb = zlib.compress(bytes(MAX_GUEST_BYTES + 1))
+    with pytest.raises(KvmrrError, match="inflates beyond"):
+        carried_image({"guest_image": b"", "guest_image_deflated": bomb})
+    with pytest.raises(KvmrrError, match="corrupt"):
+        carried_image({"guest_image": b"", "guest_image_deflated": b"not zlib"})
