@@ -67,7 +67,8 @@ build: $(VENV)/.core guests $(BUILD)/test_core $(BUILD)/test_pc_devices
 # instant); build/guests/linux.vmlinux points at it, for `kvmrr record linux`.
 linux-guest: $(BUILD)/.doctor-linux
 	mkdir -p $(BUILD)/guests
-	ln -sfn "$$(guests/linux/build)" $(BUILD)/guests/linux.vmlinux
+	guests/linux/build > $(BUILD)/guests/linux.path
+	ln -sfn "$$(cat $(BUILD)/guests/linux.path)" $(BUILD)/guests/linux.vmlinux
 
 # ---- the main job --------------------------------------------------------------------
 run: build
