@@ -121,7 +121,9 @@ def test_boot_replays_with_step(linux, tmp_path):
     assert rep["verified"] and rep["outputs_verified"], rep
     assert (rep["instructions"], rep["state_hash"]) == (rec["instructions"], rec["state_hash"])
     assert rep_console == rec_console and "Linux version 6.1" in rec_console
-    assert rec["events_by_kind"]["Interrupt"] > 100
+    # the 100 Hz tick follows the host's clock: under step (about 50 k instructions/s
+    # here) one lands every 100-200 k instructions (66 in a run of 2026-12-01)
+    assert rec["events_by_kind"]["Interrupt"] > 20
 
 
 def test_a_large_image_is_carried_deflated():
