@@ -13,7 +13,7 @@ from pathlib import Path
 from libkvmrr import KvmrrError, resolve_counter
 from kvmrr.logsetup import configure as configure_logging
 from kvmrr_log import events
-from kvmrr_log.guest_images import load_guest
+from kvmrr_log.guest_images import LINUX_CMDLINE, carried_image, load_guest
 from kvmrr_log.percentiles import percentile_ms
 from kvmrr_log.kafka import FencedError, KafkaLogError
 from kvmrr_log.kafka_config import KafkaConfigError
@@ -179,9 +179,15 @@ def _emit(args, summary: dict, human: str) -> None:
 
 def cmd_run(args, log=None) -> int:
     _default_load(args)
-    guest = load_guest(args.guest)
+    guest = load_guest(args.guest, "pc" if args.cmdline is not None else None)
+    bootargs = args.bootargs
+    if guest.machine == "pc":
+        if bootargs:
+            raise KvmrrError("--bootargs is for kvmrr's own guests; a Linux guest takes "
+                             "--cmdline")
+        bootargs = LINUX_CMDLINE if args.cmdline is None else args.cmdline
     counter, why = resolve_counter(args.mode)
-    session_kwargs = dict(counter=counter, vm_id=args.vm, bootargs=args.bootargs,
+    session_kwargs = dict(counter=counter, vm_id=args.vm, bootargs=bootargs,
                           max_instructions=args.max_instructions, max_seconds=args.seconds,
                           checksum_every=args.checksum_every,
                           snapshot_every=args.snapshot_every, load=_load(args),
@@ -540,8 +546,9 @@ def cmd_inspect(args) -> int:
                     shown = {k: (v.hex() if isinstance(v, bytes) else v) for k, v in ev.items()}
                     shown["seq"] = rec["first_seq"] + i
                     events_out.append(shown)
-    image = header.get("guest_image") or b""
-    hdr = {k: v for k, v in header.items() if k not in ("kind", "guest_image")}
+    image = carried_image(header)
+    hdr = {k: v for k, v in header.items()
+           if k not in ("kind", "guest_image", "guest_image_deflated")}
     hdr["guest_image_bytes"] = len(image)
     summary = {"header": hdr, "snapshots": snapshots, "batches": batches,
                "events_by_kind": dict(kinds), "events": sum(kinds.values()),
@@ -556,7 +563,9 @@ def cmd_inspect(args) -> int:
     carried = f"{len(image)} bytes carried in the log" if image else "not carried in the log"
     print(f"  image: {header['guest_name']} sha256 {header['guest_sha256']} ({carried})")
     if header.get("cpu_model"):
-        print(f"  cpu: {header['cpu_model']}")
+        print(f"  cpu: {header['cpu_model']}, host CPU {header.get('host_cpu', -1)}")
+    if header.get("machine", "kvmrr") != "kvmrr":
+        print(f"  machine: {header['machine']}, command line: {header['bootargs']}")
     print(f"  icount: {header['icount_semantics']}")
     print(f"  {len(snapshots)} snapshot(s) at icount "
           f"{', '.join(str(s['icount']) for s in snapshots)}; {batches} batches; "
@@ -619,6 +628,9 @@ def _guest_opts(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seconds", type=_real(0, 10_000_000, above=True), default=None,
                    metavar="S", help="stop after S seconds of wall-clock time")
     p.add_argument("--bootargs", default="", help="key=value ... passed to the guest")
+    p.add_argument("--cmdline", type=_nonempty("cmdline", 2047), default=None,
+                   help="boot the guest as a Linux vmlinux on the PC machine with this "
+                        "kernel command line (default for `linux`: docs/guests.md)")
     p.add_argument("--vm", type=_ident("VM id", VM_ID_MAX), default="vm0", help="VM id")
     p.add_argument("--load", type=_real(0, 100_000), default=None, metavar="RATE",
                    help="built-in kvstore client: requests/s, at most 100000 (default 200 "
@@ -636,7 +648,7 @@ def build_parser() -> argparse.ArgumentParser:
     guest = _nonempty("guest")
     log_url = _nonempty("log")
     p = sub.add_parser("run", help="run a guest, recording nothing")
-    p.add_argument("guest", type=guest, help="hello, ticks, kvstore or a path to an ELF")
+    p.add_argument("guest", type=guest, help="hello, ticks, kvstore, linux or a path to an ELF")
     _guest_opts(p)
     p.set_defaults(fn=cmd_run)
     p = sub.add_parser("record", help="run a guest and record its log")

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from libkvmrr._kvmrr import ffi, lib
 
-ABI_VERSION = 4
+ABI_VERSION = 5
 _ERR_LEN = 512
 _TAKE_BATCH = 1024
 
@@ -53,6 +53,7 @@ DEBUG_MAX_BREAK = lib.KVMRR_DEBUG_MAX_BREAK
 DEBUG_MAX_WATCH = lib.KVMRR_DEBUG_MAX_WATCH
 DEBUG_READ_MAX = lib.KVMRR_DEBUG_READ_MAX
 COUNTERS = {"step": lib.KVMRR_COUNTER_STEP, "fast": lib.KVMRR_COUNTER_FAST}
+MACHINES = {"kvmrr": lib.KVMRR_MACHINE_KVMRR, "pc": lib.KVMRR_MACHINE_PC}
 
 
 class KvmrrError(Exception):
@@ -184,12 +185,17 @@ class VmHandle:
     """One C VM.  Not thread-safe except nic_push() and interrupt()."""
 
     def __init__(self, *, elf: bytes, bootargs: str, mem_size: int, mode: str,
-                 counter: str, checksum_every: int):
+                 counter: str, checksum_every: int, machine: str = "kvmrr",
+                 host_cpu: int = -1):
         cfg = ffi.new("struct kvmrr_config *")
         cfg.mem_size = mem_size
         cfg.mode = MODES[mode]
         cfg.counter = COUNTERS[counter]
         cfg.checksum_every = checksum_every
+        if machine not in MACHINES:
+            raise KvmrrError(f"unknown machine {machine!r} ({', '.join(MACHINES)})")
+        cfg.machine = MACHINES[machine]
+        cfg.host_cpu = host_cpu
         err = _err_buf()
         ptr = lib.kvmrr_vm_create(cfg, elf, len(elf), bootargs.encode(), err, _ERR_LEN)
         if ptr == ffi.NULL:
@@ -211,6 +217,10 @@ class VmHandle:
         r = self._result
         return RunResult(STOP_NAMES.get(r.stop, str(r.stop)), r.icount, r.exit_code,
                          _str(r.message))
+
+    @property
+    def host_cpu(self) -> int:
+        return lib.kvmrr_vm_host_cpu(self._vm)
 
     @property
     def icount(self) -> int:

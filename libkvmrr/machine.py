@@ -40,12 +40,23 @@ class Machine:
     """A VM with one vCPU running `elf` in mode run, record or replay."""
 
     def __init__(self, elf: bytes, *, mode: str, counter: str, bootargs: str = "",
-                 mem_size: int = DEFAULT_MEM_SIZE, checksum_every: int = 0):
+                 mem_size: int = DEFAULT_MEM_SIZE, checksum_every: int = 0,
+                 machine: str = "kvmrr", host_cpu: int = -1):
+        """machine: 'kvmrr' (an ELF on kvmrr's ports) or 'pc' (a Linux vmlinux on PC
+        devices, bootargs its command line).  host_cpu: the host CPU the vCPU runs on,
+        -1 for the current one; a replay passes the one its log names."""
         self.mode = mode
         self.counter = counter
         self.mem_size = mem_size
+        self.machine = machine
         self._vm = VmHandle(elf=elf, bootargs=bootargs, mem_size=mem_size, mode=mode,
-                            counter=counter, checksum_every=checksum_every)
+                            counter=counter, checksum_every=checksum_every,
+                            machine=machine, host_cpu=host_cpu)
+
+    @property
+    def host_cpu(self) -> int:
+        """The host CPU the vCPU runs on (CPUID shows the guest its APIC ID)."""
+        return self._vm.host_cpu
 
     def __enter__(self) -> "Machine":
         return self

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Protocol
 
 from libkvmrr import DEFAULT_MEM_SIZE, GuestError, Machine, cpu_model
-from kvmrr_log.guest_images import GuestImage
+from kvmrr_log.guest_images import GuestImage, image_fields
 from kvmrr_log.verify import ICOUNT_SEMANTICS, OutputDigest
 from kvmrr_log.version import __version__
 from recorder.loadgen import KvLoad
@@ -57,7 +57,7 @@ class RecordSession:
     def __init__(self, guest: GuestImage, sink: LogSink, *, counter: str, vm_id: str,
                  bootargs: str = "", max_instructions: int | None = None,
                  checksum_every: int = 1_000_000, snapshot_every: int = 0,
-                 load: KvLoad | None = None, mem_size: int = DEFAULT_MEM_SIZE,
+                 load: KvLoad | None = None, mem_size: int | None = None,
                  on_output: Callable[[dict], None] | None = None,
                  mode: str = "record", heartbeat_every_ns: int = 0,
                  continue_from: "Machine | None" = None, next_seq: int = 0,
@@ -83,8 +83,9 @@ class RecordSession:
         self.recording = mode == "record"
         self.continuing = continue_from is not None
         self.machine = continue_from or Machine(
-            guest.elf, mode=mode, counter=counter, bootargs=bootargs, mem_size=mem_size,
-            checksum_every=checksum_every if self.recording else 0)
+            guest.elf, mode=mode, counter=counter, bootargs=bootargs,
+            mem_size=mem_size if mem_size is not None else guest.mem_size,
+            checksum_every=checksum_every if self.recording else 0, machine=guest.machine)
         self.next_seq = next_seq
         self.kinds: Counter[str] = Counter()
         self.outputs = outputs or OutputDigest()
@@ -105,7 +106,8 @@ class RecordSession:
             "counter": self.counter, "icount_semantics": ICOUNT_SEMANTICS,
             "checksum_every": self.checksum_every, "created_wall_ns": time.time_ns(),
             "kvmrr_version": __version__, "cpu_model": cpu_model(),
-            "guest_image": self.guest.elf,
+            **image_fields(self.guest.elf), "machine": self.machine.machine,
+            "host_cpu": self.machine.host_cpu,
         }
 
     def snapshot(self) -> None:

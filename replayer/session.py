@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
 from libkvmrr import GuestError, Machine, cpu_model
-from kvmrr_log.guest_images import GuestImage, guest_from_bytes, load_guest
+from kvmrr_log.guest_images import GuestImage, carried_image, guest_from_bytes, load_guest
 from kvmrr_log.verify import ICOUNT_SEMANTICS, OutputDigest
 from replayer.errors import DivergenceError, ReplayError
 from replayer.report import format_divergence
@@ -58,14 +58,15 @@ def check_header(header: dict, guest: GuestImage | None) -> GuestImage:
                           f"guest here sees {cpu_model()}: this host cannot give the same "
                           "CPUID answers")
     # The log carries its image (logs from before it did name a built-in one).
-    carried = header.get("guest_image") or b""
+    carried = carried_image(header)
     if carried and hashlib.sha256(carried).hexdigest() != header["guest_sha256"]:
         raise ReplayError("the guest image the log carries does not match the log's "
                           "guest_sha256: the log is corrupt")
     if guest is not None:
         image = guest
     elif carried:
-        image = guest_from_bytes(header["guest_name"], carried, "in the log")
+        image = guest_from_bytes(header["guest_name"], carried, "in the log",
+                                 machine=header.get("machine", "kvmrr"))
     else:
         image = load_guest(header["guest_name"])
     if image.sha256 != header["guest_sha256"]:
@@ -109,7 +110,9 @@ class ReplaySession:
             raise ReplayError("a chunked snapshot must be joined before replay")
         self.machine = Machine(self.image.elf, mode="replay", counter=self.counter,
                                bootargs=self.header["bootargs"],
-                               mem_size=self.header["memory_bytes"])
+                               mem_size=self.header["memory_bytes"],
+                               machine=self.header.get("machine", "kvmrr"),
+                               host_cpu=self.header.get("host_cpu", -1))
         # The snapshot, not the image, is what the replay runs: a first snapshot must be
         # the state this image boots into, or labels could pass off one guest's log as
         # another's.

@@ -31,7 +31,7 @@ from kvmrr_log.paths import REPO
 
 LIST = REPO / "setup" / "programs.tsv"
 MAKEFILES = ["Makefile", "guests/Makefile"]
-SCRIPTS = ["compose/images/build", "compose/images/engine", "setup/doctor"]
+SCRIPTS = ["compose/images/build", "compose/images/engine", "setup/doctor", "guests/linux/build"]
 PY_DIRS = ["tests", "harness", "bench", "kvmrr", "kvmrr_log", "recorder", "replayer",
            "libkvmrr", "schemas", "guests/test"]
 PY_FILES = ["compose/kafka/kafkactl", "compose/kafka/kafkasecrets.py", "setup.py"]
@@ -644,7 +644,7 @@ def unlisted(calls: list[Call], listed: dict[str, Row]) -> list[str]:
 def test_the_list_is_well_formed():
     rows = read_list()
     for r in rows.values():
-        assert r.group in ("core", "containers"), r
+        assert r.group in ("core", "containers", "linux"), r
         assert re.fullmatch(r"[a-z0-9][a-z0-9+.-]+", r.package), r
         if r.program.startswith("<"):
             assert r.check, f"{r.program} is not a program: it needs a check"

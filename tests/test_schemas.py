@@ -79,7 +79,8 @@ def header(**changes):
             "icount_semantics": "x86-retired;rep=1+per-1KiB-chunk;kvm-insn-emulation-v1",
             "checksum_every": 1_000_000, "created_wall_ns": 1_795_000_000_123_456_789,
             "kvmrr_version": "0.1.0", "cpu_model": "kvmrr-x86-64-v1:0123456789abcdef",
-            "guest_image": b"\x7fELF" + bytes(60), "epoch": 0, **changes}
+            "guest_image": b"\x7fELF" + bytes(60), "epoch": 0, "machine": "kvmrr",
+            "host_cpu": 0, "guest_image_deflated": b"", **changes}
 
 
 def snapshot(blob=b"\x7fKVMRR-SNAPSHOT" + bytes(range(256)) * 40):

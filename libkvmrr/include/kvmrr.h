@@ -14,8 +14,8 @@
 #include <stdint.h>
 
 /* Bumped on any change to this header; the binding refuses a library of another version. */
-enum { KVMRR_ABI_VERSION = 4 };   /* 2: kvmrr_stats.breakpoints; 3: CPU model, MSRs skipped;
-                                    4: the debugger's API */
+enum { KVMRR_ABI_VERSION = 5 };   /* 2: kvmrr_stats.breakpoints; 3: CPU model, MSRs skipped;
+                                    4: the debugger's API; 5: the PC machine, host CPU */
 
 /* Guest instructions retired since the VM's first instruction (docs/ARCHITECTURE.md §2.1). */
 typedef int64_t kvmrr_icount_t;
@@ -61,11 +61,21 @@ struct kvmrr_event {
     const uint8_t *data;       /* payload; recorded events: valid until the next run call */
 };
 
+/* The machine a guest is given (docs/ARCHITECTURE.md §7). */
+enum kvmrr_machine {
+    KVMRR_MACHINE_KVMRR = 0,  /* kvmrr's own ports (kvmrr_abi.h); an ELF entered in long mode */
+    KVMRR_MACHINE_PC = 1      /* PC devices (UART, PIT, PIC, RTC); a Linux vmlinux booted by
+                                 the x86-64 boot protocol, bootargs its command line */
+};
+
 struct kvmrr_config {
     uint64_t mem_size;           /* bytes of guest RAM, a multiple of 2 MiB */
     int32_t mode;                /* enum kvmrr_mode */
     int32_t counter;             /* enum kvmrr_counter */
     int64_t checksum_every;      /* record a Checksum about every N instructions; 0 = never */
+    int32_t machine;             /* enum kvmrr_machine */
+    int32_t host_cpu;            /* the host CPU the vCPU thread is pinned to; -1: the one
+                                    the creating thread runs on (kvmrr_vm_host_cpu says) */
 };
 
 enum kvmrr_stop {
@@ -127,6 +137,8 @@ void kvmrr_vm_destroy(struct kvmrr_vm *vm);
 int kvmrr_vm_run(struct kvmrr_vm *vm, const struct kvmrr_limits *limits,
                  struct kvmrr_result *result);
 kvmrr_icount_t kvmrr_vm_icount(struct kvmrr_vm *vm);
+/* The host CPU the vCPU runs on: CPUID leaf 1 shows its APIC ID to the guest (§2.7). */
+int kvmrr_vm_host_cpu(struct kvmrr_vm *vm);
 
 /* Record: copy up to max recorded events out; returns how many. */
 int kvmrr_vm_take_events(struct kvmrr_vm *vm, struct kvmrr_event *out, int max);

@@ -27,18 +27,36 @@ bool devices_serial_flush(struct kvmrr_devices *dev, struct pio_access *io)
     return true;
 }
 
+int devices_serial_put(struct kvmrr_devices *dev, uint8_t byte, struct pio_access *io)
+{
+    dev->serial_buf[dev->serial_len++] = byte;
+    if (byte == '\n' || dev->serial_len == KVMRR_SERIAL_LINE)
+        return devices_serial_flush(dev, io) ? PIO_OUTPUT : PIO_DONE;
+    return PIO_DONE;
+}
+
+int devices_timer_vector(const struct kvmrr_devices *dev)
+{
+    return dev->machine == KVMRR_MACHINE_PC ? pic_vector(&dev->pc.pic, 0) : KVMRR_VEC_TIMER;
+}
+
+void devices_timer_delivered(struct kvmrr_devices *dev)
+{
+    if (dev->machine == KVMRR_MACHINE_PC)
+        pic_deliver(&dev->pc.pic, 0);
+}
+
 enum pio_effect devices_pio(struct kvmrr_devices *dev, uint8_t *mem, uint64_t mem_size,
                             struct pio_access *io)
 {
+    if (dev->machine == KVMRR_MACHINE_PC)
+        return (enum pio_effect)pc_pio(dev, io);
     uint32_t v32 = (uint32_t)io->value;
     switch (io->port) {
     case KVMRR_PORT_SERIAL:
         if (!io->write)
             return PIO_BAD;
-        dev->serial_buf[dev->serial_len++] = (uint8_t)io->value;
-        if (io->value == '\n' || dev->serial_len == KVMRR_SERIAL_LINE)
-            return devices_serial_flush(dev, io) ? PIO_OUTPUT : PIO_DONE;
-        return PIO_DONE;
+        return (enum pio_effect)devices_serial_put(dev, (uint8_t)io->value, io);
     case KVMRR_PORT_EXIT:
         return io->write ? PIO_EXIT : PIO_BAD;
     case KVMRR_PORT_TIMER:
@@ -49,6 +67,7 @@ enum pio_effect devices_pio(struct kvmrr_devices *dev, uint8_t *mem, uint64_t me
     case KVMRR_PORT_CLOCK_LO:
         /* The run loop supplies the 64-bit value (host clock or log) through
          * devices_input_apply(): one logged event per clock read, not two. */
+        io->input = INPUT_WALL_NS;
         return (!io->write && io->size == 4) ? PIO_INPUT : PIO_BAD;
     case KVMRR_PORT_CLOCK_HI:
         if (io->write || io->size != 4)
@@ -116,6 +135,10 @@ uint32_t devices_nic_deliver(struct kvmrr_devices *dev, uint8_t *mem, const uint
 /* Complete a PIO_INPUT read with its 64-bit value (from the host or the log). */
 void devices_input_apply(struct kvmrr_devices *dev, struct pio_access *io, uint64_t value)
 {
+    if (dev->machine == KVMRR_MACHINE_PC) {
+        pc_input_apply(dev, io, value);
+        return;
+    }
     if (io->port == KVMRR_PORT_CLOCK_LO) {
         dev->clock_latch = value;
         io->value = (uint32_t)value;
@@ -130,9 +153,16 @@ void devices_input_apply(struct kvmrr_devices *dev, struct pio_access *io, uint6
 int devices_validate(const struct kvmrr_devices *dev, uint64_t mem_size, char *err,
                      size_t err_len)
 {
+    if (dev->machine != KVMRR_MACHINE_KVMRR && dev->machine != KVMRR_MACHINE_PC)
+        return ERRF(err, err_len, "device state: unknown machine %u", dev->machine);
     if (dev->serial_len >= KVMRR_SERIAL_LINE)
         return ERRF(err, err_len, "device state: serial line of %u bytes, at most %d",
                     dev->serial_len, KVMRR_SERIAL_LINE - 1);
+    if (dev->machine == KVMRR_MACHINE_PC) {
+        if (dev->timer_period_ns != pit_period_ns(&dev->pc.pit))
+            return ERRF(err, err_len, "device state: timer period differs from the PIT's");
+        return pc_validate(&dev->pc, err, err_len);
+    }
     if (dev->timer_period_ns % 1000 || dev->timer_period_ns / 1000 > UINT32_MAX)
         return ERRF(err, err_len, "device state: timer period %llu ns is not one the guest "
                     "can program", (unsigned long long)dev->timer_period_ns);

@@ -6,7 +6,10 @@
  *  - this host's instruction emulator cannot: INT3 (cc), INT n (cd ib), IRET with a 16- or
  *    32-bit operand size (it raises #GP where the CPU would return), CLAC/STAC, FWAIT,
  *    XGETBV, RDTSCP all end KVM_RUN with an emulation failure (measured 2026-12-01; the
- *    statistic has already counted the instruction then);
+ *    statistic has already counted the instruction then); SERIALIZE (0f 01 e8), which
+ *    Linux uses when the host CPU has it (CPUID leaf 7 comes from the host here), is
+ *    run as if it were no instruction: single-stepped, it and the next retire as one
+ *    step; POPCNT's register form (measured 2026-12-01, booting Linux 6.1);
  *  - single-stepped, some misbehave: the trap after IRET is lost (the popped RFLAGS has no
  *    TF), PUSHF pushes the debugger's TF, a HLT stays pending past the next delivery.
  * Every access goes through the guest's page tables (paging.c).  Constants are the SDM's
@@ -52,8 +55,26 @@ const char *insn_name(int kind)
 {
     static const char *names[] = { "?", "IRET", "PUSHF", "HLT", "RDTSC", "RDTSCP", "RDRAND",
                                    "RDSEED", "INT3", "INT n", "CLAC", "STAC", "FWAIT",
-                                   "XGETBV", "RDPID", "RDMSR" };
+                                   "XGETBV", "RDPID", "RDMSR", "SERIALIZE", "SWAPGS or the 0f ae group",
+                                   "POPCNT" };
     return kind >= 0 && kind < (int)(sizeof(names) / sizeof(names[0])) ? names[kind] : "?";
+}
+
+/* Bytes of a 64-bit mode ModRM operand from the ModRM byte on: ModRM, SIB, displacement
+ * (SDM vol. 2 §2.1.5; RIP-relative when mod is 0 and r/m is 5). */
+static int modrm_len(const uint8_t *m)
+{
+    int mod = m[0] >> 6, rm = m[0] & 7, n = 1;
+    if (mod == 3)
+        return n;
+    if (rm == 4) {
+        n++;
+        if (mod == 0 && (m[1] & 7) == 5)
+            return n + 4;
+    }
+    if (mod == 0 && rm == 5)
+        return n + 4;
+    return n + (mod == 1 ? 1 : mod == 2 ? 4 : 0);
 }
 
 int insn_decode(struct kvmrr_vm *vm, const struct kvm_regs *r, const struct kvm_sregs *s,
@@ -105,8 +126,29 @@ int insn_decode(struct kvmrr_vm *vm, const struct kvm_regs *r, const struct kvm_
         case 0xca: in->kind = INSN_CLAC; break;
         case 0xcb: in->kind = INSN_STAC; break;
         case 0xd0: in->kind = INSN_XGETBV; break;
+        case 0xe8: in->kind = INSN_SERIALIZE; break;
+        case 0xf8: in->kind = INSN_AFTER_BP; break;      /* SWAPGS */
         default: in->len = 0;
         }
+        return 0;
+    }
+    if (o[1] == 0xb8 && f3) {
+        /* POPCNT: this host's emulator cannot execute it, and Linux uses it when CPUID
+         * (leaf 1 ECX, the host's here) has it.  The register form only; the memory
+         * form is left to the emulator's failure, a clear error. */
+        if ((o[2] & 0xc0) == 0xc0) {
+            in->kind = INSN_POPCNT;
+            in->reg = ((o[2] >> 3) & 7) | ((rex & 4) << 1);     /* destination */
+            in->vector = (o[2] & 7) | ((rex & 1) << 3);         /* source */
+            in->len = i + 3;
+        }
+        return 0;
+    }
+    if (o[1] == 0xae) {
+        /* The 0f ae group (FXSAVE, FXRSTOR, LDMXCSR, STMXCSR, RD/WRFSBASE, RD/WRGSBASE,
+         * the fences, ...): executed by KVM, see INSN_AFTER_BP */
+        in->kind = INSN_AFTER_BP;
+        in->len = i + 2 + modrm_len(o + 2);
         return 0;
     }
     if (o[1] == 0xc7 && (o[2] & 0xc0) == 0xc0) {
@@ -248,6 +290,23 @@ int insn_execute(struct kvmrr_vm *vm, struct kvm_regs *r, struct kvm_sregs *s,
         /* A software interrupt pushes the address of the next instruction. */
         r->rip = next;
         return deliver_vector(vm, r, s, in->vector, false, 0, sregs_changed, why, why_len);
+    case INSN_POPCNT: {
+        uint64_t src = *gpr(r, in->vector);
+        if (in->opsize == 4) src = (uint32_t)src;
+        if (in->opsize == 2) src = (uint16_t)src;
+        uint64_t n = (uint64_t)__builtin_popcountll(src);
+        uint64_t *dst = gpr(r, in->reg);
+        *dst = in->opsize == 2 ? ((*dst & ~0xffffull) | n) : n;   /* 32-bit: upper half 0 */
+        r->rflags &= ~0x8d5ull;                 /* OF SF ZF AF CF PF cleared ... */
+        if (!src)
+            r->rflags |= 1ull << 6;             /* ... ZF set for a zero source */
+        r->rip = next;
+        return 0;
+    }
+    case INSN_SERIALIZE:
+        /* Nothing to wait for: the core runs between two instructions already. */
+        r->rip = next;
+        return 0;
     case INSN_CLAC:
     case INSN_STAC:
         if (!(s->cr4 & CR4_SMAP))

@@ -7,13 +7,18 @@
 #ifndef KVMRR_INTERNAL_H
 #define KVMRR_INTERNAL_H
 
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE
+#endif
 #include <linux/kvm.h>
+#include <sched.h>
 #include <pthread.h>
 #include <stdbool.h>
 #include <stdio.h>
 
 #include "kvmrr.h"
 #include "kvmrr_abi.h"
+#include "pc.h"
 
 #define KVMRR_RECORD_CAP   4096      /* recorded events held before STOP_EVENTS_FULL */
 #define KVMRR_NIC_QUEUE    256       /* rx packets queued by the host before push fails */
@@ -28,6 +33,10 @@ struct kvmrr_devices {
     uint64_t output_seq;             /* next output seq number (all channels) */
     uint32_t serial_len;
     uint8_t serial_buf[KVMRR_SERIAL_LINE];
+    /* (added after the fields above, which keep their offsets in a snapshot) */
+    uint32_t machine;                /* enum kvmrr_machine: which port map (devices.c) */
+    uint32_t pad;
+    struct pc_devices pc;            /* KVMRR_MACHINE_PC: the PC devices (pc.h) */
 };
 
 /* What a port access asks the run loop to do. */
@@ -46,6 +55,7 @@ struct pio_access {
     uint8_t size;
     bool write;
     uint64_t value;        /* written value, or the value to return for reads */
+    int input;             /* PIO_INPUT: what the host gives (enum pio_input, pc.h) */
     /* PIO_OUTPUT: channel and bytes (pointing into device or guest memory) */
     int channel;
     const uint8_t *out_data;
@@ -58,6 +68,12 @@ enum pio_effect devices_pio(struct kvmrr_devices *dev, uint8_t *mem, uint64_t me
 /* Output waiting in the serial buffer (flushed at guest exit). */
 bool devices_serial_flush(struct kvmrr_devices *dev, struct pio_access *io);
 void devices_input_apply(struct kvmrr_devices *dev, struct pio_access *io, uint64_t value);
+/* One byte of console output into the line buffer: PIO_OUTPUT when a line is complete. */
+int devices_serial_put(struct kvmrr_devices *dev, uint8_t byte, struct pio_access *io);
+/* The vector a timer tick would be delivered at now, or -1 if the interrupt controller
+ * holds it back; and its delivery (the PC's PIC then has IRQ 0 in service). */
+int devices_timer_vector(const struct kvmrr_devices *dev);
+void devices_timer_delivered(struct kvmrr_devices *dev);
 bool devices_nic_ready(const struct kvmrr_devices *dev, uint64_t mem_size);
 uint32_t devices_nic_deliver(struct kvmrr_devices *dev, uint8_t *mem, const uint8_t *data,
                              uint32_t len);
@@ -126,6 +142,7 @@ struct kvmrr_vm {
     struct nic_packet *nic_queue;    /* ring of packets pushed by the host */
     int nic_head, nic_count;
     bool timer_pending;              /* a tick waits for injection */
+    kvmrr_icount_t last_tick_icount; /* record: where the last tick was injected */
     int64_t next_tick_ns;            /* CLOCK_MONOTONIC of the next tick, 0 = none */
     int wake_fd;                     /* eventfd: wakes a halted record vCPU */
     volatile int stop_requested;
@@ -166,8 +183,22 @@ enum guest_debug { DEBUG_OFF, DEBUG_STEP, DEBUG_BP,
                    DEBUG_TIME_WATCH  /* run.c: free, breakpoints on RDTSC/RDRAND/RDSEED */ };
 int  vm_set_guest_debug(struct kvmrr_vm *vm, int mode, uint64_t bp);
 
+/* vm.c: choose cfg.host_cpu (if -1) and check the host has it; 0 or -1 with err[].
+ * host_cpu_enter pins the calling thread to it (0 or -1), host_cpu_leave undoes that. */
+int  host_cpu_pin(struct kvmrr_vm *vm, char *err, size_t err_len);
+int  host_cpu_enter(struct kvmrr_vm *vm, cpu_set_t *saved);
+void host_cpu_leave(const cpu_set_t *saved);
+
 /* x86.c */
-int x86_setup_long_mode(struct kvmrr_vm *vm, uint64_t entry, char *err, size_t err_len);
+int x86_setup_long_mode(struct kvmrr_vm *vm, uint64_t entry, uint16_t code_sel,
+                        char *err, size_t err_len);
+
+/* linux_boot.c: a vmlinux by the x86-64 64-bit boot protocol (zero page, e820, command
+ * line); after x86_setup_long_mode, with the entry it returns */
+#define KVMRR_CMDLINE_MAX 2048
+int linux_boot_setup(struct kvmrr_vm *vm, const uint8_t *elf, size_t len, const char *cmdline,
+                     uint64_t *entry, char *err, size_t err_len);
+int linux_boot_regs(struct kvmrr_vm *vm, char *err, size_t err_len);
 
 /* loader.c */
 int elf_load(uint8_t *mem, uint64_t mem_size, const uint8_t *elf, size_t len,
@@ -203,7 +234,10 @@ int  guest_write(struct kvmrr_vm *vm, const struct kvm_sregs *s, uint64_t gva,
 /* emulate.c: instructions the core executes itself */
 enum insn_kind { INSN_NONE, INSN_IRET, INSN_PUSHF, INSN_HLT, INSN_RDTSC, INSN_RDTSCP,
                  INSN_RDRAND, INSN_RDSEED, INSN_INT3, INSN_INTN, INSN_CLAC, INSN_STAC,
-                 INSN_FWAIT, INSN_XGETBV, INSN_RDPID, INSN_RDMSR };
+                 INSN_FWAIT, INSN_XGETBV, INSN_RDPID, INSN_RDMSR, INSN_SERIALIZE,
+                 /* not executed by the core: KVM's emulator runs it, but a single-step
+                  * trap after it is lost (run.c's step_debug puts a breakpoint after) */
+                 INSN_AFTER_BP, INSN_POPCNT };
 struct insn {
     int kind;          /* enum insn_kind */
     int len;           /* bytes */

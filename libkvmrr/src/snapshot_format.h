@@ -11,7 +11,8 @@
 
 /* Unchanged since version 1, so an old blob is recognised and refused by its version. */
 #define SNAP_MAGIC "KVMRRSN1"
-#define SNAP_VERSION 2               /* 2: XCRs, TSC rate, all listed MSRs, core state, model */
+#define SNAP_VERSION 3               /* 2: XCRs, TSC rate, all listed MSRs, core state, model;
+                                        3: the machine and the PC devices in the core state */
 
 struct snap_header {                 /* the first 40 bytes are laid out as in version 1 */
     char magic[8];

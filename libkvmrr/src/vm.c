@@ -1,5 +1,7 @@
 /* vm.c - the KVM objects of one VM: /dev/kvm, the VM, its RAM and its one vCPU. */
+#define _GNU_SOURCE
 #include <errno.h>
+#include <sched.h>
 #include <fcntl.h>
 #include <stdlib.h>
 #include <string.h>
@@ -76,7 +78,11 @@ struct kvmrr_vm *kvmrr_vm_create(const struct kvmrr_config *cfg, const uint8_t *
         ERRF(err, err_len, "unknown counter %d", cfg->counter);
         return NULL;
     }
-    if (bootargs && strlen(bootargs) >= KVMRR_BOOTARGS_MAX) {
+    if (cfg->machine != KVMRR_MACHINE_KVMRR && cfg->machine != KVMRR_MACHINE_PC) {
+        ERRF(err, err_len, "unknown machine %d", cfg->machine);
+        return NULL;
+    }
+    if (cfg->machine == KVMRR_MACHINE_KVMRR && bootargs && strlen(bootargs) >= KVMRR_BOOTARGS_MAX) {
         ERRF(err, err_len, "boot arguments longer than %d bytes", KVMRR_BOOTARGS_MAX - 1);
         return NULL;
     }
@@ -89,17 +95,28 @@ struct kvmrr_vm *kvmrr_vm_create(const struct kvmrr_config *cfg, const uint8_t *
     vm->kvm_fd = vm->vm_fd = vm->vcpu_fd = vm->stats_fd = vm->wake_fd = -1;
     vm->insn_stat_offset = -1;
     pthread_mutex_init(&vm->lock, NULL);
+    vm->dev.machine = (uint32_t)cfg->machine;
     uint64_t entry = 0;
+    if (host_cpu_pin(vm, err, err_len) < 0)
+        goto fail;
     if (vm_open(vm, err, err_len) < 0)
         goto fail;
-    if (elf_load(vm->mem, cfg->mem_size, elf, elf_len, &entry, err, err_len) < 0)
-        goto fail;
-    struct kvmrr_bootinfo *bi = (struct kvmrr_bootinfo *)(vm->mem + KVMRR_BOOTINFO_ADDR);
-    bi->magic = KVMRR_BOOTINFO_MAGIC;
-    bi->mem_size = cfg->mem_size;
-    snprintf(bi->args, sizeof(bi->args), "%s", bootargs ? bootargs : "");
-    if (x86_setup_long_mode(vm, entry, err, err_len) < 0)
-        goto fail;
+    if (cfg->machine == KVMRR_MACHINE_PC) {
+        if (linux_boot_setup(vm, elf, elf_len, bootargs ? bootargs : "", &entry, err,
+                             err_len) < 0
+            || x86_setup_long_mode(vm, entry, 0x10, err, err_len) < 0
+            || linux_boot_regs(vm, err, err_len) < 0)
+            goto fail;
+    } else {
+        if (elf_load(vm->mem, cfg->mem_size, elf, elf_len, &entry, err, err_len) < 0)
+            goto fail;
+        struct kvmrr_bootinfo *bi = (struct kvmrr_bootinfo *)(vm->mem + KVMRR_BOOTINFO_ADDR);
+        bi->magic = KVMRR_BOOTINFO_MAGIC;
+        bi->mem_size = cfg->mem_size;
+        snprintf(bi->args, sizeof(bi->args), "%s", bootargs ? bootargs : "");
+        if (x86_setup_long_mode(vm, entry, 0x8, err, err_len) < 0)
+            goto fail;
+    }
     if (counter_open(vm) < 0 && cfg->counter == KVMRR_COUNTER_FAST) {
         ERRF(err, err_len, "counter 'fast' needs KVM's insn_emulation statistic, absent here");
         goto fail;
@@ -194,6 +211,44 @@ int vm_set_guest_debug(struct kvmrr_vm *vm, int mode, uint64_t bp)
 }
 
 kvmrr_icount_t kvmrr_vm_icount(struct kvmrr_vm *vm) { return vm->icount; }
+
+int kvmrr_vm_host_cpu(struct kvmrr_vm *vm) { return vm->cfg.host_cpu; }
+
+/* CPUID leaf 1 EBX[31:24] shows the guest the APIC ID of the host CPU its vCPU thread runs
+ * on (docs/ARCHITECTURE.md §2.7, §8), and a kernel keeps it in RAM: the vCPU runs on one
+ * host CPU for the whole run, the log says which, and a replay takes the same one.  Here
+ * the CPU is chosen (the one the creating thread is on, if not given) and checked;
+ * kvmrr_vm_run pins the thread that runs the vCPU for the call (host_cpu_enter). */
+int host_cpu_pin(struct kvmrr_vm *vm, char *err, size_t err_len)
+{
+    if (vm->cfg.host_cpu < 0) {
+        int cpu = sched_getcpu();
+        vm->cfg.host_cpu = cpu < 0 ? 0 : cpu;
+    }
+    cpu_set_t set;
+    CPU_ZERO(&set);
+    if (vm->cfg.host_cpu >= CPU_SETSIZE || sched_getaffinity(0, sizeof(set), &set) < 0
+        || !CPU_ISSET(vm->cfg.host_cpu, &set))
+        return ERRF(err, err_len, "this host has no CPU %d to run the vCPU on (the guest "
+                    "saw that CPU's APIC ID in CPUID when it was recorded)", vm->cfg.host_cpu);
+    return 0;
+}
+
+/* Pin the calling thread to the VM's host CPU, keeping its old set in *saved. */
+int host_cpu_enter(struct kvmrr_vm *vm, cpu_set_t *saved)
+{
+    if (sched_getaffinity(0, sizeof(*saved), saved) < 0)
+        return -1;
+    cpu_set_t set;
+    CPU_ZERO(&set);
+    CPU_SET(vm->cfg.host_cpu, &set);
+    return sched_setaffinity(0, sizeof(set), &set);
+}
+
+void host_cpu_leave(const cpu_set_t *saved)
+{
+    (void)sched_setaffinity(0, sizeof(*saved), saved);
+}
 
 void kvmrr_vm_stats(struct kvmrr_vm *vm, struct kvmrr_stats *out) { *out = vm->stats; }
 

@@ -31,14 +31,18 @@ static struct kvm_segment segment(uint16_t selector, uint8_t type, bool code)
     return s;
 }
 
-int x86_setup_long_mode(struct kvmrr_vm *vm, uint64_t entry, char *err, size_t err_len)
+int x86_setup_long_mode(struct kvmrr_vm *vm, uint64_t entry, uint16_t code_sel,
+                        char *err, size_t err_len)
 {
     uint8_t *mem = vm->mem;
-    /* GDT: null, 64-bit code (0x8), data (0x10). */
+    /* GDT: null, then a 64-bit code segment at code_sel and a data segment after it
+     * (0x8/0x10 for kvmrr's guests; 0x10/0x18 for Linux, its boot protocol's __BOOT_CS
+     * and __BOOT_DS). */
     uint64_t *gdt = (uint64_t *)(mem + KVMRR_GDT_ADDR);
-    gdt[0] = 0;
-    gdt[1] = 0x00af9a000000ffffull;
-    gdt[2] = 0x00cf92000000ffffull;
+    int ci = code_sel / 8;
+    memset(gdt, 0, (size_t)(ci + 2) * 8);
+    gdt[ci] = 0x00af9a000000ffffull;
+    gdt[ci + 1] = 0x00cf92000000ffffull;
 
     /* PML4 -> PDPT -> one PD of 2 MiB pages (RAM is at most 1 GiB). */
     uint64_t pml4 = KVMRR_PML4_ADDR, pdpt = pml4 + 0x1000, pd = pml4 + 0x2000;
@@ -51,13 +55,13 @@ int x86_setup_long_mode(struct kvmrr_vm *vm, uint64_t entry, char *err, size_t e
     struct kvm_sregs sregs;
     if (ioctl(vm->vcpu_fd, KVM_GET_SREGS, &sregs) < 0)
         return ERRF(err, err_len, "KVM_GET_SREGS: %s", strerror(errno));
-    sregs.cs = segment(0x8, 11, true);
-    sregs.ds = sregs.es = sregs.fs = sregs.gs = sregs.ss = segment(0x10, 3, false);
+    sregs.cs = segment(code_sel, 11, true);
+    sregs.ds = sregs.es = sregs.fs = sregs.gs = sregs.ss = segment(code_sel + 8, 3, false);
     sregs.tr = (struct kvm_segment){ .base = 0, .limit = 0x67, .selector = 0, .type = 11,
                                       .present = 1, .s = 0 };
     sregs.ldt = (struct kvm_segment){ .type = 2, .present = 0, .unusable = 1 };
     sregs.gdt.base = KVMRR_GDT_ADDR;
-    sregs.gdt.limit = 3 * 8 - 1;
+    sregs.gdt.limit = (uint16_t)((ci + 2) * 8 - 1);
     sregs.idt.base = 0;
     sregs.idt.limit = 0;
     sregs.cr0 = CR0_PE | CR0_MP | CR0_ET | CR0_NE | CR0_WP | CR0_AM | CR0_PG;

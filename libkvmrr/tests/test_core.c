@@ -1895,7 +1895,7 @@ static void test_snapshot_forged(void)
           + offsetof(struct kvm_vcpu_events, exception.nr), 1, 200, "events" },
         { sizeof(struct snap_header) + offsetof(struct snap_vcpu, xcrs), 4, 1000, "XCR" },
         { offsetof(struct snap_header, version), 4, 1, "older" },
-        { offsetof(struct snap_header, version), 4, 3, "newer" },
+        { offsetof(struct snap_header, version), 4, SNAP_VERSION + 1, "newer" },
         { offsetof(struct snap_header, header_size), 4, 0, "section sizes" },
         { offsetof(struct snap_header, vcpu_size), 4, 0xffffffff, "section sizes" },
         { offsetof(struct snap_header, core_size), 4, 8, "section sizes" },

@@ -51,7 +51,9 @@ class Timeline:
         last = self.events[-1]["icount"] if self.events else self.begin
         self.end = end["icount"] if end else last
         self.machine = Machine(self.image.elf, mode="replay", counter=counter,
-                               bootargs=header["bootargs"], mem_size=header["memory_bytes"])
+                               bootargs=header["bootargs"], mem_size=header["memory_bytes"],
+                               machine=header.get("machine", "kvmrr"),
+                               host_cpu=header.get("host_cpu", -1))
         self.machine.restore(snapshot["blob"])
         if self.machine.state_hash() != snapshot["state_hash"]:
             raise ReplayError(f"snapshot at icount {self.begin} does not restore to its "
