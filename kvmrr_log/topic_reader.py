@@ -112,17 +112,17 @@ class LogTopicReader:
         return self.rule.epoch if self.rule is not None else 0
 
     def records(self, idle_timeout: float | None,
-                stop_when: Callable[[], bool] | None = None
+                stop_when: Callable[[], bool] | None = None, poll_s: float = 0.05
                 ) -> Iterator[tuple[dict, int]]:
         """Records in order.  idle_timeout 0: up to the committed end (the broker must say
         where that is within FETCH_TIMEOUT_S); S > 0: until S seconds pass without a new
-        record; None: forever.  stop_when(), asked while nothing comes, may end it
-        earlier."""
+        record; None: forever.  stop_when(), asked every poll_s s while nothing comes, may
+        end it earlier."""
         idle_since = time.monotonic()
         to_end = idle_timeout is not None and idle_timeout <= 0
         while True:
             try:
-                got = self.next(0.05)   # also how often stop_when is asked
+                got = self.next(poll_s)   # also how often stop_when is asked
             except EndOfLog:
                 if to_end:
                     return
