@@ -277,6 +277,7 @@ class Follower:
                 if state is State.LIVE or outcome is not None:
                     return outcome
                 chosen = False
+                self._close_reader()    # a new reader: the silence is judged afresh
         finally:
             self._close_reader()
             self._leave_succession()
