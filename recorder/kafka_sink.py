@@ -34,6 +34,7 @@ import os
 import queue
 import threading
 import time
+from typing import Callable
 
 from confluent_kafka import KafkaException, Producer
 
@@ -147,10 +148,13 @@ class KafkaSink:
         self.sealed_at = offset
         return offset
 
-    def go_live(self) -> None:
+    def go_live(self, unreleased: Callable[[int], list[dict]] | None = None) -> None:
         """Start publishing.  A serving takeover first seals .out too and learns what is
         validly released there: from its Epoch record on, nothing an old primary puts on
-        .out counts, so that figure is final (docs/ARCHITECTURE.md §6)."""
+        .out counts, so that figure is final (docs/ARCHITECTURE.md §6).
+        unreleased(released_seq): the responses in the history that were not validly
+        released (a takeover's), held before the threads start so that the first
+        delivery-thread round releases them."""
         t0 = time.monotonic()
         out_sealed_at = -1
         if self.serving and self.epoch > 0:
@@ -187,6 +191,8 @@ class KafkaSink:
                                EpochBounds(starts=[(self.epoch, start)], read_to=start))
         self._snap_producer = Producer(dict(
             client_conf(self.bootstrap, client_id(self.vm, "recorder")), **WRITER_SETTINGS))
+        if unreleased is not None:
+            self.hold(unreleased(self.released_seq))
         self._slice_began = time.monotonic()   # (a successor's writer is made long before)
         self._watch = threading.Thread(target=self._watch_epochs, name="kvmrr-epoch-watch",
                                        daemon=True)
@@ -482,7 +488,7 @@ class KafkaSink:
         """Serve the delivery reports as they come (each log record committed, its
         responses held), and release what the policy lets go."""
         while not self._stop_deliveries.is_set():
-            waiting = self.acks is not None and bool(self._held)
+            waiting = bool(self._held)     # (under `log`: held only until this round)
             try:
                 self.producer.poll(RELEASE_POLL_S if waiting else DELIVERY_POLL_S)
                 if self._snap_producer is not None:

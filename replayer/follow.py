@@ -383,15 +383,16 @@ class Follower:
         replayed = s.result()
         position = None
         try:
-            sink.go_live()
+            sink.go_live(self._unreleased if serve else None)
+            steps["go_live_ms"] = _ms_since(t0) - steps["seal_ms"] - steps["catch_up_ms"]
             if serve:
-                self._hold_unreleased(sink)
                 position = s.next_input_offset
                 if position < 0:     # no batch since our snapshot: ask the log itself
                     position = input_position(self.bootstrap, self.vm)
         except (KafkaLogError, KafkaException) as exc:
             return back_to_following("going live", exc)
         state = next_state(state, Event.OWN_EPOCH_READ)
+        t_build = time.monotonic()
         s.machine.go_live(record_opts.pop("checksum_every"))
         primary = build_primary(sink, s.image, counter=s.counter, input_offset=position,
                                 max_backup_lag_ms=record_opts.pop("max_backup_lag_ms", 0),
@@ -399,6 +400,7 @@ class Follower:
                                 continue_from=s.machine, next_seq=s.expected_seq,
                                 outputs=s.outputs, outputs_complete=s.start_icount == 0,
                                 on_output=self.on_output, **record_opts)
+        steps["build_ms"] = _ms_since(t_build)
         self._leave_succession()     # the next backup in line takes the role
         self.log.warning(events.LIVE, icount=s.icount, next_seq=s.expected_seq, epoch=epoch,
                          sealed_at=sealed_at, released_seq=sink.released_seq,
@@ -410,15 +412,15 @@ class Follower:
         self.log.info(events.DONE_AS_PRIMARY, icount=result.instructions)
         return state, (replayed, result)
 
-    def _hold_unreleased(self, sink) -> None:
+    def _unreleased(self, released_seq: int) -> list[dict]:
         """Responses the replay regenerated that were never validly released: the new
         primary releases them (under its policy); those already on .out never leave
         twice."""
         recent = self.recent_outputs
-        if (len(recent) == recent.maxlen and recent[0]["seq"] > sink.released_seq + 1):
-            raise ReplayError(f"cannot take over: responses after seq {sink.released_seq} "
+        if (len(recent) == recent.maxlen and recent[0]["seq"] > released_seq + 1):
+            raise ReplayError(f"cannot take over: responses after seq {released_seq} "
                               f"were replayed too long ago to be released now")
-        sink.hold([o for o in recent if o["seq"] > sink.released_seq])
+        return [o for o in recent if o["seq"] > released_seq]
 
 
 def _ms_since(t0: float) -> float:
