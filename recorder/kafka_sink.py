@@ -437,6 +437,8 @@ class KafkaSink:
         for handed, recs, began, _ in units:
             logged = [r for r in recs if r["kind"] != "Snapshot"]
             last = logged[-1] if logged else None
+            if not logged:
+                self._first_delivered.set()     # nothing of it for the log to take
             for rec in recs:
                 if rec["kind"] == "Snapshot":
                     self._write_snapshot(rec)
