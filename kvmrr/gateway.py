@@ -58,8 +58,8 @@ from kvmrr_log import events
 from kvmrr_log.client_ids import (ID_MAX, declared_scope, scoped_request_id, token_scope,
                                   valid_name)
 from kvmrr_log.epochs import ReleaseFilter
-from kvmrr_log.kafka import (TAIL_FETCH_WAIT_MS, WRITER_HEADER, client_conf, client_id, ensure_topics, scan_topic,
-                             topics, watermarks, writer_id)
+from kvmrr_log.kafka import (TAIL_FETCH_WAIT_MS, WRITER_HEADER, client_conf, client_id,
+                             ensure_topics, scan_topic, topics, watermarks, writer_id)
 from kvmrr_log.requests import request_fields
 from schemas import LogFormatError, decode_message
 
