@@ -257,7 +257,7 @@ class KafkaSink:
 
     def _wait_first_write(self) -> None:
         """A first primary's guest starts once its log takes writes: its first record (the
-        LogHeader) delivered.  A new cluster's producer waits for its producer id (the
+        LogHeader, committed before the guest runs: RecordSession.run) delivered.  A new cluster's producer waits for its producer id (the
         brokers answer COORDINATOR_LOAD_IN_PROGRESS at first, and librdkafka retries after
         a pause), up to a second here; the slices of a guest already running would all
         wait behind it.  (A takeover's writer was made, and sealed, long before.)"""
