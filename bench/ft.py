@@ -90,7 +90,8 @@ def _takeover_steps(ft: FtCluster, wall_kill: float) -> dict:
         t = datetime.fromisoformat(line["timestamp"].replace("Z", "+00:00")).timestamp()
         return round(t - wall_kill, 3)
     return {"decided_s": since_kill(decided), "live_s": since_kill(went_live),
-            **{k: went_live[k] for k in ("seal_ms", "sink_ms", "catch_up_ms", "takeover_ms")
+            **{k: went_live[k] for k in ("seal_ms", "sink_ms", "catch_up_ms", "go_live_ms",
+                                         "build_ms", "takeover_ms")
                if went_live and k in went_live}}
 
 

@@ -58,8 +58,8 @@ from kvmrr_log import events, record_mac
 from kvmrr_log.client_ids import (ID_MAX, declared_scope, scoped_request_id, token_scope,
                                   valid_name)
 from kvmrr_log.epochs import ReleaseFilter
-from kvmrr_log.kafka import (WRITER_HEADER, client_conf, client_id, ensure_topics, scan_topic,
-                             topics, watermarks, writer_id)
+from kvmrr_log.kafka import (TAIL_FETCH_WAIT_MS, WRITER_HEADER, client_conf, client_id,
+                             ensure_topics, scan_topic, topics, watermarks, writer_id)
 from kvmrr_log.requests import request_fields
 from schemas import LogFormatError, decode_message
 
@@ -258,7 +258,7 @@ class Gateway:
     def _consume_outputs(self) -> None:
         c = Consumer(dict(client_conf(self.bootstrap, self.client_id), **{
             "group.id": f"kvmrr.{self.vm}.gateway", "enable.auto.commit": False,
-            "fetch.wait.max.ms": 5}))
+            "fetch.wait.max.ms": TAIL_FETCH_WAIT_MS}))
         c.assign([TopicPartition(self.topics.outputs, 0, self._out_offset)])
         try:
             while not self._stop.is_set():

@@ -31,8 +31,11 @@ from dataclasses import dataclass, field
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
 from kvmrr_log import record_mac
-from kvmrr_log.kafka import KafkaLogError, client_conf
+from kvmrr_log.kafka import TAIL_FETCH_WAIT_MS, KafkaLogError, client_conf
 from schemas import LogFormatError, decode_message, message_kind
+
+
+SHORT_FETCH_WAIT_MS = 5    # a reader that asks for the end, or needs its EOF soon
 
 
 class EpochRule:
@@ -114,12 +117,15 @@ class EpochTail:
     keeps its EpochBounds.  poll() reads what has come; the caller's thread drives it."""
 
     def __init__(self, bootstrap: str, topic: str, start: int = 0,
-                 bounds: EpochBounds | None = None):
+                 bounds: EpochBounds | None = None, fetch_wait_ms: int = TAIL_FETCH_WAIT_MS):
+        """fetch_wait_ms: a tail that only polls waits long (a record comes at once
+        anyway); one that asks for the end (read_to_end) short, as the broker answers a
+        connection's requests in order, the ask after a waiting fetch."""
         self.topic = topic
         self.bounds = bounds or EpochBounds(read_to=start)
         self.consumer = Consumer(dict(client_conf(bootstrap), **{
             "group.id": f"kvmrr-epochs-{uuid.uuid4().hex[:8]}", "enable.auto.commit": False,
-            "enable.partition.eof": True, "fetch.wait.max.ms": 5,
+            "enable.partition.eof": True, "fetch.wait.max.ms": fetch_wait_ms,
             "auto.offset.reset": "earliest"}))
         self.consumer.assign([TopicPartition(topic, 0, start)])
         self.at_end = False
@@ -175,7 +181,7 @@ class EpochTail:
 
 def epoch_bounds(bootstrap: str, topic: str, timeout: float = 15.0) -> EpochBounds:
     """Every accepted epoch of a topic up to its current end."""
-    tail = EpochTail(bootstrap, topic)
+    tail = EpochTail(bootstrap, topic, fetch_wait_ms=SHORT_FETCH_WAIT_MS)
     try:
         return tail.read_to_end(timeout)
     finally:
@@ -187,11 +193,11 @@ class ReleaseFilter:
     itself, and each one's log record before the next epoch's Epoch record in the log
     (read by its own EpochTail; a release waits until the tail has read that far)."""
 
-    def __init__(self, bootstrap: str, vm: str):
+    def __init__(self, bootstrap: str, vm: str, fetch_wait_ms: int = TAIL_FETCH_WAIT_MS):
         from kvmrr_log.kafka import topics
         t = topics(vm)
         self.rule = EpochRule(topic=t.outputs)
-        self.log = EpochTail(bootstrap, t.log)
+        self.log = EpochTail(bootstrap, t.log, fetch_wait_ms=fetch_wait_ms)
         self._waiting: deque[dict] = deque()
         self.void = 0        # releases nobody may pass on
 
@@ -228,13 +234,85 @@ class ReleaseFilter:
         self.log.close()
 
 
+class ReleaseTail:
+    """The highest validly released seq on .out, kept current as .out and the log grow:
+    the designated successor keeps one while it follows (replayer.follow), so that at its
+    takeover, once it has sealed .out, only the last records are left to read
+    (docs/ARCHITECTURE.md §6.3).  The same rule as valid_releases: a ReleaseFilter over
+    .out from its start."""
+
+    def __init__(self, bootstrap: str, vm: str):
+        from kvmrr_log.kafka import topics, writer_id
+        t = topics(vm)
+        self.topic = t.outputs
+        self.writer = writer_id(vm).encode()
+        self.releases = ReleaseFilter(bootstrap, vm)
+        self.consumer = Consumer(dict(client_conf(bootstrap), **{
+            "group.id": f"kvmrr-releases-{uuid.uuid4().hex[:8]}", "enable.auto.commit": False,
+            "fetch.wait.max.ms": TAIL_FETCH_WAIT_MS, "auto.offset.reset": "earliest"}))
+        self.consumer.assign([TopicPartition(t.outputs, 0, 0)])
+        self.read_to = 0          # every .out offset below this one has been read
+        self.released_seq = -1
+
+    def poll(self, timeout: float = 0.0) -> int:
+        """Read what has come (on .out, and the log's Epoch records); the highest valid
+        seq decided so far."""
+        self.releases.log.poll(0)
+        try:
+            msg = self.consumer.poll(timeout)
+        except KafkaException as exc:
+            raise KafkaLogError(f"{self.topic}: {exc.args[0].str()}") from None
+        while msg is not None:
+            if msg.error() is None:
+                self._admit(msg)
+            try:
+                msg = self.consumer.poll(0)
+            except KafkaException as exc:
+                raise KafkaLogError(f"{self.topic}: {exc.args[0].str()}") from None
+        for rec in self.releases.ready():
+            self.released_seq = max(self.released_seq, rec["seq"])
+        return self.released_seq
+
+    def _admit(self, msg) -> None:
+        from kvmrr_log.kafka import WRITER_HEADER
+        self.read_to = msg.offset() + 1
+        if (dict(msg.headers() or []).get(WRITER_HEADER) != self.writer
+                or record_mac.problem(msg)):
+            return           # a stranger's or forged release, as in valid_releases
+        try:
+            record = decode_message(msg.value() or b"", msg.headers() or [])
+        except LogFormatError as exc:
+            raise KafkaLogError(f"{self.topic} offset {msg.offset()}: {exc}") from None
+        self.releases.add(record, msg.offset())
+
+    def released_through(self, out_offset: int, log_offset: int, timeout: float) -> int:
+        """The highest valid seq once .out is read through out_offset (this primary's
+        Epoch record there: what follows it from older epochs is void) and the log's
+        epochs through log_offset (its Epoch record on the log: every release before it
+        is decidable then)."""
+        deadline = time.monotonic() + timeout
+        while (self.read_to <= out_offset or self.releases.log.bounds.read_to <= log_offset
+               or self.releases.waiting):
+            if time.monotonic() > deadline:
+                raise KafkaLogError(f"{self.topic}: not read through offset {out_offset} "
+                                    f"(and the log's epochs through {log_offset}) within "
+                                    f"{timeout:.0f} s")
+            self.releases.log.poll(0)
+            self.poll(0.002)
+        return self.released_seq
+
+    def close(self) -> None:
+        self.consumer.close()
+        self.releases.close()
+
+
 def valid_releases(bootstrap: str, vm: str, timeout: float = 15.0) -> list[dict]:
     """The responses validly released on .out, in order (a seq twice would be a broken
     output commit)."""
     from kvmrr_log.kafka import WRITER_HEADER, scan_topic, topics, writer_id
     t = topics(vm)
     writer = writer_id(vm).encode()
-    releases = ReleaseFilter(bootstrap, vm)
+    releases = ReleaseFilter(bootstrap, vm, SHORT_FETCH_WAIT_MS)
     # the log's Epoch records are read meanwhile (a takeover waits for this), then to the
     # end again, which covers every release read
     ahead = threading.Thread(target=lambda: _quietly(releases.log.read_to_end, timeout))

@@ -19,6 +19,11 @@ from kvmrr_log import kafka_config
 WRITER_HEADER = "kvmrr-writer"   # writer_id(vm) on every message a primary writes
 CONNECT_TIMEOUT_S = 6.0
 SNAPSHOT_CHUNK_BYTES = 512 * 1024
+# fetch.wait.max.ms of the consumers that follow a topic's tail without needing its end
+# (EOF): a fetch returns as soon as a record comes, so a long poll costs no latency, and an
+# idle consumer asks the broker 10 times a second instead of 200 (on a 2-core host the
+# brokers' CPU is the commit's latency).
+TAIL_FETCH_WAIT_MS = 100
 
 
 class KafkaLogError(Exception):

@@ -9,6 +9,7 @@ and only valid snapshots are offered as starting points.
 """
 from __future__ import annotations
 
+import copy
 import time
 import uuid
 from typing import Callable, Iterator
@@ -16,7 +17,7 @@ from typing import Callable, Iterator
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
 
 from kvmrr_log import kafka_config, record_mac
-from kvmrr_log.epochs import EpochRule, epoch_bounds
+from kvmrr_log.epochs import SHORT_FETCH_WAIT_MS, EpochRule, EpochTail
 from kvmrr_log.kafka import (CONNECT_TIMEOUT_S, WRITER_HEADER, KafkaLogError, absolute_start,
                              admin_client, client_conf, client_id, cluster_size, topics,
                              watermarks, writer_id)
@@ -116,17 +117,17 @@ class LogTopicReader:
         return self.rule.epoch if self.rule is not None else 0
 
     def records(self, idle_timeout: float | None,
-                stop_when: Callable[[], bool] | None = None
+                stop_when: Callable[[], bool] | None = None, poll_s: float = 0.05
                 ) -> Iterator[tuple[dict, int]]:
         """Records in order.  idle_timeout 0: up to the committed end (the broker must say
         where that is within FETCH_TIMEOUT_S); S > 0: until S seconds pass without a new
-        record; None: forever.  stop_when(), asked while nothing comes, may end it
-        earlier."""
+        record; None: forever.  stop_when(), asked every poll_s s while nothing comes, may
+        end it earlier."""
         idle_since = time.monotonic()
         to_end = idle_timeout is not None and idle_timeout <= 0
         while True:
             try:
-                got = self.next(0.05)   # also how often stop_when is asked
+                got = self.next(poll_s)   # also how often stop_when is asked
             except EndOfLog:
                 if to_end:
                     return
@@ -187,14 +188,19 @@ def read_snapshots(bootstrap: str, vm: str, timeout: float = 15.0, *,
     held in memory at once.
 
     The epochs are read before the snapshots, to choose among valid ones only, and again
-    after: a takeover sealing meanwhile may void the one chosen, and then it is read anew."""
-    for _ in range(3):
-        before = epoch_bounds(bootstrap, topics(vm).log, timeout)
-        snaps = _read_snapshots(bootstrap, vm, timeout, start, until, role,
-                                before.snapshot_valid)
-        after = epoch_bounds(bootstrap, topics(vm).log, timeout)
-        if all(after.snapshot_valid(s) for s in snaps):
-            return snaps
+    after (by the same tail: only what came meanwhile): a takeover sealing meanwhile may
+    void the one chosen, and then it is read anew."""
+    tail = EpochTail(bootstrap, topics(vm).log, fetch_wait_ms=SHORT_FETCH_WAIT_MS)
+    try:
+        for _ in range(3):
+            before = copy.deepcopy(tail.read_to_end(timeout))
+            snaps = _read_snapshots(bootstrap, vm, timeout, start, until, role,
+                                    before.snapshot_valid)
+            after = tail.read_to_end(timeout)
+            if all(after.snapshot_valid(s) for s in snaps):
+                return snaps
+    finally:
+        tail.close()
     raise KafkaLogError(f"kvmrr.{vm}: the log's epochs kept changing while its snapshots "
                         "were read")
 

@@ -1,20 +1,27 @@
 """A RecordSession sink that publishes the log to Kafka (docs/ARCHITECTURE.md §4-6).
 
 The vCPU loop never waits for the broker: write() collects a slice's records and commit()
-hands them to a publisher thread.  Commit is one idempotent acks=all write of the batches
-waiting (group commit): a record is readable only once it is replicated, so a delivered
-record is committed.  No transactions: the log is its own arbiter.  Every record carries
-this primary's epoch, and the epoch rule (kvmrr_log.epochs) voids what an old primary
-writes after a newer epoch's Epoch record.  A slice with output is written at once; idle
-slices wait up to IDLE_BATCH_S to go together.
+hands them to a publisher thread.  Commit is an idempotent acks=all write: a record is
+readable only once it is replicated, so a delivered record is committed.  No transactions:
+the log is its own arbiter.  Every record carries this primary's epoch, and the epoch rule
+(kvmrr_log.epochs) voids what an old primary writes after a newer epoch's Epoch record.
 
-A Snapshot is written (chunked, on its own topic) once every log record before it is
-delivered, and carries the log offset where the events after it start, and its epoch.
+Pipelined (docs/ARCHITECTURE.md §4.5): the publisher produces each slice as it comes and
+does not wait for the previous one's acks; the idempotent producer keeps the order (and
+no duplicates) with up to 5 requests in flight.  A delivery thread serves the producer's
+delivery reports: each log record is committed when ITS report comes, and the responses
+it carries are released then.  A slice with output is produced at once; idle slices wait
+up to IDLE_BATCH_S to go together.
 
-Serving (docs/ARCHITECTURE.md §5), responses leave through kvmrr.<vm>.out, each carrying this epoch and
-the log offset of the record that holds it; the gateway passes one on only if that record
-precedes the next epoch's Epoch record.  The policy decides when: `log` once its record is
-delivered, `backups:N` once N backups' acks cover its icount.
+A Snapshot is written (chunked, on its own topic, by a producer of its own so that its
+megabytes never queue ahead of a log write on the same broker connection) once every log
+record before it is delivered, and carries the log offset where the events after it
+start, and its epoch.
+
+Serving (docs/ARCHITECTURE.md §5), responses leave through kvmrr.<vm>.out, each carrying
+this epoch and the log offset of the record that holds it; the gateway passes one on only
+if that record precedes the next epoch's Epoch record.  The policy decides when: `log` once
+its record is delivered, `backups:N` once N backups' acks cover its icount.
 
 A thread watches the log's tail for Epoch records: one newer than this primary's epoch
 means it was sealed out; it releases nothing more and the next commit() raises FencedError
@@ -27,11 +34,12 @@ import os
 import queue
 import threading
 import time
+from typing import Callable
 
 from confluent_kafka import KafkaException, Producer
 
 from kvmrr_log import record_mac
-from kvmrr_log.epochs import EpochBounds, EpochTail, valid_releases
+from kvmrr_log.epochs import EpochBounds, EpochTail, ReleaseTail, valid_releases
 from kvmrr_log.kafka import (LOG_MESSAGE_BYTES, SNAPSHOT_CHUNK_BYTES, WRITER_HEADER,
                              FencedError, KafkaLogError, client_conf, client_id, ensure_topics,
                              topics, watermarks, writer_id)
@@ -44,6 +52,8 @@ DELIVERY_TIMEOUT_S = 30.0  # a write not acknowledged by then ends the recording
 SEAL_TIMEOUT_S = 5.0       # a takeover's Epoch record; Kafka moving: follow again instead
 CONNECT_WARM_S = 5.0
 RELEASE_POLL_S = 0.005     # backups:N: how often held responses look at the acks
+DELIVERY_POLL_S = 0.05     # the delivery thread wakes at once for a report; this bounds
+                           # how long it takes to notice close()
 IDLE_BATCH_S = 0.03        # slices without output wait this long at most to go together
 FENCE_WATCH_S = 0.02       # how often the log's tail is asked for a newer epoch
 # For the tests: a primary that learns of a newer epoch this many seconds late (as one
@@ -51,6 +61,16 @@ FENCE_WATCH_S = 0.02       # how often the log's tail is asked for a newer epoch
 # what it writes then must be void for every reader.
 WATCH_LAG_S = float(os.environ.get("KVMRR_TEST_EPOCH_WATCH_LAG_S", "0") or 0)
 NIC = 1                    # the output channel of responses
+# The primary's producers (log, .out, snapshots): kept apart from client_conf (the
+# connection and security settings every client shares).  With idempotence librdkafka keeps
+# at most 5 requests in flight and their order; no Nagle delay on the small log writes.
+WRITER_SETTINGS = {
+    "enable.idempotence": True, "acks": "all", "linger.ms": 0,
+    "socket.nagle.disable": True,
+    "message.max.bytes": LOG_MESSAGE_BYTES,
+    "delivery.timeout.ms": int(DELIVERY_TIMEOUT_S * 1000),
+    "compression.type": "lz4",   # snapshots are mostly zero pages
+}
 MAX_HELD = 10_000          # responses held for release before the inputs wait
 
 
@@ -69,12 +89,9 @@ class KafkaSink:
         self.epoch = epoch
         self.topics = topics(vm) if takeover else ensure_topics(bootstrap, vm)
         self.writer = writer_id(vm)
-        self.producer = Producer(dict(client_conf(bootstrap, client_id(vm, "recorder")), **{
-            "enable.idempotence": True, "acks": "all", "linger.ms": 0,
-            "message.max.bytes": LOG_MESSAGE_BYTES,
-            "delivery.timeout.ms": int(DELIVERY_TIMEOUT_S * 1000),
-            "compression.type": "lz4",   # snapshots are mostly zero pages
-        }))
+        self.producer = Producer(dict(client_conf(bootstrap, client_id(vm, "recorder")),
+                                      **WRITER_SETTINGS))
+        self._snap_producer: Producer | None = None     # made when going live
         self.serving = serve
         self.policy = policy
         self.start_ms: dict[str, float] = {}
@@ -97,9 +114,18 @@ class KafkaSink:
         self.bytes_published = 0
         self.messages = 0
         self._thread: threading.Thread | None = None
+        self._deliveries: threading.Thread | None = None
+        self._stop_deliveries = threading.Event()
+        self._in_flight = 0            # log records produced, not yet reported
+        self._delivered = threading.Condition()     # ... and its changes
         self._watch: threading.Thread | None = None
+        self._first_delivered = threading.Event()  # a log record of this sink (or an error)
+        self._handed_any = False
         self._closing = threading.Event()
         self.sealed_at: int | None = None
+        # a designated successor's view of .out, kept current while it followed: going
+        # live then reads only the last few releases (None: read .out from its start)
+        self.release_tail: ReleaseTail | None = None
         if not takeover:
             self.go_live()
 
@@ -123,21 +149,35 @@ class KafkaSink:
         self.sealed_at = offset
         return offset
 
-    def go_live(self) -> None:
+    def go_live(self, unreleased: Callable[[int], list[dict]] | None = None) -> None:
         """Start publishing.  A serving takeover first seals .out too and learns what is
         validly released there: from its Epoch record on, nothing an old primary puts on
-        .out counts, so that figure is final (docs/ARCHITECTURE.md §6)."""
+        .out counts, so that figure is final (docs/ARCHITECTURE.md §6).
+        unreleased(released_seq): the responses in the history that were not validly
+        released (a takeover's), held before the threads start so that the first
+        delivery-thread round releases them."""
         t0 = time.monotonic()
+        out_sealed_at = -1
         if self.serving and self.epoch > 0:
-            self._write_now(self.topics.outputs, {"kind": "Epoch", "epoch": self.epoch,
-                                                  "writer": self.writer,
-                                                  "wall_ns": time.time_ns()},
-                            b"epoch", SEAL_TIMEOUT_S)
+            out_sealed_at = self._write_now(
+                self.topics.outputs, {"kind": "Epoch", "epoch": self.epoch,
+                                      "writer": self.writer, "wall_ns": time.time_ns()},
+                b"epoch", SEAL_TIMEOUT_S)
         t1 = time.monotonic()
-        if self.serving and (self.epoch > 0 or watermarks(self.bootstrap,
-                                                         self.topics.outputs)[1] > 0):
-            self.released_seq = max((o["seq"] for o in valid_releases(self.bootstrap, self.vm)),
-                                    default=-1)
+        tail, self.release_tail = self.release_tail, None
+        try:
+            if self.serving and tail is not None and out_sealed_at >= 0 \
+                    and self.sealed_at is not None:
+                self.released_seq = tail.released_through(out_sealed_at, self.sealed_at,
+                                                          SEAL_TIMEOUT_S)
+            elif self.serving and (self.epoch > 0 or watermarks(self.bootstrap,
+                                                               self.topics.outputs)[1] > 0):
+                self.released_seq = max((o["seq"] for o in valid_releases(self.bootstrap,
+                                                                          self.vm)),
+                                        default=-1)
+        finally:
+            if tail is not None:
+                tail.close()
         t2 = time.monotonic()
         # a takeover's events start after its Epoch record (an old primary's records in
         # between are void to a reader starting there); a first primary asks the log
@@ -150,10 +190,17 @@ class KafkaSink:
         start = self.sealed_at if self.sealed_at is not None else log_end
         self._tail = EpochTail(self.bootstrap, self.topics.log, start,
                                EpochBounds(starts=[(self.epoch, start)], read_to=start))
+        self._snap_producer = Producer(dict(
+            client_conf(self.bootstrap, client_id(self.vm, "recorder")), **WRITER_SETTINGS))
+        if unreleased is not None:
+            self.hold(unreleased(self.released_seq))
         self._slice_began = time.monotonic()   # (a successor's writer is made long before)
         self._watch = threading.Thread(target=self._watch_epochs, name="kvmrr-epoch-watch",
                                        daemon=True)
         self._watch.start()
+        self._deliveries = threading.Thread(target=self._delivery_loop,
+                                            name="kvmrr-deliveries", daemon=True)
+        self._deliveries.start()
         self._thread = threading.Thread(target=self._publish_loop, name="kvmrr-publisher",
                                         daemon=True)
         self._thread.start()
@@ -205,6 +252,22 @@ class KafkaSink:
         if self._slice:
             self._units.put((now, self._slice, began, self._slice_has_output))
             self._slice, self._slice_has_output = [], False
+            if not self._handed_any and self.sealed_at is None:
+                self._handed_any = True
+                self._wait_first_write()
+
+    def _wait_first_write(self) -> None:
+        """A first primary's guest starts once its log takes writes: its first record (the
+        LogHeader, committed before the guest runs: RecordSession.run) delivered.  A new cluster's producer waits for its producer id (the
+        brokers answer COORDINATOR_LOAD_IN_PROGRESS at first, and librdkafka retries after
+        a pause), up to a second here; the slices of a guest already running would all
+        wait behind it.  (A takeover's writer was made, and sealed, long before.)"""
+        if not self._first_delivered.wait(DELIVERY_TIMEOUT_S):
+            raise KafkaLogError(f"the recorder of VM {self.vm} cannot write "
+                                f"{self.topics.log}: no answer within "
+                                f"{DELIVERY_TIMEOUT_S:.0f} s")
+        if self.error:
+            raise self.error
 
     def close(self) -> None:
         if self._thread is not None:
@@ -213,17 +276,56 @@ class KafkaSink:
             finally:
                 self._units.put(None)
                 self._thread.join()
+                self._stop_deliveries.set()
+                self._deliveries.join()
+            if not self.error:      # what is still in flight, its releases, then the held
+                try:
+                    self._finish()
+                except (KafkaLogError, KafkaException) as exc:
+                    self.error = _as_log_error(exc)
         self._closing.set()
+        if self.release_tail is not None:      # a takeover that did not go live
+            self.release_tail.close()
+            self.release_tail = None
         if self._watch is not None:
             self._watch.join()
             self._tail.close()
         if self.acks:
             self.acks.close()
         self.producer.flush(5)
+        if self._snap_producer is not None:
+            self._snap_producer.flush(5)
         if self.fenced:
             raise self.fenced
         if self.error:
             raise self.error
+
+    def _finish(self) -> None:
+        """The recording ended (the publisher and delivery threads are done): every record
+        delivered, the responses released; under backups:N the held ones wait for their
+        acks, for a while."""
+        self._flush(self.producer, "the log")
+        if self._snap_producer is not None:
+            self._flush(self._snap_producer, self.topics.snapshots)
+        if self.error:
+            return
+        deadline = time.monotonic() + DELIVERY_TIMEOUT_S
+        while self.serving and not self.fenced and not self.error:
+            self._release()
+            self._flush(self.producer, self.topics.outputs)
+            if not self._held or self.acks is None:
+                return
+            if time.monotonic() > deadline:
+                raise KafkaLogError(f"{len(self._held)} responses never released: fewer than "
+                                    f"{self.policy.backups} backups acked their log within "
+                                    f"{DELIVERY_TIMEOUT_S:.0f} s")
+            time.sleep(RELEASE_POLL_S)
+
+    def _flush(self, producer: Producer, what: str) -> None:
+        left = producer.flush(DELIVERY_TIMEOUT_S)
+        if left:
+            raise KafkaLogError(f"the recorder of VM {self.vm} cannot write {what}: {left} "
+                                f"records unacknowledged after {DELIVERY_TIMEOUT_S:.0f} s")
 
     # -- the epoch watch thread -------------------------------------------------------
     def _watch_epochs(self) -> None:
@@ -243,7 +345,8 @@ class KafkaSink:
                 return
 
     # -- publisher thread ---------------------------------------------------------------
-    def _produce(self, topic: str, record: dict, key: bytes, on_delivery) -> None:
+    def _produce(self, topic: str, record: dict, key: bytes, on_delivery,
+                 producer: Producer | None = None) -> None:
         value, headers = encode_message(record)
         headers.append((WRITER_HEADER, self.writer.encode()))
         headers = record_mac.sign(topic, key, value, headers)   # docs/operating.md §6.3
@@ -251,55 +354,155 @@ class KafkaSink:
         self.messages += 1
         while True:
             try:
-                self.producer.produce(topic, value, key, headers=headers,
-                                      on_delivery=on_delivery)
+                (producer or self.producer).produce(topic, value, key, headers=headers,
+                                                    on_delivery=on_delivery)
                 return
-            except BufferError:
-                self.producer.poll(0.05)
+            except BufferError:      # the delivery thread frees the queue
+                time.sleep(0.005)
 
-    def _write(self, topic: str, items: list[tuple[dict, bytes]]) -> list[int]:
-        """Records written in order with one wait for all their acks: their offsets."""
-        offsets = [-1] * len(items)
-        errors: list = []
+    def _fail(self, err, what: str) -> None:
+        if self.error is None:
+            self.error = KafkaLogError(f"the recorder of VM {self.vm} cannot write {what}: "
+                                       f"{err.str()}")
+        self._first_delivered.set()
 
-        def delivered_at(i):
-            def delivered(err, msg):
-                if err is not None:
-                    errors.append(err)
-                else:
-                    offsets[i] = msg.offset()
-            return delivered
-        for i, (record, key) in enumerate(items):
-            self._produce(topic, record, key, delivered_at(i))
-        left = self.producer.flush(DELIVERY_TIMEOUT_S)
-        if errors or left:
-            why = errors[0].str() if errors else f"{left} records unacknowledged after " \
-                                                 f"{DELIVERY_TIMEOUT_S:.0f} s"
-            raise KafkaLogError(f"the recorder of VM {self.vm} cannot write {topic}: {why}")
-        return offsets
+    def _produce_log(self, rec: dict, began: float, handed: float | None) -> None:
+        """One log record, in flight: when its delivery report comes (the delivery thread),
+        it is committed, the events after it start at the next offset, and the responses
+        in it are held for release.  handed: the slice's, on its last record (the slice is
+        committed when that one is)."""
+        batch = dict(rec, epoch=self.epoch)
 
-    def _write_log(self, records: list[tuple[dict, float]]) -> None:
-        """Log records (the LogHeader, EventBatches); responses in them are held with their
-        offsets."""
-        batches = [dict(rec, epoch=self.epoch) for rec, _ in records]
-        offsets = self._write(self.topics.log, [
-            (b, icount_key(b["events"][0]["icount"] if b.get("events") else 0))
-            for b in batches])
-        self.next_log_offset = offsets[-1] + 1
-        if self.serving:
-            for (rec, began), offset in zip(records, offsets):
-                if rec["kind"] != "EventBatch":
-                    continue
-                self._held.extend(
-                    (began, dict(ev, kind="Output", epoch=self.epoch, log_offset=offset))
-                    for ev in rec["events"]
-                    if ev["kind"] == "Output" and ev["channel"] == NIC
-                    and ev["seq"] > self.released_seq)
+        def delivered(err, msg):
+            if err is not None:
+                self._fail(err, self.topics.log)
+            else:
+                self._log_delivered(batch, msg.offset(), began, handed)
+            with self._delivered:
+                self._in_flight -= 1
+                self._delivered.notify_all()
+        with self._delivered:
+            self._in_flight += 1
+        try:
+            self._produce(self.topics.log, batch,
+                          icount_key(batch["events"][0]["icount"] if batch.get("events") else 0),
+                          delivered)
+        except BaseException:
+            with self._delivered:
+                self._in_flight -= 1
+            raise
+
+    def _log_delivered(self, batch: dict, offset: int, began: float,
+                       handed: float | None) -> None:
+        """(delivery thread) a log record is committed."""
+        self.next_log_offset = offset + 1
+        self._first_delivered.set()
+        if handed is not None:
+            self._committed(handed)
+        if self.serving and batch["kind"] == "EventBatch":
+            self._held.extend(
+                (began, dict(ev, kind="Output", epoch=self.epoch, log_offset=offset))
+                for ev in batch["events"]
+                if ev["kind"] == "Output" and ev["channel"] == NIC
+                and ev["seq"] > self.released_seq)
+
+    def _committed(self, handed: float) -> None:
+        """(delivery thread) the slice handed over at `handed` is committed."""
+        self.commit_latencies.append(time.monotonic() - handed)
+
+    def _all_delivered(self) -> None:
+        """Wait until every log record produced is reported (a snapshot's log_offset)."""
+        deadline = time.monotonic() + DELIVERY_TIMEOUT_S
+        with self._delivered:
+            while self._in_flight and self.error is None:
+                if not self._delivered.wait(deadline - time.monotonic()):
+                    raise KafkaLogError(f"the recorder of VM {self.vm} cannot write "
+                                        f"{self.topics.log}: {self._in_flight} records "
+                                        f"unacknowledged after {DELIVERY_TIMEOUT_S:.0f} s")
 
     def _write_snapshot(self, rec: dict) -> None:
+        """After every log record before it is delivered, so that its log_offset is where
+        the events after it start; then in flight on its own producer (nothing waits)."""
+        self._all_delivered()
+        if self.error:
+            return
         snap = dict(rec, log_offset=self.next_log_offset, epoch=self.epoch)
-        self._write(self.topics.snapshots, [(c, icount_key(c["icount"]))
-                                            for c in split_snapshot(snap, SNAPSHOT_CHUNK_BYTES)])
+
+        def delivered(err, msg):
+            if err is not None:
+                self._fail(err, self.topics.snapshots)
+        for chunk in split_snapshot(snap, SNAPSHOT_CHUNK_BYTES):
+            self._produce(self.topics.snapshots, chunk, icount_key(chunk["icount"]),
+                          delivered, self._snap_producer)
+
+    def _publish_units(self, units: list) -> None:
+        for handed, recs, began, _ in units:
+            logged = [r for r in recs if r["kind"] != "Snapshot"]
+            last = logged[-1] if logged else None
+            if not logged:
+                self._first_delivered.set()     # nothing of it for the log to take
+            for rec in recs:
+                if rec["kind"] == "Snapshot":
+                    self._write_snapshot(rec)
+                else:
+                    self._produce_log(rec, began, handed if rec is last else None)
+
+    def _next_units(self) -> list:
+        """The slices waiting; if none has output, wait up to IDLE_BATCH_S for more."""
+        units = [self._units.get()]
+        until = time.monotonic() + IDLE_BATCH_S
+        while True:
+            try:
+                units.append(self._units.get_nowait())
+                continue
+            except queue.Empty:
+                pass
+            if units[-1] is None or any(u[3] for u in units):
+                return units
+            left = until - time.monotonic()
+            if left <= 0:
+                return units
+            try:
+                units.append(self._units.get(timeout=left))
+            except queue.Empty:
+                pass
+
+    def _publish_loop(self) -> None:
+        """Produce the slices as they come: no waiting for the acks of the previous ones
+        (the delivery thread gets those)."""
+        done = False
+        while not done:
+            units = self._next_units()
+            if units and units[-1] is None:
+                done = True
+                units.pop()
+            if self.error or not units:
+                continue
+            try:
+                self._publish_units(units)
+            except (KafkaLogError, KafkaException) as exc:   # surfaced by commit()
+                self.error = _as_log_error(exc)
+            except Exception as exc:
+                self.error = exc
+            if self.error:
+                self._first_delivered.set()
+
+    # -- delivery thread ----------------------------------------------------------------
+    def _delivery_loop(self) -> None:
+        """Serve the delivery reports as they come (each log record committed, its
+        responses held), and release what the policy lets go."""
+        while not self._stop_deliveries.is_set():
+            waiting = bool(self._held)     # (under `log`: held only until this round)
+            try:
+                self.producer.poll(RELEASE_POLL_S if waiting else DELIVERY_POLL_S)
+                if self._snap_producer is not None:
+                    self._snap_producer.poll(0)
+                if self.serving and not self.error:
+                    self._release()
+            except (KafkaLogError, KafkaException) as exc:
+                self.error = _as_log_error(exc)
+            except Exception as exc:
+                self.error = exc
 
     def _releasable(self) -> list[tuple[float, dict]]:
         """The held responses the policy lets go now, a prefix in seq order."""
@@ -315,96 +518,31 @@ class KafkaSink:
         return self._held[:n]
 
     def _release(self) -> None:
+        """Put the releasable responses on .out (in flight; counted when delivered)."""
         releasing = self._releasable()
         if not releasing:
             return
-        self._write(self.topics.outputs, [(dict(out, epoch=self.epoch), str(out["seq"]).encode())
-                                          for _, out in releasing])
-        now = time.monotonic()
         del self._held[:len(releasing)]
         self.released_seq = releasing[-1][1]["seq"]
-        self.outputs_released += len(releasing)
-        latencies = [now - began for began, _ in releasing]
-        self.output_latencies.extend(latencies)
         hist = metrics.OUTPUT_COMMIT_SECONDS.labels(self.vm, str(self.policy))
-        for seconds in latencies:
-            hist.observe(seconds)
-        metrics.RESPONSES_RELEASED.labels(self.vm).inc(len(releasing))
+        released = metrics.RESPONSES_RELEASED.labels(self.vm)
+        for began, out in releasing:
+            def delivered(err, msg, began=began):
+                if err is not None:
+                    self._fail(err, self.topics.outputs)
+                    return
+                seconds = time.monotonic() - began
+                self.outputs_released += 1
+                self.output_latencies.append(seconds)
+                hist.observe(seconds)
+                released.inc()
+            self._produce(self.topics.outputs, dict(out, epoch=self.epoch),
+                          str(out["seq"]).encode(), delivered)
 
-    def _publish_units(self, units: list) -> None:
-        pending: list[tuple[dict, float]] = []
-        for _, recs, began, _ in units:
-            for rec in recs:
-                if rec["kind"] == "Snapshot":
-                    if pending:
-                        self._write_log(pending)
-                        pending = []
-                    self._write_snapshot(rec)
-                else:
-                    pending.append((rec, began))
-        if pending:
-            self._write_log(pending)
 
-    def _next_units(self) -> list:
-        """The slices waiting; if none has output, wait up to IDLE_BATCH_S for more."""
-        waiting = self.acks is not None and bool(self._held)
-        try:
-            units = [self._units.get(timeout=RELEASE_POLL_S if waiting else None)]
-        except queue.Empty:
-            return []
-        until = time.monotonic() + IDLE_BATCH_S
-        while True:
-            try:
-                units.append(self._units.get_nowait())
-                continue
-            except queue.Empty:
-                pass
-            if units[-1] is None or any(u[3] for u in units):
-                return units
-            left = until - time.monotonic()
-            if left <= 0:
-                return units
-            try:
-                units.append(self._units.get(timeout=min(left, RELEASE_POLL_S)))
-            except queue.Empty:
-                pass
-
-    def _publish_loop(self) -> None:
-        """Group commit: every slice waiting goes in one write, so a slow write does not
-        leave the publisher behind the vCPU."""
-        done = False
-        while not done:
-            units = self._next_units()
-            if units and units[-1] is None:
-                done = True
-                units.pop()
-            if self.error:
-                continue
-            try:
-                if units:
-                    self._publish_units(units)
-                    now = time.monotonic()
-                    self.commit_latencies.extend(now - handed for handed, _, _, _ in units)
-                if self.serving:
-                    self._release()
-                if done:
-                    self._drain_held()
-            except (KafkaLogError, KafkaException) as exc:   # surfaced by commit()
-                self.error = exc if isinstance(exc, KafkaLogError) else \
-                    KafkaLogError(f"the recorder's producer failed: {exc.args[0].str()}")
-            except Exception as exc:
-                self.error = exc
-
-    def _drain_held(self) -> None:
-        """The recording ended: responses still held wait for their acks, for a while."""
-        deadline = time.monotonic() + DELIVERY_TIMEOUT_S
-        while self._held and self.acks is not None and not self.fenced:
-            self._release()
-            if time.monotonic() > deadline:
-                raise KafkaLogError(f"{len(self._held)} responses never released: fewer than "
-                                    f"{self.policy.backups} backups acked their log within "
-                                    f"{DELIVERY_TIMEOUT_S:.0f} s")
-            time.sleep(RELEASE_POLL_S)
+def _as_log_error(exc: Exception) -> KafkaLogError:
+    return exc if isinstance(exc, KafkaLogError) else \
+        KafkaLogError(f"the recorder's producer failed: {exc.args[0].str()}")
 
 
 def _ms_since(t0: float) -> float:

@@ -24,7 +24,7 @@ from typing import Callable
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
 
 from kvmrr_log import record_mac
-from kvmrr_log.kafka import absolute_start, client_conf, client_id, topics
+from kvmrr_log.kafka import TAIL_FETCH_WAIT_MS, absolute_start, client_conf, client_id, topics
 from schemas import LogFormatError, decode_message
 
 MAX_BACKUPS = 64        # backup ids an AckWatch keeps track of
@@ -61,7 +61,7 @@ class KafkaInputs:
         self.consumer = Consumer(dict(client_conf(bootstrap, client_id(vm, "recorder")), **{
             "group.id": f"kvmrr.{vm}.inputs", "enable.auto.commit": False,
             "isolation.level": "read_committed", "auto.offset.reset": "earliest",
-            "fetch.wait.max.ms": 5}))
+            "fetch.wait.max.ms": TAIL_FETCH_WAIT_MS}))
         self.next_offset = self.start_offset = start_offset
         self.consumer.assign([TopicPartition(self.topic, 0, start_offset)])
         self._pushed: deque[int] = deque()      # pushed into the NIC, not delivered yet
@@ -119,7 +119,7 @@ class AckWatch:
         self.topic = topics(vm).acks
         self.consumer = Consumer(dict(client_conf(bootstrap, client_id(vm, "recorder")), **{
             "group.id": f"kvmrr.{vm}.ackwatch", "enable.auto.commit": False,
-            "fetch.wait.max.ms": 5, "auto.offset.reset": "earliest"}))
+            "fetch.wait.max.ms": TAIL_FETCH_WAIT_MS, "auto.offset.reset": "earliest"}))
         self.consumer.assign([TopicPartition(self.topic, 0, absolute_start(OFFSET_BEGINNING))])
         self.received: dict[str, int] = {}
         self.forged = 0      # acks without this VM's valid MAC (kvmrr_log.record_mac)

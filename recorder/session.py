@@ -147,6 +147,9 @@ class RecordSession:
             # (a takeover continues the same log: the old primary's snapshots stay valid
             # starting points, and the next periodic one follows)
             self.snapshot()
+            # a unit of its own, before the guest runs: a sink may wait here until its log
+            # takes writes (KafkaSink: a new cluster's producer id), not in a slice
+            self.sink.commit()
         last_snapshot = m.icount
         self._last_heartbeat = 0
         if self.inputs:

@@ -31,6 +31,8 @@ LAG_SAMPLES = 3600         # one a LAG_LOG_EVERY_S: the last hour
 RECENT_OUTPUTS = 100_000   # replayed responses kept, to find those a takeover must release
 ASK_END_TIMEOUT_S = 5.0    # a live leader answers in milliseconds
 CATCH_UP_QUIET_S = 15.0    # a takeover's own Epoch record not readable by then: Kafka moving
+SILENCE_POLL_S = 0.01      # how often a backup that may take over looks at the silence
+                           # (the decision comes at most this late after the timeout)
 
 
 def choose_snapshot(snaps: list[dict], start: str, until: int | None) -> dict:
@@ -87,6 +89,8 @@ class Follower:
         self.recent_outputs: deque[dict] = deque(maxlen=RECENT_OUTPUTS)
         self._succession = None
         self._writer = None          # the designated successor's, ready for a takeover
+        self._poll_s = 0.05          # how often stop_when is asked while the log is idle
+        self._reader: LogTopicReader | None = None   # kept open between _follow calls
 
     def _on_output(self, ev: dict) -> None:
         if ev["channel"] == 1:
@@ -134,7 +138,11 @@ class Follower:
     def run(self, *, finished_log: bool, idle_timeout: float | None) -> ReplayResult:
         """finished_log: the log must already hold its End (replay of a finished log);
         otherwise follow it live until its End, giving up after idle_timeout s of silence."""
-        if not self._follow(finished_log, idle_timeout):
+        try:
+            followed = self._follow(finished_log, idle_timeout)
+        finally:
+            self._close_reader()
+        if not followed:
             self._last_ack_before_stop()
             s = self.session
             what = "the log ends" if finished_log else f"no new record for {idle_timeout} s"
@@ -158,14 +166,16 @@ class Follower:
         stop_when(), asked between batches and while idle, may stop it early (False), and
         so does an accepted Epoch record if stop_at_epoch (self.epoch_read says which).
         The reader applies the epoch rule: void records never reach the replay."""
-        reader = self._reader = LogTopicReader(self.bootstrap, self.vm, self.topics.log,
-                                               self.offset, self.epoch, role=self.role)
+        reader = self._reader
+        if reader is None:     # (a takeover's catch-up goes on with the reader it had)
+            reader = self._reader = LogTopicReader(self.bootstrap, self.vm, self.topics.log,
+                                                   self.offset, self.epoch, role=self.role)
         if self.backup_id:
             self.log.info(events.READING, snapshot_icount=self.snapshot["icount"], offset=self.offset)
         running = True
         try:
             for record, offset in reader.records(0 if finished_log else idle_timeout,
-                                                 stop_when):
+                                                 stop_when, self._poll_s):
                 if record["kind"] == "LogHeader":
                     continue
                 if record["kind"] == "Epoch":
@@ -192,12 +202,19 @@ class Follower:
                     break
         except BaseException:
             self._last_ack_before_stop()
+            self._close_reader()
             raise
         finally:
             self.offset = reader.offset
             self.epoch = reader.epoch
-            reader.close()
+        if not running:
+            self._close_reader()
         return not running
+
+    def _close_reader(self) -> None:
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
 
     def follow_or_take_over(self, *, failover_timeout: float, give_up_after: float | None,
                             serve: bool = False, policy=None, **record_opts):
@@ -211,6 +228,7 @@ class Follower:
         from replayer.succession import Succession
         succession = self._succession = Succession(self.bootstrap, self.vm,
                                                    self.backup_id or "backup")
+        self._poll_s = SILENCE_POLL_S
         chosen = False
         ended = False      # the log holds its End (a lagging backup has yet to replay it)
 
@@ -240,6 +258,7 @@ class Follower:
             designated = succession.designated_for()
             if designated > 0 and self._writer is None:
                 self._writer = self._new_writer(serve, policy)
+            self._follow_releases()
             chosen = self._reader.silence() >= failover_timeout and \
                 designated >= failover_timeout and not silence_is_not_death()
             return chosen
@@ -260,7 +279,9 @@ class Follower:
                 if state is State.LIVE or outcome is not None:
                     return outcome
                 chosen = False
+                self._close_reader()    # a new reader: the silence is judged afresh
         finally:
+            self._close_reader()
             self._leave_succession()
             if self._writer is not None:
                 self._writer.close()
@@ -269,15 +290,31 @@ class Follower:
     def _new_writer(self, serve: bool, policy):
         """The designated successor's writer, made and connected ahead of a takeover (the
         seal is then one write); None if Kafka cannot now (made at the takeover then)."""
+        from kvmrr_log.epochs import ReleaseTail
         from recorder.kafka_sink import KafkaSink
         from recorder.service import CommitPolicy
         try:
             sink = KafkaSink(self.bootstrap, self.vm, serve=serve, takeover=True,
                              policy=policy or CommitPolicy())
             sink.warm_up()
+            if serve:      # what .out validly holds, kept current while following
+                sink.release_tail = ReleaseTail(self.bootstrap, self.vm)
             return sink
         except (KafkaLogError, KafkaException):
             return None
+
+    def _follow_releases(self) -> None:
+        """The designated successor reads .out as it grows (and the log's Epoch records),
+        so that going live reads only the last few releases.  If Kafka fails it here, the
+        takeover reads .out from its start instead."""
+        tail = self._writer.release_tail if self._writer is not None else None
+        if tail is None:
+            return
+        try:
+            tail.poll(0)
+        except (KafkaLogError, KafkaException):
+            self._writer.release_tail = None
+            tail.close()
 
     def _leave_succession(self) -> None:
         if self._succession is not None:
@@ -343,19 +380,21 @@ class Follower:
         except (KafkaLogError, KafkaException) as exc:
             return back_to_following("catching up", exc)
         steps["catch_up_ms"] = _ms_since(t0) - steps["seal_ms"]
+        self._close_reader()      # the history is read: the log is this backup's to write
         s = self.session
         replayed = s.result()
         position = None
         try:
-            sink.go_live()
+            sink.go_live(self._unreleased if serve else None)
+            steps["go_live_ms"] = _ms_since(t0) - steps["seal_ms"] - steps["catch_up_ms"]
             if serve:
-                self._hold_unreleased(sink)
                 position = s.next_input_offset
                 if position < 0:     # no batch since our snapshot: ask the log itself
                     position = input_position(self.bootstrap, self.vm)
         except (KafkaLogError, KafkaException) as exc:
             return back_to_following("going live", exc)
         state = next_state(state, Event.OWN_EPOCH_READ)
+        t_build = time.monotonic()
         s.machine.go_live(record_opts.pop("checksum_every"))
         primary = build_primary(sink, s.image, counter=s.counter, input_offset=position,
                                 max_backup_lag_ms=record_opts.pop("max_backup_lag_ms", 0),
@@ -363,6 +402,7 @@ class Follower:
                                 continue_from=s.machine, next_seq=s.expected_seq,
                                 outputs=s.outputs, outputs_complete=s.start_icount == 0,
                                 on_output=self.on_output, **record_opts)
+        steps["build_ms"] = _ms_since(t_build)
         self._leave_succession()     # the next backup in line takes the role
         self.log.warning(events.LIVE, icount=s.icount, next_seq=s.expected_seq, epoch=epoch,
                          sealed_at=sealed_at, released_seq=sink.released_seq,
@@ -374,15 +414,15 @@ class Follower:
         self.log.info(events.DONE_AS_PRIMARY, icount=result.instructions)
         return state, (replayed, result)
 
-    def _hold_unreleased(self, sink) -> None:
+    def _unreleased(self, released_seq: int) -> list[dict]:
         """Responses the replay regenerated that were never validly released: the new
         primary releases them (under its policy); those already on .out never leave
         twice."""
         recent = self.recent_outputs
-        if (len(recent) == recent.maxlen and recent[0]["seq"] > sink.released_seq + 1):
-            raise ReplayError(f"cannot take over: responses after seq {sink.released_seq} "
+        if (len(recent) == recent.maxlen and recent[0]["seq"] > released_seq + 1):
+            raise ReplayError(f"cannot take over: responses after seq {released_seq} "
                               f"were replayed too long ago to be released now")
-        sink.hold([o for o in recent if o["seq"] > sink.released_seq])
+        return [o for o in recent if o["seq"] > released_seq]
 
 
 def _ms_since(t0: float) -> float:
