@@ -2,6 +2,7 @@
  * register but RSP and RIP in the frame: the interrupted code sees only the skip. */
     .text
     .globl t_ud_skip2, t_ud_nested, t_de_skip3, t_gp_skip3, t_pf_skip3, t_trap_count
+    .globl t_ud_skip3, t_nm_skip3
 
 /* #UD on a 2-byte UD2 */
 t_ud_skip2:
@@ -40,6 +41,13 @@ t_pf_skip3:
     movq %cr2, %rax
     xorq %rax, t_acc(%rip)
     popq %rax
+    incq t_faults(%rip)
+    addq $3, (%rsp)
+    iretq
+
+/* #UD and #NM (no error code) on a 3-byte instruction (XSAVE (%rax) and kin) */
+t_ud_skip3:
+t_nm_skip3:
     incq t_faults(%rip)
     addq $3, (%rsp)
     iretq

@@ -12,6 +12,7 @@
  * Every access goes through the guest's page tables (paging.c).  Constants are the SDM's
  * (vol. 2 for the encodings, vol. 3A §6.14 for 64-bit interrupt delivery).
  */
+#include <cpuid.h>
 #include <errno.h>
 #include <string.h>
 #include <sys/ioctl.h>
@@ -35,6 +36,14 @@
 #define GATE_TRAP     0xf
 #define FSW_ES        (1u << 7)
 
+/* XGETBV with ECX = 1: offered where CPUID leaf 0xd subleaf 1 EAX bit 2 says so, which on
+ * this host the guest reads from the host CPU (docs/ARCHITECTURE.md §8). */
+static bool xgetbv1_offered(void)
+{
+    unsigned a, b, c, d;
+    return __get_cpuid_count(0xd, 1, &a, &b, &c, &d) && (a & 4);
+}
+
 static uint64_t *gpr(struct kvm_regs *r, int reg)
 {
     uint64_t *map[16] = { (uint64_t *)&r->rax, (uint64_t *)&r->rcx, (uint64_t *)&r->rdx,
@@ -48,12 +57,67 @@ static uint64_t *gpr(struct kvm_regs *r, int reg)
 
 uint64_t *insn_gpr(struct kvm_regs *r, int reg) { return gpr(r, reg); }
 
+/* A register's value, read as the __u64 it is (gpr()'s uint64_t pointers into a local
+ * copy would break the aliasing rules: GCC -O2 then drops the copy). */
+static uint64_t reg_value(const struct kvm_regs *r, int reg)
+{
+    const __u64 *map[16] = { &r->rax, &r->rcx, &r->rdx, &r->rbx, &r->rsp, &r->rbp, &r->rsi,
+                             &r->rdi, &r->r8, &r->r9, &r->r10, &r->r11, &r->r12, &r->r13,
+                             &r->r14, &r->r15 };
+    return *map[reg & 15];
+}
+
 const char *insn_name(int kind)
 {
     static const char *names[] = { "?", "IRET", "PUSHF", "HLT", "RDTSC", "RDTSCP", "RDRAND",
                                    "RDSEED", "INT3", "INT n", "CLAC", "STAC", "FWAIT",
-                                   "XGETBV", "RDPID", "RDMSR" };
+                                   "XGETBV", "RDPID", "RDMSR", "XSAVE", "XSAVEOPT", "XRSTOR",
+                                   "XSAVEC", "XSAVES", "XRSTORS" };
     return kind >= 0 && kind < (int)(sizeof(names) / sizeof(names[0])) ? names[kind] : "?";
+}
+
+/*
+ * The linear address of a ModRM memory operand (SDM vol. 2A §2.1.5, 64-bit mode): m points
+ * at the ModRM byte, which sits `at` bytes into the instruction (RIP-relative addresses
+ * count from its end).  FS and GS overrides add their bases; 0x67 truncates to 32 bits.
+ * *len: the ModRM, SIB and displacement bytes.
+ */
+static int modrm_ea(const uint8_t *m, int rex, bool addr32, int seg, const struct kvm_regs *r,
+                    const struct kvm_sregs *s, int at, uint64_t *ea, int *len)
+{
+    int mod = m[0] >> 6, rm = m[0] & 7, n = 1;
+    uint64_t a = 0;
+    bool rip_rel = false;
+    if (mod == 3)
+        return -1;
+    if (rm == 4) {
+        int sib = m[1], scale = sib >> 6, index = ((sib >> 3) & 7) | ((rex & 2) << 2);
+        int base = (sib & 7) | ((rex & 1) << 3);
+        n = 2;
+        if (index != 4)
+            a += reg_value(r, index) << scale;
+        if ((sib & 7) == 5 && mod == 0) {
+            int32_t d; memcpy(&d, m + n, 4); a += (uint64_t)(int64_t)d; n += 4;
+        } else {
+            a += reg_value(r, base);
+        }
+    } else if (rm == 5 && mod == 0) {
+        int32_t d; memcpy(&d, m + n, 4); a = (uint64_t)(int64_t)d; n += 4;
+        rip_rel = true;
+    } else {
+        a = reg_value(r, rm | ((rex & 1) << 3));
+    }
+    if (mod == 1) { a += (uint64_t)(int64_t)(int8_t)m[n]; n += 1; }
+    if (mod == 2) { int32_t d; memcpy(&d, m + n, 4); a += (uint64_t)(int64_t)d; n += 4; }
+    if (rip_rel)
+        a += r->rip + (uint64_t)at + (uint64_t)n;
+    if (addr32)
+        a = (uint32_t)a;
+    if (seg == 0x64) a += s->fs.base;
+    if (seg == 0x65) a += s->gs.base;
+    *ea = a;
+    *len = n;
+    return 0;
 }
 
 int insn_decode(struct kvmrr_vm *vm, const struct kvm_regs *r, const struct kvm_sregs *s,
@@ -71,20 +135,24 @@ int insn_decode(struct kvmrr_vm *vm, const struct kvm_regs *r, const struct kvm_
         return -1;
     if (first < sizeof(p))
         (void)guest_read(vm, s, r->rip + first, p + first, sizeof(p) - first);
-    int i = 0, rex = 0;
-    bool f3 = false;
+    int i = 0, rex = 0, seg = 0;
+    bool f3 = false, f2 = false, p66 = false, addr32 = false;
     in->opsize = 4;
     /* Legacy prefixes, then REX (only the last byte before the opcode counts). */
     for (; i < 14; i++) {
-        if (p[i] == 0x66) in->opsize = 2;
+        if (p[i] == 0x66) { in->opsize = 2; p66 = true; }
         else if (p[i] == 0xf3) f3 = true;
-        else if (p[i] == 0xf2 || p[i] == 0x2e || p[i] == 0x3e || p[i] == 0x26 || p[i] == 0x36
-                 || p[i] == 0x64 || p[i] == 0x65 || p[i] == 0x67 || p[i] == 0xf0) continue;
+        else if (p[i] == 0xf2) f2 = true;
+        else if (p[i] == 0xf0) in->lock = true;
+        else if (p[i] == 0x67) addr32 = true;
+        else if (p[i] == 0x64 || p[i] == 0x65) seg = p[i];
+        else if (p[i] == 0x2e || p[i] == 0x3e || p[i] == 0x26 || p[i] == 0x36) continue;
         else break;
     }
     if ((p[i] & 0xf0) == 0x40) { rex = p[i]; i++; }
     if (rex & 0x8)
         in->opsize = 8;
+    in->rex_w = rex & 0x8;
     const uint8_t *o = p + i;
     switch (o[0]) {
     case 0xf4: in->kind = INSN_HLT; in->len = i + 1; return 0;
@@ -106,6 +174,19 @@ int insn_decode(struct kvmrr_vm *vm, const struct kvm_regs *r, const struct kvm_
         case 0xcb: in->kind = INSN_STAC; break;
         case 0xd0: in->kind = INSN_XGETBV; break;
         default: in->len = 0;
+        }
+        return 0;
+    }
+    /* The XSAVE family: 0f ae /4 /5 /6 and 0f c7 /3 /4 /5, memory operand, no 66/f2/f3
+     * (with one of those the same bytes are PTWRITE, CLWB, ...: not the core's). */
+    if ((o[1] == 0xae || o[1] == 0xc7) && (o[2] & 0xc0) != 0xc0 && !p66 && !f2 && !f3) {
+        static const int ae[8] = { 0, 0, 0, 0, INSN_XSAVE, INSN_XRSTOR, INSN_XSAVEOPT, 0 };
+        static const int c7[8] = { 0, 0, 0, INSN_XRSTORS, INSN_XSAVEC, INSN_XSAVES, 0, 0 };
+        int op = (o[2] >> 3) & 7, kind = o[1] == 0xae ? ae[op] : c7[op];
+        int mlen;
+        if (kind && modrm_ea(o + 2, rex, addr32, seg, r, s, i + 2, &in->ea, &mlen) == 0) {
+            in->kind = kind;
+            in->len = i + 2 + mlen;
         }
         return 0;
     }
@@ -277,6 +358,16 @@ int insn_execute(struct kvmrr_vm *vm, struct kvm_regs *r, struct kvm_sregs *s,
         if (ioctl(vm->vcpu_fd, KVM_GET_XCRS, &xcrs) < 0)
             return ERRF(why, why_len, "KVM_GET_XCRS: %s", strerror(errno));
         uint32_t want = (uint32_t)r->rcx;
+        if (want == 1 && xgetbv1_offered()) {
+            /* XCR0 AND XINUSE (xsave.c says what XINUSE is here) */
+            uint64_t inuse;
+            if (xsave_xinuse(vm, &inuse) < 0)
+                return ERRF(why, why_len, "KVM_GET_XSAVE: %s", strerror(errno));
+            r->rax = (uint32_t)inuse;
+            r->rdx = inuse >> 32;
+            r->rip = next;
+            return 0;
+        }
         for (uint32_t k = 0; k < xcrs.nr_xcrs; k++) {
             if (xcrs.xcrs[k].xcr == want) {
                 r->rax = (uint32_t)xcrs.xcrs[k].value;
@@ -288,6 +379,8 @@ int insn_execute(struct kvmrr_vm *vm, struct kvm_regs *r, struct kvm_sregs *s,
         return deliver_vector(vm, r, s, 13, true, 0, sregs_changed, why, why_len);
     }
     default:
+        if (insn_is_xsave(in->kind))
+            return xsave_execute(vm, r, s, in, sregs_changed, why, why_len);
         return ERRF(why, why_len, "the core cannot execute %s", insn_name(in->kind));
     }
 }
