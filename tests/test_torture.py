@@ -166,3 +166,20 @@ def test_xsave_faults_like_the_cpu():
         out = kvmrr("run", guest("xsave"), "--mode", counter, "--bootargs", "timer_hz=0 iters=8")
         line = [ln for ln in out.stdout.splitlines() if ln.startswith("xsave ")][0]
         assert " faults=44 " in line, (counter, line)   # 8 * 5 + 2 * 2
+
+
+def test_guest_trap_flag_is_refused_when_single_stepped(tmp_path):
+    """A guest that sets its own RFLAGS.TF (trapflag): running free, KVM delivers its #DB
+    traps and fast records and replays it; single-stepped, this host hides the guest's TF
+    from the core (run.c), so a step record, and a step replay, stop at the first such
+    POPF with exit 2 and one line, never a replay that lost the traps."""
+    log, rec = record(tmp_path, "trapflag", "fast", 1000, extra=("--bootargs", "timer_hz=1000 iters=50"))
+    assert rec["reason"] == "exited"
+    rep = replay(log, "trapflag", "fast")
+    assert rep["verified"] and rep["state_hash"] == rec["state_hash"]
+    for args in (("record", guest("trapflag"), "--log", f"file:{tmp_path / 's.avro'}", "--mode", "step"),
+                 ("replay", "--log", f"file:{log}", "--mode", "step")):
+        proc = kvmrr(*args, check=False, timeout=120)
+        assert proc.returncode == 2, (args[0], proc.returncode, proc.stderr)
+        lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+        assert len(lines) == 1 and "RFLAGS.TF" in lines[0], proc.stderr

@@ -5,7 +5,7 @@
  * Two reasons to execute an instruction here rather than in KVM:
  *  - this host's instruction emulator cannot: INT3 (cc), INT n (cd ib), IRET with a 16- or
  *    32-bit operand size (it raises #GP where the CPU would return), CLAC/STAC, FWAIT,
- *    XGETBV, RDTSCP all end KVM_RUN with an emulation failure (measured 2026-12-01; the
+ *    FNSTSW AX, XGETBV, RDTSCP all end KVM_RUN with an emulation failure (measured 2026-12-01; the
  *    statistic has already counted the instruction then);
  *  - single-stepped, some misbehave: the trap after IRET is lost (the popped RFLAGS has no
  *    TF), PUSHF pushes the debugger's TF, a HLT stays pending past the next delivery.
@@ -29,6 +29,7 @@
  * (VM is 0 in 64-bit mode; bit 1 reads as 1). */
 #define RFLAGS_IRET   0x3f7fd5ull
 #define CR0_MP        (1ull << 1)
+#define CR0_EM        (1ull << 2)
 #define CR0_TS        (1ull << 3)
 #define CR0_NE        (1ull << 5)
 #define CR4_SMAP      (1ull << 21)
@@ -72,7 +73,7 @@ const char *insn_name(int kind)
     static const char *names[] = { "?", "IRET", "PUSHF", "HLT", "RDTSC", "RDTSCP", "RDRAND",
                                    "RDSEED", "INT3", "INT n", "CLAC", "STAC", "FWAIT",
                                    "XGETBV", "RDPID", "RDMSR", "XSAVE", "XSAVEOPT", "XRSTOR",
-                                   "XSAVEC", "XSAVES", "XRSTORS" };
+                                   "XSAVEC", "XSAVES", "XRSTORS", "FNSTSW AX", "POPF" };
     return kind >= 0 && kind < (int)(sizeof(names) / sizeof(names[0])) ? names[kind] : "?";
 }
 
@@ -158,9 +159,13 @@ int insn_decode(struct kvmrr_vm *vm, const struct kvm_regs *r, const struct kvm_
     case 0xf4: in->kind = INSN_HLT; in->len = i + 1; return 0;
     case 0x9c: in->kind = in->opsize == 2 ? INSN_NONE : INSN_PUSHF; in->len = i + 1; return 0;
     case 0xcf: in->kind = INSN_IRET; in->len = i + 1; return 0;
+    case 0x9d: in->kind = INSN_POPF; in->len = i + 1; return 0;
     case 0xcc: in->kind = INSN_INT3; in->len = i + 1; in->vector = 3; return 0;
     case 0xcd: in->kind = INSN_INTN; in->len = i + 2; in->vector = o[1]; return 0;
     case 0x9b: in->kind = INSN_FWAIT; in->len = i + 1; return 0;
+    case 0xdf:
+        if (o[1] == 0xe0) { in->kind = INSN_FNSTSW_AX; in->len = i + 2; }
+        return 0;
     case 0x0f: break;
     default: return 0;
     }
@@ -350,6 +355,17 @@ int insn_execute(struct kvmrr_vm *vm, struct kvm_regs *r, struct kvm_sregs *s,
             /* #MF is a fault: the frame points at the FWAIT. */
             return deliver_vector(vm, r, s, 16, false, 0, sregs_changed, why, why_len);
         }
+        r->rip = next;
+        return 0;
+    }
+    case INSN_FNSTSW_AX: {
+        /* No-wait: no #MF; #NM with CR0.TS or CR0.EM (SDM vol. 2A, FSTSW). */
+        if (s->cr0 & (CR0_TS | CR0_EM))
+            return deliver_vector(vm, r, s, 7, false, 0, sregs_changed, why, why_len);
+        struct kvm_fpu fpu;
+        if (ioctl(vm->vcpu_fd, KVM_GET_FPU, &fpu) < 0)
+            return ERRF(why, why_len, "KVM_GET_FPU: %s", strerror(errno));
+        r->rax = (r->rax & ~0xffffull) | fpu.fsw;
         r->rip = next;
         return 0;
     }

@@ -206,7 +206,7 @@ enum insn_kind { INSN_NONE, INSN_IRET, INSN_PUSHF, INSN_HLT, INSN_RDTSC, INSN_RD
                  INSN_FWAIT, INSN_XGETBV, INSN_RDPID, INSN_RDMSR,
                  /* the XSAVE family (xsave.c) */
                  INSN_XSAVE, INSN_XSAVEOPT, INSN_XRSTOR, INSN_XSAVEC, INSN_XSAVES,
-                 INSN_XRSTORS };
+                 INSN_XRSTORS, INSN_FNSTSW_AX, INSN_POPF };
 struct insn {
     int kind;          /* enum insn_kind */
     int len;           /* bytes */

@@ -264,6 +264,39 @@ static void delivered(struct kvmrr_vm *vm)
     vm->frame_rflags_gpa = 0;
 }
 
+/*
+ * The guest's own single-step trap.  With RFLAGS.TF set at the start of an instruction
+ * that completes, the CPU raises #DB after it.  Running free, KVM's emulator does that,
+ * but the instructions the core executes itself never reach KVM: there the core delivers
+ * it, DR6.BS set, as the CPU would.  A delivery retires nothing.
+ *
+ * Single-stepped (KVM_GUESTDBG_SINGLESTEP) the guest's own TF cannot be kept on this
+ * host: KVM_GET_REGS hides TF while the debugger steps, the trap comes to the core, and
+ * KVM_SET_GUEST_DEBUG drops TF when it switches modes (measured with the trapflag
+ * torture guest: under `step` its POPF-set TF never trapped).  So a guest that sets TF
+ * while the core single-steps is refused (exec_special), never replayed wrong.
+ */
+#define DR6_BS (1ull << 14)
+static int guest_tf_trap(struct kvmrr_vm *vm)
+{
+    struct kvm_regs r = vm->run->s.regs.regs;
+    struct kvm_sregs s;
+    struct kvm_debugregs d;
+    bool cs_changed = false;
+    char why[160];
+    if (cur_sregs(vm, &s) < 0
+        || deliver_vector(vm, &r, &s, 1, false, 0, &cs_changed, why, sizeof(why)) < 0)
+        return -1;
+    vm_set_regs(vm, &r);
+    if (cs_changed && set_sregs(vm, &s) < 0)
+        return -1;
+    if (ioctl(vm->vcpu_fd, KVM_GET_DEBUGREGS, &d) == 0) {
+        d.dr6 |= DR6_BS;
+        (void)ioctl(vm->vcpu_fd, KVM_SET_DEBUGREGS, &d);
+    }
+    return 0;
+}
+
 static void result_set(struct kvmrr_result *res, struct kvmrr_vm *vm, int stop)
 {
     res->stop = stop;
@@ -434,11 +467,23 @@ static int exec_special(struct kvmrr_vm *vm, bool flow, bool intercept_time,
                         struct kvmrr_result *res, int *stop)
 {
     struct kvm_regs r = vm->run->s.regs.regs;
+    uint64_t vm_rip_before = r.rip, vm_rflags_before = r.rflags;
     struct kvm_sregs s;
     struct insn in;
     if (cur_sregs(vm, &s) < 0 || insn_decode(vm, &r, &s, &in) < 0 || in.kind == INSN_NONE
         || in.kind == INSN_RDPID)
         return 0;   /* RDPID: this host's emulator raises #UD for it, alike in every mode */
+    if (in.kind == INSN_POPF) {
+        uint64_t popped = 0;
+        if (flow && guest_read(vm, &s, r.rsp, &popped, in.opsize == 2 ? 2 : 8) == 0
+            && (popped & RFLAGS_TF)) {
+            *stop = fail(res, vm, "%s, at icount %lld rip 0x%llx", "the guest sets RFLAGS.TF "
+                         "(its own single-step trap) with POPF, which the core cannot keep "
+                         "while it single-steps on this host");
+            return -1;
+        }
+        return 0;   /* KVM executes POPF */
+    }
     bool is_flow = in.kind == INSN_IRET || in.kind == INSN_PUSHF || in.kind == INSN_HLT;
     if (in.kind == INSN_IRET && in.opsize != 8)
         is_flow = false;   /* 16/32-bit IRET: this host's emulator gets them wrong */
@@ -474,6 +519,12 @@ static int exec_special(struct kvmrr_vm *vm, bool flow, bool intercept_time,
             *stop = refuse_ring3(vm, res, "an IRET to CPL 3");
             return -1;
         }
+        if (rc == 0 && in.kind == INSN_IRET && flow && (r.rflags & RFLAGS_TF)) {
+            *stop = fail(res, vm, "%s, at icount %lld rip 0x%llx", "the guest sets RFLAGS.TF "
+                         "(its own single-step trap) with IRET, which the core cannot keep "
+                         "while it single-steps on this host");
+            return -1;
+        }
         if (rc < 0) {
             char what[224];
             snprintf(what, sizeof(what), "cannot execute %s: %s", insn_name(in.kind), why);
@@ -494,6 +545,16 @@ static int exec_special(struct kvmrr_vm *vm, bool flow, bool intercept_time,
         r.rflags &= ~(1ull << 16);
     vm_set_regs(vm, &r);
     emulated_retired(vm, 1);
+    /* Completed with TF set at its start (not an INT, not a fault delivered here, not
+     * HLT, which waits): the guest's own single-step trap. */
+    bool completed = in.kind == INSN_IRET
+                     || (in.kind != INSN_INT3 && in.kind != INSN_INTN && in.kind != INSN_HLT
+                         && r.rip == vm_rip_before + (uint64_t)in.len);
+    if ((vm_rflags_before & RFLAGS_TF) && completed && guest_tf_trap(vm) < 0) {
+        *stop = fail(res, vm, "%s at icount %lld rip 0x%llx", "cannot deliver the guest's "
+                     "single-step trap (#DB)");
+        return -1;
+    }
     return 1;
 }
 
