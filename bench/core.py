@@ -32,6 +32,28 @@ def per_second(n, seconds):
     return round(n / seconds) if seconds > 0 else None
 
 
+def ticks_1khz(guest, n: int) -> dict:
+    """Replay/record of ticks at a 1 kHz timer, where a replay stops exactly at about one
+    event per thousand instructions (docs/ARCHITECTURE.md §2.3).  Wall time swings with
+    the machine's load; the process's CPU time is given beside it."""
+    sink = MemorySink()
+    c0 = time.process_time()
+    rec = RecordSession(guest, sink, counter="fast", vm_id="bench", bootargs="timer_hz=1000",
+                        max_instructions=n, checksum_every=1_000_000).run()
+    rec_cpu = time.process_time() - c0
+    t, c0 = time.monotonic(), time.process_time()
+    rep = replay_records(sink.records[0], sink.records[1:], counter="fast")
+    rep_s, rep_cpu = time.monotonic() - t, time.process_time() - c0
+    assert rep.state_hash == rec.state_hash
+    events = rec.events_by_kind.get("Interrupt", 0)
+    return {"interrupts": events,
+            "replay_over_record_wall": round(rec.seconds / rep_s, 3),
+            "replay_over_record_cpu": round(rec_cpu / rep_cpu, 3),
+            "replay_exits_per_interrupt": round(rep.stats.get("exits", 0) / max(events, 1), 1),
+            "replay_exits": {k: rep.stats.get(k) for k in ("exits", "kicks", "steps",
+                                                              "breakpoints")}}
+
+
 def bench_core(quick: bool) -> dict:
     n = 300_000 if quick else 1_500_000
     n_step = n // 3
@@ -76,6 +98,7 @@ def bench_core(quick: bool) -> dict:
         "replay_fast_over_record_fast": round(rates["replay_fast"] / rates["record_fast"], 3),
         "replay_step_over_record_step": round(rates["replay_step"] / rates["record_step"], 3),
     }
+    out["ticks_1khz"] = ticks_1khz(guest, n)
     events = rec_fast.events
     out["log"] = {"events": events, "events_by_kind": rec_fast.events_by_kind,
                   "encoded_batch_bytes": sink_fast.encoded_bytes,

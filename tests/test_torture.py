@@ -8,7 +8,7 @@ import pytest
 from conftest import REPO, kvmrr, kvmrr_json
 
 TORTURE = REPO / "build" / "guests" / "torture"
-REPLAYABLE = ["exceptions", "repstr", "shadows", "smc", "higherhalf", "timeinsn"]
+REPLAYABLE = ["exceptions", "repstr", "shadows", "smc", "higherhalf", "timeinsn", "xsave"]
 # Instructions per recording: enough for hundreds of interrupts at 10 kHz, short enough
 # for step (about 15 k instructions/s here) to keep the tier fast.
 BUDGET = {"fast": 60_000, "step": 25_000}
@@ -79,7 +79,7 @@ def test_runs_to_its_end_and_replays(tmp_path, name):
     check_replays(log, name, rec)
 
 
-@pytest.mark.parametrize("name", ["exceptions", "higherhalf", "shadows", "repstr"])
+@pytest.mark.parametrize("name", ["exceptions", "higherhalf", "shadows", "repstr", "xsave"])
 def test_fast_and_step_count_alike(name):
     """Without a timer the program is deterministic: both counters count it alike."""
     out = {}
@@ -153,3 +153,59 @@ def test_fuzz_seeds():
     proc = subprocess.run([sys.executable, "guests/fuzz/fuzz.py", "--seeds", "4", "--first", "100"],
                           cwd=REPO, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_xsave_faults_like_the_cpu():
+    """Bad XSAVE/XRSTOR operands fault (libkvmrr/src/xsave.c): per iteration a misaligned
+    area, XCOMP_BV set, XSTATE_BV beyond XCR0 and reserved MXCSR bits (#GP) and an unmapped
+    area (#PF); every fourth also CR0.TS (#NM) and CR4.OSXSAVE clear (#UD).  The guest's
+    handlers count them; the count is the same under both counters.  (That the CPU itself
+    faults on these operands, and saves what the core saves, is test_core.c's
+    test_xsave_matches_the_cpu.)"""
+    for counter in ("fast", "step"):
+        out = kvmrr("run", guest("xsave"), "--mode", counter, "--bootargs", "timer_hz=0 iters=8")
+        line = [ln for ln in out.stdout.splitlines() if ln.startswith("xsave ")][0]
+        assert " faults=44 " in line, (counter, line)   # 8 * 5 + 2 * 2
+
+
+def test_guest_trap_flag_is_refused_when_single_stepped(tmp_path):
+    """A guest that sets its own RFLAGS.TF (trapflag): running free, KVM delivers its #DB
+    traps and fast records and replays it; single-stepped, this host hides the guest's TF
+    from the core (run.c), so a step record, and a step replay, stop at the first such
+    POPF with exit 2 and one line, never a replay that lost the traps."""
+    log, rec = record(tmp_path, "trapflag", "fast", 1000, extra=("--bootargs", "timer_hz=1000 iters=50"))
+    assert rec["reason"] == "exited"
+    rep = replay(log, "trapflag", "fast")
+    assert rep["verified"] and rep["state_hash"] == rec["state_hash"]
+    for args in (("record", guest("trapflag"), "--log", f"file:{tmp_path / 's.avro'}", "--mode", "step"),
+                 ("replay", "--log", f"file:{log}", "--mode", "step")):
+        proc = kvmrr(*args, check=False, timeout=120)
+        assert proc.returncode == 2, (args[0], proc.returncode, proc.stderr)
+        lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+        assert len(lines) == 1 and "RFLAGS.TF" in lines[0], proc.stderr
+
+
+def test_exact_stops_through_xsave_faults():
+    """Stops at every second icount through the xsave guest's bad operands (#GP, #PF, #NM,
+    #UD, raised by the core itself): both counters reach the same state at each, the
+    handler's first instruction one count after the faulting XSAVE/XRSTOR."""
+    from libkvmrr import Machine
+    elf = guest("xsave").read_bytes()
+    args = dict(mode="run", bootargs="timer_hz=0 iters=1")
+    with Machine(elf, counter="step", **args) as m:
+        start = 0
+        for n in range(1, 20_000):
+            m.run(stop_icount=n)
+            r = m.regs()
+            if m.read_virt(r["rip"], 3) == b"\x0f\xae\x27" and r["rdi"] % 64:
+                start = n          # the misaligned XSAVE (%rdi): the faults follow
+                break
+    assert start, "the misaligned XSAVE was not found"
+
+    def at(counter, icount):
+        with Machine(elf, counter=counter, **args) as m:
+            res = m.run(stop_icount=icount)
+            return res.icount, m.regs()["rip"], m.state_hash()
+
+    for icount in range(start - 2, start + 70, 2):
+        assert at("fast", icount) == at("step", icount), icount

@@ -6,7 +6,8 @@ or a divergence is a failure of the recorder.
 
 Each guest is a loop of snippets drawn from what this host's emulator executes (ALU,
 memory, REP strings both directions, PUSHF/POPF, STI/CLI, IRETQ through its own frame),
-what the guest handles itself (#UD, #DE, #GP, #PF, INT3, INT n) and what the core logs
+what the guest handles itself (#UD, #DE, #GP, #PF, #NM, INT3, INT n), the XSAVE family
+and XGETBV (executed by the core), and what the core logs
 (RDTSC, RDRAND: `fast` refuses a guest with them here, so it is recorded with `step`).
 Exit status 1 if any
 seed failed; the failing seeds' logs stay in build/guests/fuzz/.
@@ -29,12 +30,21 @@ ALU = ["addq ${imm}, %%r8", "xorq %%r8, %%r9", "imulq ${imm}, %%r9, %%r10", "rol
 FAULTS = ["ud2", "int3", "int $0x40",
           "xorq %%rdx, %%rdx\\n\\tmovq %%r8, %%rax\\n\\txorq %%rcx, %%rcx\\n\\tdivq %%rcx",
           "movabsq $0x8000000000000000, %%rax\\n\\tmovq (%%rax), %%rbx",
-          "movl $0x80000000, %%eax\\n\\tmovq (%%rax), %%rbx"]
+          "movl $0x80000000, %%eax\\n\\tmovq (%%rax), %%rbx",
+          # #NM from KVM's emulator: FNINIT with CR0.TS set (trap gate 7 skips 2 bytes)
+          "movq %%cr0, %%rax\\n\\torq $8, %%rax\\n\\tmovq %%rax, %%cr0\\n\\tfninit\\n\\t"
+          "andq $~8, %%rax\\n\\tmovq %%rax, %%cr0"]
 FLOW = ["pushfq\\n\\tpopq %%rax\\n\\txorq %%rax, %%r9",
         "sti\\n\\tnop\\n\\tcli",
         "pushfq\\n\\torq $0x200, (%%rsp)\\n\\tpopfq\\n\\tnop\\n\\tcli",
         "movq %%rsp, %%rax\\n\\tpushq $0x10\\n\\tpushq %%rax\\n\\tpushfq\\n\\tpushq $0x8\\n\\t"
         "leaq 1f(%%rip), %%rax\\n\\tpushq %%rax\\n\\tiretq\\n1:\\tnop"]
+# The XSAVE family, which the core executes itself (libkvmrr/src/xsave.c); XCR0 = x87|SSE
+XSAVE = ["leaq xa(%%rip), %%rdi\\n\\tmovl $3, %%eax\\n\\txorl %%edx, %%edx\\n\\txsave64 (%%rdi)\\n\\t"
+         "xorq (%%rdi), %%r9\\n\\txrstor64 (%%rdi)",
+         "leaq xa(%%rip), %%rdi\\n\\tmovl $1, %%eax\\n\\txorl %%edx, %%edx\\n\\txsaveopt64 (%%rdi)\\n\\t"
+         "xorq 512(%%rdi), %%r10",
+         "movl $1, %%ecx\\n\\txgetbv\\n\\txorq %%rax, %%r11"]
 TIME = ["rdtsc\\n\\txorq %%rax, %%r9", "rdrand %%rax\\n\\txorq %%rax, %%r10"]
 
 
@@ -56,7 +66,7 @@ def generate(seed):
     rng = random.Random(seed)
     body, ntime = [], 0
     for _ in range(rng.randint(6, 24)):
-        kind = rng.choices(["alu", "fault", "flow", "rep", "time"], [6, 3, 2, 2, 1])[0]
+        kind = rng.choices(["alu", "fault", "flow", "rep", "time", "xsave"], [6, 3, 2, 2, 1, 1])[0]
         if kind == "time" and ntime >= 2:
             kind = "alu"
         if kind == "alu":
@@ -67,6 +77,8 @@ def generate(seed):
             s = rng.choice(FLOW)
         elif kind == "rep":
             s = rep_snippet(rng)
+        elif kind == "xsave":
+            s = rng.choice(XSAVE)
         else:
             s = TIME[ntime % 2] if rng.random() < 0.5 else TIME[(ntime + 1) % 2]
             ntime += 1
@@ -77,6 +89,7 @@ def generate(seed):
 static uint64_t buf[64] __attribute__((used));
 static uint8_t buf2[8192] __attribute__((used, aligned(64)));
 static uint8_t buf3[8192] __attribute__((used, aligned(64)));
+static uint8_t xa[4096] __attribute__((used, aligned(64)));
 int main(void)
 {{
     t_gate(0, t_de_skip3, T_GATE_INTR);
@@ -85,6 +98,11 @@ int main(void)
     t_gate(14, t_pf_skip3, T_GATE_INTR);
     t_gate(3, t_trap_count, T_GATE_TRAP);
     t_gate(0x40, t_trap_count, T_GATE_TRAP);
+    t_gate(7, t_ud_skip2, T_GATE_TRAP);
+    uint64_t cr4;
+    __asm__ volatile("mov %%cr4, %0" : "=r"(cr4));
+    __asm__ volatile("mov %0, %%cr4" :: "r"(cr4 | (1ull << 18)) : "memory");   /* OSXSAVE */
+    __asm__ volatile("xsetbv" :: "c"(0), "a"(3), "d"(0));                   /* x87 | SSE */
     uint64_t n = t_iters(1000000);
     t_timer_start();
     irq_enable();

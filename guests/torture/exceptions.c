@@ -2,8 +2,9 @@
  * exceptions - faults and software interrupts the guest handles itself, in a loop, with
  * the timer on so that ticks land on faulting instructions and inside handlers:
  * #UD (UD2), #DE (DIV by 0), #GP (a non-canonical load), #PF (a load above the mapped
- * 1 GiB), INT3 and INT 0x40 (trap gates: the timer may interrupt their handler), and a
- * #UD whose handler executes INT3 and a nested UD2.
+ * 1 GiB), #NM (x87 instructions with CR0.TS set, raised by KVM's emulator), INT3 and
+ * INT 0x40 (trap gates: the timer may interrupt their handler), and a #UD whose handler
+ * executes INT3 and a nested UD2.
  */
 #include "tlib.h"
 
@@ -13,6 +14,7 @@ int main(void)
     t_gate(6, t_ud_skip2, T_GATE_INTR);
     t_gate(13, t_gp_skip3, T_GATE_INTR);
     t_gate(14, t_pf_skip3, T_GATE_INTR);
+    t_gate(7, t_ud_skip2, T_GATE_TRAP);      /* #NM on 2-byte x87 instructions */
     t_gate(3, t_trap_count, T_GATE_TRAP);
     t_gate(0x40, t_trap_count, T_GATE_TRAP);
     t_gate(0x41, t_ud_nested, T_GATE_INTR);
@@ -28,6 +30,14 @@ int main(void)
         uint64_t v = i;
         __asm__ volatile("movq (%%rax), %%rbx" : "+b"(v) : "a"(0x8000000000000000ull) : "memory");
         __asm__ volatile("movq (%%rax), %%rbx" : "+b"(v) : "a"(0x80000000ull + i * 8) : "memory");
+        /* #NM: FNINIT and FNSTSW with CR0.TS set (the handler skips them; a trap gate, so
+         * a tick may land inside it) */
+        uint64_t cr0;
+        __asm__ volatile("mov %%cr0, %0" : "=r"(cr0));
+        __asm__ volatile("mov %0, %%cr0" :: "r"(cr0 | 8) : "memory");
+        __asm__ volatile("fninit" ::: "memory");                              /* db e3 */
+        __asm__ volatile("fnstsw %%ax" ::: "rax", "memory");                  /* df e0 */
+        __asm__ volatile("mov %0, %%cr0" :: "r"(cr0) : "memory");
         if (i % 16 == 0) {
             /* the nested case: UD2 handled by t_ud_nested (vector 6 repointed briefly) */
             irq_disable();

@@ -2,6 +2,7 @@
  * register but RSP and RIP in the frame: the interrupted code sees only the skip. */
     .text
     .globl t_ud_skip2, t_ud_nested, t_de_skip3, t_gp_skip3, t_pf_skip3, t_trap_count
+    .globl t_ud_skip3, t_nm_skip3, t_db_untrap
 
 /* #UD on a 2-byte UD2 */
 t_ud_skip2:
@@ -42,6 +43,19 @@ t_pf_skip3:
     popq %rax
     incq t_faults(%rip)
     addq $3, (%rsp)
+    iretq
+
+/* #UD and #NM (no error code) on a 3-byte instruction (XSAVE (%rax) and kin) */
+t_ud_skip3:
+t_nm_skip3:
+    incq t_faults(%rip)
+    addq $3, (%rsp)
+    iretq
+
+/* #DB from the guest's own RFLAGS.TF: count it and clear TF in the frame (one trap) */
+t_db_untrap:
+    incq t_traps(%rip)
+    andq $~0x100, 16(%rsp)
     iretq
 
 /* INT3 / INT n: a trap, RIP already past it */

@@ -5,16 +5,17 @@
  * Two reasons to execute an instruction here rather than in KVM:
  *  - this host's instruction emulator cannot: INT3 (cc), INT n (cd ib), IRET with a 16- or
  *    32-bit operand size (it raises #GP where the CPU would return), CLAC/STAC, FWAIT,
- *    XGETBV, RDTSCP all end KVM_RUN with an emulation failure (measured 2026-12-01; the
- *    statistic has already counted the instruction then); SERIALIZE (0f 01 e8), which
- *    Linux uses when the host CPU has it (CPUID leaf 7 comes from the host here), is
- *    run as if it were no instruction: single-stepped, it and the next retire as one
- *    step; POPCNT's register form (measured 2026-12-01, booting Linux 6.1);
+ *    FNSTSW AX, XGETBV, RDTSCP all end KVM_RUN with an emulation failure (measured
+ *    2026-12-01; the statistic has already counted the instruction then); SERIALIZE
+ *    (0f 01 e8), which Linux uses when the host CPU has it (CPUID leaf 7 comes from the
+ *    host here), is run as if it were no instruction: single-stepped, it and the next
+ *    retire as one step; POPCNT's register form (measured 2026-12-01, booting Linux 6.1);
  *  - single-stepped, some misbehave: the trap after IRET is lost (the popped RFLAGS has no
  *    TF), PUSHF pushes the debugger's TF, a HLT stays pending past the next delivery.
  * Every access goes through the guest's page tables (paging.c).  Constants are the SDM's
  * (vol. 2 for the encodings, vol. 3A §6.14 for 64-bit interrupt delivery).
  */
+#include <cpuid.h>
 #include <errno.h>
 #include <string.h>
 #include <sys/ioctl.h>
@@ -31,12 +32,21 @@
  * (VM is 0 in 64-bit mode; bit 1 reads as 1). */
 #define RFLAGS_IRET   0x3f7fd5ull
 #define CR0_MP        (1ull << 1)
+#define CR0_EM        (1ull << 2)
 #define CR0_TS        (1ull << 3)
 #define CR0_NE        (1ull << 5)
 #define CR4_SMAP      (1ull << 21)
 #define GATE_INTR     0xe
 #define GATE_TRAP     0xf
 #define FSW_ES        (1u << 7)
+
+/* XGETBV with ECX = 1: offered where CPUID leaf 0xd subleaf 1 EAX bit 2 says so, which on
+ * this host the guest reads from the host CPU (docs/ARCHITECTURE.md §8). */
+static bool xgetbv1_offered(void)
+{
+    unsigned a, b, c, d;
+    return __get_cpuid_count(0xd, 1, &a, &b, &c, &d) && (a & 4);
+}
 
 static uint64_t *gpr(struct kvm_regs *r, int reg)
 {
@@ -51,12 +61,23 @@ static uint64_t *gpr(struct kvm_regs *r, int reg)
 
 uint64_t *insn_gpr(struct kvm_regs *r, int reg) { return gpr(r, reg); }
 
+/* A register's value, read as the __u64 it is (gpr()'s uint64_t pointers into a local
+ * copy would break the aliasing rules: GCC -O2 then drops the copy). */
+static uint64_t reg_value(const struct kvm_regs *r, int reg)
+{
+    const __u64 *map[16] = { &r->rax, &r->rcx, &r->rdx, &r->rbx, &r->rsp, &r->rbp, &r->rsi,
+                             &r->rdi, &r->r8, &r->r9, &r->r10, &r->r11, &r->r12, &r->r13,
+                             &r->r14, &r->r15 };
+    return *map[reg & 15];
+}
+
 const char *insn_name(int kind)
 {
     static const char *names[] = { "?", "IRET", "PUSHF", "HLT", "RDTSC", "RDTSCP", "RDRAND",
                                    "RDSEED", "INT3", "INT n", "CLAC", "STAC", "FWAIT",
                                    "XGETBV", "RDPID", "RDMSR", "SERIALIZE", "SWAPGS or the 0f ae group",
-                                   "POPCNT" };
+                                   "POPCNT", "XSAVE", "XSAVEOPT", "XRSTOR", "XSAVEC", "XSAVES",
+                                   "XRSTORS", "FNSTSW AX", "POPF" };
     return kind >= 0 && kind < (int)(sizeof(names) / sizeof(names[0])) ? names[kind] : "?";
 }
 
@@ -77,6 +98,50 @@ static int modrm_len(const uint8_t *m)
     return n + (mod == 1 ? 1 : mod == 2 ? 4 : 0);
 }
 
+/*
+ * The linear address of a ModRM memory operand (SDM vol. 2A §2.1.5, 64-bit mode): m points
+ * at the ModRM byte, which sits `at` bytes into the instruction (RIP-relative addresses
+ * count from its end).  FS and GS overrides add their bases; 0x67 truncates to 32 bits.
+ * *len: the ModRM, SIB and displacement bytes.
+ */
+static int modrm_ea(const uint8_t *m, int rex, bool addr32, int seg, const struct kvm_regs *r,
+                    const struct kvm_sregs *s, int at, uint64_t *ea, int *len)
+{
+    int mod = m[0] >> 6, rm = m[0] & 7, n = 1;
+    uint64_t a = 0;
+    bool rip_rel = false;
+    if (mod == 3)
+        return -1;
+    if (rm == 4) {
+        int sib = m[1], scale = sib >> 6, index = ((sib >> 3) & 7) | ((rex & 2) << 2);
+        int base = (sib & 7) | ((rex & 1) << 3);
+        n = 2;
+        if (index != 4)
+            a += reg_value(r, index) << scale;
+        if ((sib & 7) == 5 && mod == 0) {
+            int32_t d; memcpy(&d, m + n, 4); a += (uint64_t)(int64_t)d; n += 4;
+        } else {
+            a += reg_value(r, base);
+        }
+    } else if (rm == 5 && mod == 0) {
+        int32_t d; memcpy(&d, m + n, 4); a = (uint64_t)(int64_t)d; n += 4;
+        rip_rel = true;
+    } else {
+        a = reg_value(r, rm | ((rex & 1) << 3));
+    }
+    if (mod == 1) { a += (uint64_t)(int64_t)(int8_t)m[n]; n += 1; }
+    if (mod == 2) { int32_t d; memcpy(&d, m + n, 4); a += (uint64_t)(int64_t)d; n += 4; }
+    if (rip_rel)
+        a += r->rip + (uint64_t)at + (uint64_t)n;
+    if (addr32)
+        a = (uint32_t)a;
+    if (seg == 0x64) a += s->fs.base;
+    if (seg == 0x65) a += s->gs.base;
+    *ea = a;
+    *len = n;
+    return 0;
+}
+
 int insn_decode(struct kvmrr_vm *vm, const struct kvm_regs *r, const struct kvm_sregs *s,
                 struct insn *in)
 {
@@ -92,28 +157,36 @@ int insn_decode(struct kvmrr_vm *vm, const struct kvm_regs *r, const struct kvm_
         return -1;
     if (first < sizeof(p))
         (void)guest_read(vm, s, r->rip + first, p + first, sizeof(p) - first);
-    int i = 0, rex = 0;
-    bool f3 = false;
+    int i = 0, rex = 0, seg = 0;
+    bool f3 = false, f2 = false, p66 = false, addr32 = false;
     in->opsize = 4;
     /* Legacy prefixes, then REX (only the last byte before the opcode counts). */
     for (; i < 14; i++) {
-        if (p[i] == 0x66) in->opsize = 2;
+        if (p[i] == 0x66) { in->opsize = 2; p66 = true; }
         else if (p[i] == 0xf3) f3 = true;
-        else if (p[i] == 0xf2 || p[i] == 0x2e || p[i] == 0x3e || p[i] == 0x26 || p[i] == 0x36
-                 || p[i] == 0x64 || p[i] == 0x65 || p[i] == 0x67 || p[i] == 0xf0) continue;
+        else if (p[i] == 0xf2) f2 = true;
+        else if (p[i] == 0xf0) in->lock = true;
+        else if (p[i] == 0x67) addr32 = true;
+        else if (p[i] == 0x64 || p[i] == 0x65) seg = p[i];
+        else if (p[i] == 0x2e || p[i] == 0x3e || p[i] == 0x26 || p[i] == 0x36) continue;
         else break;
     }
     if ((p[i] & 0xf0) == 0x40) { rex = p[i]; i++; }
     if (rex & 0x8)
         in->opsize = 8;
+    in->rex_w = rex & 0x8;
     const uint8_t *o = p + i;
     switch (o[0]) {
     case 0xf4: in->kind = INSN_HLT; in->len = i + 1; return 0;
     case 0x9c: in->kind = in->opsize == 2 ? INSN_NONE : INSN_PUSHF; in->len = i + 1; return 0;
     case 0xcf: in->kind = INSN_IRET; in->len = i + 1; return 0;
+    case 0x9d: in->kind = INSN_POPF; in->len = i + 1; return 0;
     case 0xcc: in->kind = INSN_INT3; in->len = i + 1; in->vector = 3; return 0;
     case 0xcd: in->kind = INSN_INTN; in->len = i + 2; in->vector = o[1]; return 0;
     case 0x9b: in->kind = INSN_FWAIT; in->len = i + 1; return 0;
+    case 0xdf:
+        if (o[1] == 0xe0) { in->kind = INSN_FNSTSW_AX; in->len = i + 2; }
+        return 0;
     case 0x0f: break;
     default: return 0;
     }
@@ -131,6 +204,20 @@ int insn_decode(struct kvmrr_vm *vm, const struct kvm_regs *r, const struct kvm_
         default: in->len = 0;
         }
         return 0;
+    }
+    /* The XSAVE family: 0f ae /4 /5 /6 and 0f c7 /3 /4 /5, memory operand, no 66/f2/f3
+     * (with one of those the same bytes are PTWRITE, CLWB, ...: not the core's). */
+    if ((o[1] == 0xae || o[1] == 0xc7) && (o[2] & 0xc0) != 0xc0 && !p66 && !f2 && !f3) {
+        static const int ae[8] = { 0, 0, 0, 0, INSN_XSAVE, INSN_XRSTOR, INSN_XSAVEOPT, 0 };
+        static const int c7[8] = { 0, 0, 0, INSN_XRSTORS, INSN_XSAVEC, INSN_XSAVES, 0, 0 };
+        int op = (o[2] >> 3) & 7, kind = o[1] == 0xae ? ae[op] : c7[op];
+        int mlen;
+        if (kind && modrm_ea(o + 2, rex, addr32, seg, r, s, i + 2, &in->ea, &mlen) == 0) {
+            in->kind = kind;
+            in->len = i + 2 + mlen;
+            return 0;
+        }
+        /* not one of the family: FXSAVE, the fences, ... go on below */
     }
     if (o[1] == 0xb8 && f3) {
         /* POPCNT: this host's emulator cannot execute it, and Linux uses it when CPUID
@@ -331,11 +418,32 @@ int insn_execute(struct kvmrr_vm *vm, struct kvm_regs *r, struct kvm_sregs *s,
         r->rip = next;
         return 0;
     }
+    case INSN_FNSTSW_AX: {
+        /* No-wait: no #MF; #NM with CR0.TS or CR0.EM (SDM vol. 2A, FSTSW). */
+        if (s->cr0 & (CR0_TS | CR0_EM))
+            return deliver_vector(vm, r, s, 7, false, 0, sregs_changed, why, why_len);
+        struct kvm_fpu fpu;
+        if (ioctl(vm->vcpu_fd, KVM_GET_FPU, &fpu) < 0)
+            return ERRF(why, why_len, "KVM_GET_FPU: %s", strerror(errno));
+        r->rax = (r->rax & ~0xffffull) | fpu.fsw;
+        r->rip = next;
+        return 0;
+    }
     case INSN_XGETBV: {
         struct kvm_xcrs xcrs;
         if (ioctl(vm->vcpu_fd, KVM_GET_XCRS, &xcrs) < 0)
             return ERRF(why, why_len, "KVM_GET_XCRS: %s", strerror(errno));
         uint32_t want = (uint32_t)r->rcx;
+        if (want == 1 && xgetbv1_offered()) {
+            /* XCR0 AND XINUSE (xsave.c says what XINUSE is here) */
+            uint64_t inuse;
+            if (xsave_xinuse(vm, &inuse) < 0)
+                return ERRF(why, why_len, "KVM_GET_XSAVE: %s", strerror(errno));
+            r->rax = (uint32_t)inuse;
+            r->rdx = inuse >> 32;
+            r->rip = next;
+            return 0;
+        }
         for (uint32_t k = 0; k < xcrs.nr_xcrs; k++) {
             if (xcrs.xcrs[k].xcr == want) {
                 r->rax = (uint32_t)xcrs.xcrs[k].value;
@@ -347,6 +455,8 @@ int insn_execute(struct kvmrr_vm *vm, struct kvm_regs *r, struct kvm_sregs *s,
         return deliver_vector(vm, r, s, 13, true, 0, sregs_changed, why, why_len);
     }
     default:
+        if (insn_is_xsave(in->kind))
+            return xsave_execute(vm, r, s, in, sregs_changed, why, why_len);
         return ERRF(why, why_len, "the core cannot execute %s", insn_name(in->kind));
     }
 }

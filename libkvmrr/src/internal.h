@@ -237,13 +237,19 @@ enum insn_kind { INSN_NONE, INSN_IRET, INSN_PUSHF, INSN_HLT, INSN_RDTSC, INSN_RD
                  INSN_FWAIT, INSN_XGETBV, INSN_RDPID, INSN_RDMSR, INSN_SERIALIZE,
                  /* not executed by the core: KVM's emulator runs it, but a single-step
                   * trap after it is lost (run.c's step_debug puts a breakpoint after) */
-                 INSN_AFTER_BP, INSN_POPCNT };
+                 INSN_AFTER_BP, INSN_POPCNT,
+                 /* the XSAVE family (xsave.c) */
+                 INSN_XSAVE, INSN_XSAVEOPT, INSN_XRSTOR, INSN_XSAVEC, INSN_XSAVES,
+                 INSN_XRSTORS, INSN_FNSTSW_AX, INSN_POPF };
 struct insn {
     int kind;          /* enum insn_kind */
     int len;           /* bytes */
     int opsize;        /* 2, 4 or 8 */
     int reg;           /* RDRAND/RDSEED/RDPID destination */
     int vector;        /* INT3/INT n */
+    bool lock;         /* a LOCK prefix */
+    bool rex_w;        /* REX.W: XSAVE64 and kin (64-bit x87 FIP/FDP) */
+    uint64_t ea;       /* a memory operand's linear address (XSAVE family) */
 };
 #define EMU_RING3 1    /* insn_execute: the instruction would enter ring 3; nothing done */
 /* 0 (in->kind INSN_NONE if none of the core's), or -1 if RIP is not mapped. */
@@ -255,6 +261,16 @@ int  insn_execute(struct kvmrr_vm *vm, struct kvm_regs *r, struct kvm_sregs *s,
 int  deliver_vector(struct kvmrr_vm *vm, struct kvm_regs *r, struct kvm_sregs *s, int vector,
                     bool has_error, uint32_t error, bool *cs_changed, char *why, size_t why_len);
 uint64_t *insn_gpr(struct kvm_regs *r, int reg);
+
+/* xsave.c: XSAVE, XSAVEOPT, XRSTOR (standard form) executed on KVM_GET/SET_XSAVE and
+ * guest memory; XSAVEC, XSAVES, XRSTORS and the compacted XRSTOR fault as the CPUID the
+ * guest sees says, or are refused.  Same contract as insn_execute. */
+bool insn_is_xsave(int kind);
+int  xsave_execute(struct kvmrr_vm *vm, struct kvm_regs *r, struct kvm_sregs *s,
+                   const struct insn *in, bool *sregs_changed, char *why, size_t why_len);
+/* XINUSE as the core defines it (xsave.c): the XCR0 components not in their initial
+ * configuration.  0, or -1 if KVM would not tell. */
+int  xsave_xinuse(struct kvmrr_vm *vm, uint64_t *xinuse);
 int  time_sites_scan(struct kvmrr_vm *vm, uint64_t *sites, int max);
 const char *insn_name(int kind);
 

@@ -204,10 +204,16 @@ static int cur_sregs(struct kvmrr_vm *vm, struct kvm_sregs *s)
     return 0;
 }
 
+/* interrupt_bitmap is an input too: a vector set there is injected.  The copy synced at
+ * an exit can still hold one delivered since (found with the xsave torture guest: a #PF
+ * the core delivered, which sets CR2, re-injected a timer tick from 300 instructions
+ * before).  The core calls this only with nothing injected (exec_special), so none. */
 static int set_sregs(struct kvmrr_vm *vm, const struct kvm_sregs *s)
 {
-    vm->run->s.regs.sregs = *s;
-    return ioctl(vm->vcpu_fd, KVM_SET_SREGS, s);
+    struct kvm_sregs copy = *s;
+    memset(copy.interrupt_bitmap, 0, sizeof(copy.interrupt_bitmap));
+    vm->run->s.regs.sregs = copy;
+    return ioctl(vm->vcpu_fd, KVM_SET_SREGS, &copy);
 }
 
 static void emulated_retired(struct kvmrr_vm *vm, int n)
@@ -262,6 +268,39 @@ static void delivered(struct kvmrr_vm *vm)
         (void)guest_write(vm, &s, vm->frame_rflags_gpa, &image, 8);
     }
     vm->frame_rflags_gpa = 0;
+}
+
+/*
+ * The guest's own single-step trap.  With RFLAGS.TF set at the start of an instruction
+ * that completes, the CPU raises #DB after it.  Running free, KVM's emulator does that,
+ * but the instructions the core executes itself never reach KVM: there the core delivers
+ * it, DR6.BS set, as the CPU would.  A delivery retires nothing.
+ *
+ * Single-stepped (KVM_GUESTDBG_SINGLESTEP) the guest's own TF cannot be kept on this
+ * host: KVM_GET_REGS hides TF while the debugger steps, the trap comes to the core, and
+ * KVM_SET_GUEST_DEBUG drops TF when it switches modes (measured with the trapflag
+ * torture guest: under `step` its POPF-set TF never trapped).  So a guest that sets TF
+ * while the core single-steps is refused (exec_special), never replayed wrong.
+ */
+#define DR6_BS (1ull << 14)
+static int guest_tf_trap(struct kvmrr_vm *vm)
+{
+    struct kvm_regs r = vm->run->s.regs.regs;
+    struct kvm_sregs s;
+    struct kvm_debugregs d;
+    bool cs_changed = false;
+    char why[160];
+    if (cur_sregs(vm, &s) < 0
+        || deliver_vector(vm, &r, &s, 1, false, 0, &cs_changed, why, sizeof(why)) < 0)
+        return -1;
+    vm_set_regs(vm, &r);
+    if (cs_changed && set_sregs(vm, &s) < 0)
+        return -1;
+    if (ioctl(vm->vcpu_fd, KVM_GET_DEBUGREGS, &d) == 0) {
+        d.dr6 |= DR6_BS;
+        (void)ioctl(vm->vcpu_fd, KVM_SET_DEBUGREGS, &d);
+    }
+    return 0;
 }
 
 static void result_set(struct kvmrr_result *res, struct kvmrr_vm *vm, int stop)
@@ -434,11 +473,23 @@ static int exec_special(struct kvmrr_vm *vm, bool flow, bool intercept_time,
                         struct kvmrr_result *res, int *stop)
 {
     struct kvm_regs r = vm->run->s.regs.regs;
+    uint64_t vm_rip_before = r.rip, vm_rflags_before = r.rflags;
     struct kvm_sregs s;
     struct insn in;
     if (cur_sregs(vm, &s) < 0 || insn_decode(vm, &r, &s, &in) < 0 || in.kind == INSN_NONE
         || in.kind == INSN_RDPID || in.kind == INSN_AFTER_BP)
         return 0;   /* RDPID: this host's emulator raises #UD for it, alike in every mode */
+    if (in.kind == INSN_POPF) {
+        uint64_t popped = 0;
+        if (flow && guest_read(vm, &s, r.rsp, &popped, in.opsize == 2 ? 2 : 8) == 0
+            && (popped & RFLAGS_TF)) {
+            *stop = fail(res, vm, "%s, at icount %lld rip 0x%llx", "the guest sets RFLAGS.TF "
+                         "(its own single-step trap) with POPF, which the core cannot keep "
+                         "while it single-steps on this host");
+            return -1;
+        }
+        return 0;   /* KVM executes POPF */
+    }
     bool is_flow = in.kind == INSN_IRET || in.kind == INSN_PUSHF || in.kind == INSN_HLT;
     if (in.kind == INSN_IRET && in.opsize != 8)
         is_flow = false;   /* 16/32-bit IRET: this host's emulator gets them wrong */
@@ -474,6 +525,12 @@ static int exec_special(struct kvmrr_vm *vm, bool flow, bool intercept_time,
             *stop = refuse_ring3(vm, res, "an IRET to CPL 3");
             return -1;
         }
+        if (rc == 0 && in.kind == INSN_IRET && flow && (r.rflags & RFLAGS_TF)) {
+            *stop = fail(res, vm, "%s, at icount %lld rip 0x%llx", "the guest sets RFLAGS.TF "
+                         "(its own single-step trap) with IRET, which the core cannot keep "
+                         "while it single-steps on this host");
+            return -1;
+        }
         if (rc < 0) {
             char what[224];
             snprintf(what, sizeof(what), "cannot execute %s: %s", insn_name(in.kind), why);
@@ -494,6 +551,16 @@ static int exec_special(struct kvmrr_vm *vm, bool flow, bool intercept_time,
         r.rflags &= ~(1ull << 16);
     vm_set_regs(vm, &r);
     emulated_retired(vm, 1);
+    /* Completed with TF set at its start (not an INT, not a fault delivered here, not
+     * HLT, which waits): the guest's own single-step trap. */
+    bool completed = in.kind == INSN_IRET
+                     || (in.kind != INSN_INT3 && in.kind != INSN_INTN && in.kind != INSN_HLT
+                         && r.rip == vm_rip_before + (uint64_t)in.len);
+    if ((vm_rflags_before & RFLAGS_TF) && completed && guest_tf_trap(vm) < 0) {
+        *stop = fail(res, vm, "%s at icount %lld rip 0x%llx", "cannot deliver the guest's "
+                     "single-step trap (#DB)");
+        return -1;
+    }
     return 1;
 }
 
@@ -825,11 +892,13 @@ static int enter(struct kvmrr_vm *vm, int debug, uint64_t bp, int64_t kick_at_ns
     return 0;
 }
 
-/* When to kick a free-running vCPU so it stops short of target (0: no need). */
-static int64_t approach_kick(struct kvmrr_vm *vm, kvmrr_icount_t target)
+/* When to kick a free-running vCPU so it stops short of target, within near of it. */
+static int64_t approach_kick(struct kvmrr_vm *vm, kvmrr_icount_t target, kvmrr_icount_t near)
 {
-    kvmrr_icount_t remaining = target - vm->icount - KVMRR_NEAR / 2;
-    int64_t rate = vm->stats.peak_rate * 2;
+    kvmrr_icount_t remaining = target - vm->icount - near / 2;
+    /* At twice the fastest rate seen, each kick halves the distance left; a breakpoint
+     * approach (near < KVMRR_NEAR) converges faster at 1.5 times, for fewer kicks. */
+    int64_t rate = near == KVMRR_NEAR ? vm->stats.peak_rate * 2 : vm->stats.peak_rate * 3 / 2;
     if (rate < MIN_RATE_GUESS)
         rate = MIN_RATE_GUESS;
     int64_t ns = instructions_ns(remaining, rate);
@@ -1158,7 +1227,7 @@ static void live_run(struct kvmrr_vm *vm, const struct kvmrr_limits *lim, struct
         if (!single)
             kick = earliest(kick, mono_ns() + BACKSTOP_NS);
         if (lim->stop_icount >= 0 && !single)
-            kick = earliest(kick, approach_kick(vm, lim->stop_icount));
+            kick = earliest(kick, approach_kick(vm, lim->stop_icount, KVMRR_NEAR));
         /* A pending tick the guest cannot take yet: exit as soon as it can. */
         vm->run->request_interrupt_window = !single && something_to_inject(vm);
         struct enter_result er;
@@ -1326,12 +1395,27 @@ static int replay_io(struct kvmrr_vm *vm, struct kvmrr_result *res)
  */
 #define BP_MIN_PERIOD 4
 #define BP_FAR_PERIOD 512
+#define BP_NEAR       80
+
+/* Where kicks end and the exact approach begins.  With a breakpoint the approach costs two
+ * exits per pass of the event's RIP (stop, step over), so it starts closer: at 1 kHz the
+ * ticks guest's hot loop passed it about 22 times per event from KVMRR_NEAR, 5 from 80
+ * (docs/ARCHITECTURE.md §8).  A kick reaches a running vCPU within microseconds of its
+ * time (measured: 90% within 10 us; the long tails are the thread off the CPU, when the
+ * guest does not run either); the margin (near / 2 instructions, and the rate taken at
+ * 1.5 times the fastest seen) covers that. */
+static kvmrr_icount_t approach_near(struct kvmrr_vm *vm, const struct kvmrr_event *ev,
+                                    kvmrr_icount_t target)
+{
+    (void)vm;
+    return ev && target == ev->icount && hwbp_usable() ? BP_NEAR : KVMRR_NEAR;
+}
 
 static int approach_debug(struct kvmrr_vm *vm, const struct kvmrr_event *ev,
                           kvmrr_icount_t target)
 {
     kvmrr_icount_t remaining = target - vm->icount;
-    bool near = remaining <= KVMRR_NEAR;
+    bool near = remaining <= approach_near(vm, ev, target);
     int fallback = near ? DEBUG_STEP : DEBUG_OFF;
     if (!ev || target != ev->icount || !hwbp_usable())
         return fallback;
@@ -1427,7 +1511,7 @@ static void replay_run(struct kvmrr_vm *vm, const struct kvmrr_limits *lim,
         }
         int64_t kick = lim->deadline_ns;
         if (debug == DEBUG_OFF && exact)
-            kick = earliest(kick, approach_kick(vm, target));
+            kick = earliest(kick, approach_kick(vm, target, approach_near(vm, ev, target)));
         if (debug == DEBUG_BP)
             kick = earliest(kick, backstop_kick(vm, target));
         vm->run->request_interrupt_window = 0;

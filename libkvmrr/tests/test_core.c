@@ -2521,6 +2521,163 @@ static void test_far_stop_no_overflow(void)
     CHECKF(st.kicks < 20, "%lld kicks in 0.3 s", (long long)st.kicks);
 }
 
+/*
+ * The XSAVE family as the core executes it (xsave.c) against this CPU's own: the same
+ * area loaded with XRSTOR64, saved with XSAVE64 and XSAVEOPT64, natively in this process
+ * and in a guest, must give the same bytes (the legacy region, XSTATE_BV and AVX); and
+ * the operands the core faults with #GP fault natively too (SIGSEGV here).
+ */
+#include <setjmp.h>
+#include <signal.h>
+static sigjmp_buf xs_jmp;
+static void xs_segv(int sig) { (void)sig; siglongjmp(xs_jmp, 1); }
+
+static bool native_faults(void (*fn)(void *), void *arg)
+{
+    struct sigaction sa = { .sa_handler = xs_segv }, old;
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGSEGV, &sa, &old);
+    bool faulted = sigsetjmp(xs_jmp, 1) != 0;
+    if (!faulted)
+        fn(arg);
+    sigaction(SIGSEGV, &old, NULL);
+    return faulted;
+}
+
+static uint64_t xs_mask;
+static void n_xrstor(void *p)
+{
+    __asm__ volatile("xrstor64 (%0)" :: "r"(p), "a"((uint32_t)xs_mask), "d"((uint32_t)(xs_mask >> 32)) : "memory");
+}
+static void n_xsave(void *p)
+{
+    __asm__ volatile("xsave64 (%0)" :: "r"(p), "a"((uint32_t)xs_mask), "d"((uint32_t)(xs_mask >> 32)) : "memory");
+}
+static void n_xsaveopt(void *p)
+{
+    __asm__ volatile("xsaveopt64 (%0)" :: "r"(p), "a"((uint32_t)xs_mask), "d"((uint32_t)(xs_mask >> 32)) : "memory");
+}
+
+#define XS_A 0x200000u
+#define XS_B 0x201000u
+#define XS_C 0x202000u
+
+static void xs_fill(uint8_t *a, uint64_t xcr0, unsigned avx_off, uint64_t bv)
+{
+    memset(a, 0, 4096);
+    for (unsigned k = 0; k < 512; k += 8) {
+        uint64_t v = 0x0123456789abcdefull * (k + 1);
+        memcpy(a + k, &v, 8);
+    }
+    uint16_t fcw = 0x27f;
+    memcpy(a, &fcw, 2);
+    memset(a + 2, 0, 2);                          /* FSW: no exception pending */
+    uint32_t mxcsr = 0x3f80, zero = 0;
+    memcpy(a + 24, &mxcsr, 4);
+    memcpy(a + 28, &zero, 4);
+    for (unsigned k = 32; k < 160; k += 16)
+        memset(a + k + 10, 0, 6);                 /* ST(i): 80 bits in 16 */
+    memset(a + 416, 0, 96);
+    if (xcr0 & 4)
+        for (unsigned k = 0; k < 256; k++)
+            a[avx_off + k] = (uint8_t)(k * 7 + 1);
+    memcpy(a + 512, &bv, 8);
+}
+
+static void test_xsave_matches_the_cpu(void)
+{
+    unsigned ea, eb, ec, ed;
+    if (!__get_cpuid_count(1, 0, &ea, &eb, &ec, &ed) || !(ec & (1u << 27))) {
+        printf("  (skipped: no OSXSAVE on this host)\n");
+        return;
+    }
+    __get_cpuid_count(0xd, 0, &ea, &eb, &ec, &ed);
+    uint64_t xcr0 = 3 | (ea & 4);
+    unsigned avx_off = 0;
+    if (xcr0 & 4) {
+        unsigned a2 = 0, b2 = 0, c2 = 0, d2 = 0;
+        __get_cpuid_count(0xd, 2, &a2, &b2, &c2, &d2);
+        avx_off = b2;
+    }
+    xs_mask = xcr0;
+    /* SSE dropped from XSTATE_BV: it loads in its initial configuration. */
+    uint64_t bvs[2] = { xcr0, xcr0 & ~2ull };
+    for (int round = 0; round < 2; round++) {
+        uint8_t code[] = {
+            0x0f, 0x20, 0xe0,                         /* mov rax, cr4 */
+            0x0d, 0x00, 0x00, 0x04, 0x00,             /* or eax, CR4.OSXSAVE */
+            0x0f, 0x22, 0xe0,                         /* mov cr4, rax */
+            0x31, 0xc9,                               /* xor ecx, ecx */
+            0xb8, (uint8_t)xcr0, 0, 0, 0,             /* mov eax, xcr0 */
+            0x31, 0xd2,                               /* xor edx, edx */
+            0x0f, 0x01, 0xd1,                         /* xsetbv */
+            0xbf, 0x00, 0x00, 0x20, 0x00,             /* mov edi, XS_A */
+            0x48, 0x0f, 0xae, 0x2f,                   /* xrstor64 [rdi] (edx:eax = xcr0) */
+            0xbf, 0x00, 0x10, 0x20, 0x00,             /* mov edi, XS_B */
+            0x48, 0x0f, 0xae, 0x27,                   /* xsave64 [rdi] */
+            0xbf, 0x00, 0x20, 0x20, 0x00,             /* mov edi, XS_C */
+            0x48, 0x0f, 0xae, 0x37,                   /* xsaveopt64 [rdi] */
+            0x31, 0xc0, 0xe6, 0xf4,                   /* xor eax, eax; out EXIT, al */
+        };
+        struct guest g;
+        CHECK(guest_build(&g, code, sizeof(code)));
+        static const int counters[2] = { KVMRR_COUNTER_FAST, KVMRR_COUNTER_STEP };
+        for (int ci = 0; ci < 2; ci++) {
+            int counter = counters[ci];
+            char err[256];
+            struct kvmrr_vm *vm = vm_new(&g, KVMRR_MODE_RUN, counter, 0, err, sizeof(err));
+            CHECKF(vm, "%s", err);
+            xs_fill(vm->mem + XS_A, xcr0, avx_off, bvs[round]);
+            memset(vm->mem + XS_B, 0, 8192);
+            struct kvmrr_result res;
+            run_until(vm, -1, &res);
+            static uint8_t na[4096] __attribute__((aligned(64)));
+            static uint8_t nb[4096] __attribute__((aligned(64)));
+            static uint8_t nc[4096] __attribute__((aligned(64)));
+            xs_fill(na, xcr0, avx_off, bvs[round]);
+            memset(nb, 0, sizeof(nb));
+            memset(nc, 0, sizeof(nc));
+            n_xrstor(na);
+            n_xsave(nb);
+            n_xsaveopt(nc);
+            const uint8_t *gb = vm->mem + XS_B, *gc = vm->mem + XS_C;
+            bool same_b = memcmp(gb, nb, 416) == 0 && memcmp(gb + 512, nb + 512, 8) == 0
+                          && (!(xcr0 & 4) || memcmp(gb + avx_off, nb + avx_off, 256) == 0);
+            bool same_c = memcmp(gc, nc, 416) == 0 && memcmp(gc + 512, nc + 512, 8) == 0
+                          && (!(xcr0 & 4) || memcmp(gc + avx_off, nc + avx_off, 256) == 0);
+            int first = -1;
+            for (int k = 0; k < 416 && first < 0; k++)
+                if (gb[k] != nb[k])
+                    first = k;
+            kvmrr_vm_destroy(vm);
+            CHECKF(res.stop == KVMRR_STOP_EXITED, "%s: %s (%s)", counter_name(counter),
+                   stop_name(res.stop), res.message);
+            CHECKF(same_b, "round %d %s: XSAVE64 differs from the CPU's (first at byte %d)",
+                   round, counter_name(counter), first);
+            CHECKF(same_c, "round %d %s: XSAVEOPT64 differs from the CPU's", round,
+                   counter_name(counter));
+        }
+    }
+    /* What the core raises #GP for faults on the CPU too. */
+    static uint8_t bad[8192] __attribute__((aligned(64)));
+    CHECKF(native_faults(n_xsave, bad + 8), "a misaligned XSAVE did not fault natively");
+    xs_fill(bad, xcr0, avx_off, xcr0);
+    uint64_t one = 1;
+    memcpy(bad + 520, &one, 8);
+    CHECKF(native_faults(n_xrstor, bad), "XRSTOR with XCOMP_BV 1 did not fault natively");
+    xs_fill(bad, xcr0, avx_off, xcr0);
+    memcpy(bad + 528, &one, 8);
+    CHECKF(native_faults(n_xrstor, bad), "XRSTOR with header bytes 16..23 set did not fault");
+    xs_fill(bad, xcr0, avx_off, 1ull << 40);
+    CHECKF(native_faults(n_xrstor, bad), "XRSTOR with XSTATE_BV beyond XCR0 did not fault");
+    xs_fill(bad, xcr0, avx_off, xcr0);
+    uint32_t mx = 0xffff0000;
+    memcpy(bad + 24, &mx, 4);
+    CHECKF(native_faults(n_xrstor, bad), "XRSTOR with reserved MXCSR bits did not fault");
+    xs_fill(bad, xcr0, avx_off, xcr0);
+    CHECKF(!native_faults(n_xrstor, bad), "a good XRSTOR faulted natively");
+}
+
 int main(void)
 {
     setvbuf(stdout, NULL, _IOLBF, 0);
@@ -2559,6 +2716,7 @@ int main(void)
     RUN(test_timer_divergence);
     RUN(test_exception_stops_every_icount);
     RUN(test_far_stop_no_overflow);
+    RUN(test_xsave_matches_the_cpu);
     recording_free(&g_rec_fast);
     recording_free(&g_rec_step);
     printf("%d passed, %d failed\n", g_passed, g_failed);
