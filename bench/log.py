@@ -183,10 +183,17 @@ def _replicated_writes(bootstrap: str, n: int) -> dict:
     """One idempotent acks=all produce, every 10 ms: the cost of one write that the
     in-sync replicas must have, the floor under the recorder's commit (which is one such
     write of a group of slices, docs/ARCHITECTURE.md §4)."""
+    return _dist_ms(write_latencies(
+        bootstrap, f"bench-write-{os.getpid()}-{time.time_ns() % 10**9}", n))
+
+
+def write_latencies(bootstrap: str, vm: str, n: int) -> list[float]:
+    """n single 200-byte writes to vm's log topic (made if missing), each flushed alone
+    (idempotent, acks=all), 10 ms apart, after 5 to warm the connection up: seconds each."""
     from confluent_kafka import Producer
     from kvmrr_log.kafka import client_conf, ensure_topics
-    topic = ensure_topics(bootstrap, f"bench-write-{os.getpid()}-{time.time_ns() % 10**9}").log
-    p = Producer(dict(client_conf(bootstrap, "kvmrr.bench.replicated"),
+    topic = ensure_topics(bootstrap, vm).log
+    p = Producer(dict(client_conf(bootstrap, "kvmrr.bench.writes"),
                       **{"enable.idempotence": True, "acks": "all", "linger.ms": 0}))
     for _ in range(5):
         p.produce(topic, b"w" * 200, b"k")
@@ -198,7 +205,7 @@ def _replicated_writes(bootstrap: str, n: int) -> dict:
         p.flush(30)
         lat.append(time.monotonic() - t0)
         time.sleep(0.01)
-    return _dist_ms(lat)
+    return lat
 
 
 def _throughput(bootstrap: str, tag: str, quick: bool) -> dict:

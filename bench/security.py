@@ -25,6 +25,7 @@ from pathlib import Path
 
 import structlog
 
+from bench.log import write_latencies
 from harness.localkafka import LocalKafka, kafkactl, make_secrets
 from kvmrr_log import kafka_config
 from kvmrr_log.kafka_acls import provision, vm_principal
@@ -54,25 +55,6 @@ def _warm_up(side: "Side", seconds: float) -> None:
             c.poll(0.002)
         p.flush(30)
         c.close()
-
-
-def _write_latencies(bootstrap: str, vm: str, n: int) -> list[float]:
-    from confluent_kafka import Producer
-    from kvmrr_log.kafka import client_conf, ensure_topics
-    topic = ensure_topics(bootstrap, vm).log
-    p = Producer(dict(client_conf(bootstrap, "kvmrr.bench.security"),
-                      **{"enable.idempotence": True, "acks": "all", "linger.ms": 0}))
-    for _ in range(5):
-        p.produce(topic, b"w" * 200, b"k")
-        p.flush(30)
-    lat = []
-    for _ in range(n):
-        t0 = time.monotonic()
-        p.produce(topic, b"w" * 200, b"k")
-        p.flush(30)
-        lat.append(time.monotonic() - t0)
-        time.sleep(0.01)
-    return lat
 
 
 class Side:
@@ -149,7 +131,7 @@ def bench_security(quick: bool) -> dict:
                     side = sides[name]
                     vm = side.new_vm()
                     with side.signed_in(vm):
-                        side.writes += _write_latencies(side.kafka.bootstrap, vm,
+                        side.writes += write_latencies(side.kafka.bootstrap, vm,
                                                         50 if quick else 100)
                     vm = side.new_vm()
                     with side.signed_in(vm):

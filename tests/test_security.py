@@ -219,26 +219,24 @@ def test_forged_log_records_are_refused(recorded):
         for what, (topic, val, hdrs) in forgeries.items():
             assert produce(boot, admin, topic, val, hdrs, orig.key()) is None
             at = LogTopicReader(boot, a, topic).ask_end(10) - 1
-            reader = LogTopicReader(boot, a, topic, at)
-            try:
-                with pytest.raises(KafkaLogError, match=record_mac.MAC_HEADER):
-                    while reader.next(5) is None:
-                        pass
-            finally:
-                reader.close()
+            assert_mac_refused(LogTopicReader(boot, a, topic, at))
         assert record_mac.problem(orig) is None      # the record itself: the control
     # A's record, MAC and all, copied into B's log under B's writer header fails B's reader
     log_b = topics(b).log
     moved = [(n, writer_id(b).encode() if n == WRITER_HEADER else v) for n, v in orig.headers()]
     assert produce(boot, admin, log_b, value, moved, orig.key()) is None
     with as_(secrets, vm_principal(b)):
-        reader = LogTopicReader(boot, b, log_b, 0)
-        try:
-            with pytest.raises(KafkaLogError, match=record_mac.MAC_HEADER):
-                while reader.next(5) is None:
-                    pass
-        finally:
-            reader.close()
+        assert_mac_refused(LogTopicReader(boot, b, log_b, 0))
+
+
+def assert_mac_refused(reader) -> None:
+    """The reader's next record fails its MAC check (and the reader is closed)."""
+    try:
+        with pytest.raises(KafkaLogError, match=record_mac.MAC_HEADER):
+            while reader.next(5) is None:
+                pass
+    finally:
+        reader.close()
 
 
 def test_forged_acks_and_epoch_records_are_ignored_and_counted(recorded):
