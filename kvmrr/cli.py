@@ -386,6 +386,12 @@ def cmd_follow(args) -> int:
     if not args.failover_timeout:
         result = f.run(finished_log=False, idle_timeout=args.idle_timeout)
         return _report_replay(args, counter, f.header, result, 0, verb="followed")
+    if f.header.get("counter") == "step" and counter != "step":
+        # A `step` record may hold RDTSC/RDRAND/RDSEED, which a `fast` record only checks
+        # for at icount 0 (docs/ARCHITECTURE.md §2.7): after a takeover they would run
+        # unlogged, so a backup that may take over records as the log was recorded.
+        raise UsageError(f"{log.vm_id}: the log was recorded with --mode step, so a backup "
+                         f"that may take over must follow with --mode step, not {counter}")
     result, primary = f.follow_or_take_over(
         failover_timeout=args.failover_timeout, give_up_after=args.idle_timeout,
         serve=args.serve, policy=_policy(args.commit),

@@ -124,3 +124,21 @@ def test_takeover_that_kafka_cannot_seal_is_retried(kafka, monkeypatch, capsys):
     assert took["took_over"] and took["instructions"] == BUDGET
     rep = kvmrr_json("replay", "--log", url, "--mode", "fast", "--start", "first")
     assert rep["verified"] and rep["state_hash"] == took["state_hash"]
+
+
+def test_a_step_log_refuses_a_fast_backup_that_may_take_over(kafka):
+    """A `step` record may hold RDTSC, which a `fast` new primary would run unlogged: the
+    backup says so at its start (exit 2, one line) rather than diverging after a takeover.
+    The same log followed with --mode step, or replayed with fast, is fine."""
+    vm = f"ts{uuid.uuid4().hex[:8]}"
+    url = f"kafka://{kafka.split(',')[0]}/{vm}"
+    rec = kvmrr_json("record", "ticks", "--log", url, "--mode", "step",
+                     "--max-instructions", 200_000)
+    fast = subprocess.run([sys.executable, "-m", "kvmrr.cli", *_follow_args(url)[:-2],
+                           "--idle-timeout", "5", "--mode", "fast"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert fast.returncode == 2, fast.stderr[-2000:]
+    lines = [ln for ln in fast.stderr.splitlines() if "--mode step" in ln]
+    assert len(lines) == 1 and "Traceback" not in fast.stderr, fast.stderr[-2000:]
+    rep = kvmrr_json("replay", "--log", url, "--mode", "fast")
+    assert rep["verified"] and rep["state_hash"] == rec["state_hash"]
