@@ -99,8 +99,10 @@ def run(bootstrap: str, vm: str, *, budget: int, kill_after_outputs: int = 3,
     boot = bootstrap.split(",")[0]
     url = f"kafka://{boot}/{vm}"
     t0 = time.monotonic()
+    # the backup shows the console it replays and then records on its stderr (--json)
     backup = start_process(["follow", "--log", url, "--backup-id", "b1", "--mode", "step",
-                            "--json", "--quiet", "--failover-timeout", str(failover_timeout),
+                            "--start", "first", "--json",
+                            "--failover-timeout", str(failover_timeout),
                             "--max-instructions", str(budget), "--idle-timeout", "120"])
     # no --json: the primary's console goes to its stdout, apart from its log events
     primary = start_process(["record", "linux", "--mode", "step", "--log", url,
@@ -139,7 +141,11 @@ def run(bootstrap: str, vm: str, *, budget: int, kill_after_outputs: int = 3,
     rep_proc = subprocess.CompletedProcess(replay.args, replay.returncode, rep_out, rep_err)
     rep_lines = rep_proc.stdout.strip().splitlines()
     rep = json.loads(rep_lines[-1]) if rep_proc.returncode == 0 and rep_lines else {}
-    seam = console_seam(log_console(boot, vm), console_of(rep_proc.stderr), old_printed)
+    replayed = console_of(rep_proc.stderr)
+    seam = console_seam(log_console(boot, vm), replayed, old_printed)
+    # what the backup showed, replayed then recorded, is the same stream
+    seam["checks"]["backup_showed_the_same"] = console_of(err) == replayed
+    seam["no_gap_no_duplicate"] = all(seam["checks"].values())
     return {"vm": vm, "budget": budget, "backup_exit": backup.returncode,
             "backup_error": err[-2000:] if backup.returncode else "",
             "took_over": bool(took.get("took_over")),
