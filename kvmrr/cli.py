@@ -745,6 +745,14 @@ def build_parser() -> argparse.ArgumentParser:
                    metavar="ENV_FILE",
                    help="run it against the docker-compose cluster configured by ENV_FILE "
                         "(compose/.env; make compose-demo)")
+    p.add_argument("--guest", choices=("kvstore", "linux"), default="kvstore",
+                   help="kvstore: the service under a client load (make run); linux: the "
+                        "Linux guest's boot recorded with step, its primary killed mid-boot "
+                        "(make run-linux; needs make linux-guest).  Under step on Kafka the "
+                        "whole boot takes most of an hour here, so the linux demo stops at "
+                        "--max-instructions")
+    p.add_argument("--max-instructions", type=_count(1, 10**12), default=2_500_000,
+                   help="the linux demo's budget (default 2.5 M: about a minute here)")
     p.set_defaults(fn=cmd_demo)
     return ap
 

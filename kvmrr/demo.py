@@ -42,6 +42,9 @@ def _log():
 
 
 def run_demo(args) -> int:
+    if getattr(args, "guest", "kvstore") == "linux":
+        from kvmrr.linux_demo import run_linux_demo
+        return run_linux_demo(args)
     log = _log()
     counter, why = best_counter()
     log.info("demo_started", counter=counter, counter_why=why)
