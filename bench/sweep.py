@@ -144,7 +144,7 @@ def served(bootstrap: str, work: Path, *, commit: str, backups: int, txn_ms: flo
         report = client.report()
         client.request("QUIT", timeout=60)
         summary = ft.primary.result() if ft.primary.wait(120) == 0 else {}
-        with ft.as_admin():
+        with ft.as_replica():
             nbytes = log_bytes(bootstrap, ft.vm)
     finally:
         ft.stop()

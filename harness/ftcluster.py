@@ -175,6 +175,12 @@ class FtCluster:
     def as_admin(self):
         return kafka_config.using(self.conf("admin"))
 
+    def as_replica(self):
+        """Signed in as the VM's replicas, whose record key checks the MACs: what the
+        harness reads back (.out, the log) is judged as a backup would judge it (the
+        admin holds no VM's key, and a keyed record read without one counts as forged)."""
+        return kafka_config.using(self.conf(vm_principal(self.vm)))
+
     # -- the processes ----------------------------------------------------------------------
     def start_primary(self, wrap=None, extra: tuple[str, ...] = ()) -> Node:
         self.primary = self._node("primary", [
@@ -244,7 +250,7 @@ class FtCluster:
         if live is None:
             return None
         released = live.last(events.LIVE)["released_seq"]
-        with self.as_admin():
+        with self.as_replica():
             outs = released_outputs(self.bootstrap, self.vm)
         new_ids = {request_id(o["data"]) for o in outs if o["seq"] > released}
         scope = declared_scope(client.name)     # the gateway's ids for this client's
@@ -278,7 +284,7 @@ class FtCluster:
                              if self.secrets else None)
         replay = json.loads(rep.stdout.strip().splitlines()[-1]) if rep.returncode == 0 else {}
         hashes = {n: r.get("state_hash") for n, r in ends.items() if r}
-        with self.as_admin():
+        with self.as_replica():
             seqs = released_seqs(self.bootstrap, self.vm)
             logged = log_bytes(self.bootstrap, self.vm)
         winners = [n for n, r in ends.items() if r and r.get("took_over")]
