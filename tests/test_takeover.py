@@ -11,6 +11,7 @@ import uuid
 import pytest
 
 from conftest import REPO, kvmrr_json
+from harness.linux_takeover import event_names
 from kvmrr_log import events
 
 pytestmark = pytest.mark.kafka
@@ -54,19 +55,6 @@ def _record_then_kill(kafka, vm, url):
         primary.wait(10)
 
 
-def _events(stderr: str) -> list[str]:
-    """The structured log events on a kvmrr process's stderr, by name."""
-    names = []
-    for line in stderr.splitlines():
-        try:
-            ev = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(ev, dict) and "event" in ev:
-            names.append(ev["event"])
-    return names
-
-
 def _follow_args(url):
     return ["follow", "--log", url, "--backup-id", "b1", "--json", "--quiet",
             "--failover-timeout", "1", "--max-instructions", str(BUDGET), "--idle-timeout", "60"]
@@ -87,7 +75,7 @@ def test_backup_takes_over_a_killed_primary(kafka):
     assert "took_over" in took, f"the backup did not take over: {out[-500:]} {err[-3000:]}"
     assert took["took_over"] and took["instructions"] == BUDGET
     assert 0 < took["takeover_icount"] < BUDGET
-    assert _events(err).count(events.TAKEOVER) == 1, err[-3000:]
+    assert event_names(err).count(events.TAKEOVER) == 1, err[-3000:]
     # the whole log, old primary's part and the new primary's, replays exactly
     rep = kvmrr_json("replay", "--log", url, "--mode", "fast", "--start", "first")
     assert rep["verified"] and rep["outputs_verified"]
@@ -119,8 +107,8 @@ def test_takeover_that_kafka_cannot_seal_is_retried(kafka, monkeypatch, capsys):
     out, err = capsys.readouterr()
     took = json.loads(out.strip().splitlines()[-1])
     assert len(seals) == 2 and seals[1] - seals[0] >= 1.0, seals
-    assert _events(err).count(events.TAKEOVER_ABORTED) == 1, err[-3000:]
-    assert _events(err).count(events.TAKEOVER) == 2, err[-3000:]
+    assert event_names(err).count(events.TAKEOVER_ABORTED) == 1, err[-3000:]
+    assert event_names(err).count(events.TAKEOVER) == 2, err[-3000:]
     assert took["took_over"] and took["instructions"] == BUDGET
     rep = kvmrr_json("replay", "--log", url, "--mode", "fast", "--start", "first")
     assert rep["verified"] and rep["state_hash"] == took["state_hash"]
