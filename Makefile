@@ -21,7 +21,7 @@ CLUSTER     := kvmrr-kafka1 kvmrr-kafka2 kvmrr-kafka3 kvmrr-primary kvmrr-backup
 # the container tests: no Ryuk (its image cannot be pulled), local images only
 export TESTCONTAINERS_RYUK_DISABLED := true
 
-.PHONY: all doctor build guests linux-guest linux-slow run run-linux test test-c test-py fault-rounds fuzz bench bench-core bench-log bench-ft bench-cluster bench-gdb bench-security \
+.PHONY: all doctor build guests linux-guest linux-slow run run-linux test test-c test-py fault-rounds fuzz bench bench-core bench-log bench-ft bench-cluster bench-gdb bench-security bench-linux \
         kafka kafka-cluster kafka-down secrets images compose-up compose-down compose-demo clean distclean
 
 all: build
@@ -124,6 +124,12 @@ bench-core: build
 # kvstore log per automatic snapshot interval (docs/debugging.md)
 bench-gdb: build
 	$(PY) -m bench gdb --out bench/gdb.json $(if $(QUICK),--quick)
+
+# the Linux guest (issue 13): plain run, step record, fast replay to the end of KUnit, a
+# step replay of a prefix, a takeover mid-boot on an embedded Kafka -> bench/linux.json and
+# bench/linux_events.png (the full run records about 40 M instructions under step: 10-15 min)
+bench-linux: build linux-guest
+	$(PY) -m bench linux --out bench/linux.json $(if $(QUICK),--quick)
 
 # starts its own single node and 3-node cluster (kafkactl, free loopback ports), stops them
 bench-log: build

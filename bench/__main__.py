@@ -17,6 +17,8 @@ def _suite(name: str):
         from bench.ft import run
     elif name == "gdb":
         from bench.gdb import bench_gdb as run
+    elif name == "linux":
+        from bench.linux import bench_linux as run
     elif name == "security":
         from bench.security import bench_security as run
     else:
@@ -30,7 +32,8 @@ def _interrupted(signum, frame):
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench")
-    ap.add_argument("suite", choices=("core", "log", "ft", "cluster", "gdb", "security"))
+    ap.add_argument("suite", choices=("core", "log", "ft", "cluster", "gdb", "security",
+                                          "linux"))
     ap.add_argument("--out", default=None, help="default bench/SUITE.json")
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args(argv)
