@@ -6,6 +6,7 @@ import subprocess
 import tempfile
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -65,12 +66,14 @@ class Server:
         return self.err.read()
 
 
-def gdb(server: Server, elf: str, *commands: str, timeout=150) -> str:
+def gdb(server: Server, elf, *commands: str, timeout=150) -> str:
+    """elf: a guest's name (build/guests/NAME.elf) or the path of an ELF."""
     args = [GDB, "-batch", "-nx", "-ex", "set pagination off", "-ex", "set confirm off",
             "-ex", f"target remote 127.0.0.1:{server.port}"]
     for c in commands:
         args += ["-ex", c]
-    proc = subprocess.run(args + [str(ELF / f"{elf}.elf")], capture_output=True, text=True,
+    path = elf if isinstance(elf, Path) else ELF / f"{elf}.elf"
+    proc = subprocess.run(args + [str(path)], capture_output=True, text=True,
                           timeout=timeout)
     err = server.close()
     out = proc.stdout + proc.stderr
