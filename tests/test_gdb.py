@@ -293,3 +293,25 @@ def test_interrupt_stops_a_long_continue(logs):
         assert 0 < n < TICKS, n
         c.sendall(_pkt(b"k"))
     s.close()
+
+
+def test_breakpoint_on_an_interrupt_handler_entry(logs):
+    """A breakpoint on the timer's interrupt entry stops there, before its first
+    instruction, at each tick (single-stepping an injected interrupt executes that
+    instruction too; the hardware breakpoint of a free run stops before it, docs/
+    debugging.md "Speed"), and reverse-continue comes back to the same entry."""
+    s = Server(logs["ticks"])
+    out = gdb(s, "ticks", "break isr_timer",
+              "continue", "monitor icount", "print/x $pc", "print (unsigned long) timer_ticks",
+              "continue", "monitor icount", "print/x $pc", "print (unsigned long) timer_ticks",
+              "reverse-continue", "monitor icount", "print/x $pc",
+              "print (unsigned long) timer_ticks")
+    first, second, back = icounts(out)
+    assert 0 < first < second and back == first, out
+    entry = int(re.search(r"^([0-9a-f]+) T isr_timer$", subprocess.run(
+        ["nm", str(ELF / "ticks.elf")], capture_output=True, text=True).stdout, re.M)
+        .group(1), 16)
+    pcs = [int(v, 16) for v in re.findall(r"^\$\d+ = (0x[0-9a-f]+)$", out, re.M)]
+    assert pcs == [entry] * 3, out
+    ticks = [int(v) for v in re.findall(r"^\$\d+ = (\d+)$", out, re.M)]
+    assert ticks == [0, 1, 0], out     # the handler has not counted its tick yet

@@ -846,6 +846,18 @@ static int user_break_debug(struct kvmrr_vm *vm, int debug, uint64_t bp)
     return 0;
 }
 
+/* With user breakpoints, a single-step that delivers an injected interrupt stops at its
+ * handler's entry (step_debug's extra vector), as a free run's breakpoint there does:
+ * the delivery retires nothing (`fast` reads the count), and the next step goes on. */
+static int user_break_step_vector(struct kvmrr_vm *vm)
+{
+    struct kvm_vcpu_events ev;
+    if (!vm->user_bp_n || !vm->frame_rflags_gpa
+        || ioctl(vm->vcpu_fd, KVM_GET_VCPU_EVENTS, &ev) < 0 || !ev.interrupt.injected)
+        return -1;
+    return ev.interrupt.nr;
+}
+
 /* The vCPU stands before the instruction at a user breakpoint (not after an I/O exit,
  * whose instruction is counted but RIP not yet moved past it). */
 static void user_break_seen(struct kvmrr_vm *vm)
@@ -862,7 +874,7 @@ static int enter(struct kvmrr_vm *vm, int debug, uint64_t bp, int64_t kick_at_ns
 {
     bool single_step = debug == DEBUG_STEP;
     memset(er, 0, sizeof(*er));
-    int rc_debug = single_step ? step_debug(vm, -1)
+    int rc_debug = single_step ? step_debug(vm, user_break_step_vector(vm))
                    : debug == DEBUG_TIME_WATCH ? time_watch_debug(vm)
                    : vm->user_bp_n ? user_break_debug(vm, debug, bp)
                    : vm_set_guest_debug(vm, debug, bp);
