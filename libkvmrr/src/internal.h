@@ -140,6 +140,7 @@ struct kvmrr_vm {
     uint64_t user_bp[KVMRR_USER_BP_MAX];
     int user_bp_n;                   /* 0: none (every caller but debug.c) */
     bool user_bp_hit;                /* the last exit stopped at one, before executing it */
+    uint64_t user_bp_skip;           /* left off for one run: a handler entry just delivered to */
 
     struct kvmrr_devices dev;
 

@@ -829,7 +829,7 @@ static int user_break_debug(struct kvmrr_vm *vm, int debug, uint64_t bp)
         dr7 |= 1ull << (2 * n++);
     }
     for (int i = 0; i < vm->user_bp_n && n < 4; i++) {
-        if (debug == DEBUG_BP && vm->user_bp[i] == bp)
+        if ((debug == DEBUG_BP && vm->user_bp[i] == bp) || vm->user_bp[i] == vm->user_bp_skip)
             continue;
         dbg.arch.debugreg[n] = vm->user_bp[i];
         dr7 |= 1ull << (2 * n++);
@@ -846,25 +846,22 @@ static int user_break_debug(struct kvmrr_vm *vm, int debug, uint64_t bp)
     return 0;
 }
 
-/* With user breakpoints, a single-step that delivers an injected interrupt stops at its
- * handler's entry (step_debug's extra vector), as a free run's breakpoint there does:
- * the delivery retires nothing (`fast` reads the count), and the next step goes on. */
-static int user_break_step_vector(struct kvmrr_vm *vm)
-{
-    struct kvm_vcpu_events ev;
-    if (!vm->user_bp_n || !vm->frame_rflags_gpa
-        || ioctl(vm->vcpu_fd, KVM_GET_VCPU_EVENTS, &ev) < 0 || !ev.interrupt.injected)
-        return -1;
-    return ev.interrupt.nr;
-}
-
 /* The vCPU stands before the instruction at a user breakpoint (not after an I/O exit,
- * whose instruction is counted but RIP not yet moved past it). */
-static void user_break_seen(struct kvmrr_vm *vm)
+ * whose instruction is counted but RIP not yet moved past it).  Except at the entry of an
+ * interrupt handler it stands at because the interrupt was just delivered (delivering:
+ * injected before the run, no instruction retired since): single-stepped, the delivery
+ * and the handler's first instruction are one step, so the stepping loop never stops
+ * there, and neither does this; the next run leaves that breakpoint off (user_bp_skip),
+ * else it would stop at once where it stands. */
+static void user_break_seen(struct kvmrr_vm *vm, bool delivering)
 {
     for (int i = 0; i < vm->user_bp_n; i++)
-        if (vm->user_bp[i] == cur_rip(vm))
-            vm->user_bp_hit = true;
+        if (vm->user_bp[i] == cur_rip(vm)) {
+            if (delivering)
+                vm->user_bp_skip = cur_rip(vm);
+            else
+                vm->user_bp_hit = true;
+        }
 }
 
 /* One KVM_RUN: single-stepped (DEBUG_STEP), or free (DEBUG_OFF, or DEBUG_BP with a
@@ -874,7 +871,7 @@ static int enter(struct kvmrr_vm *vm, int debug, uint64_t bp, int64_t kick_at_ns
 {
     bool single_step = debug == DEBUG_STEP;
     memset(er, 0, sizeof(*er));
-    int rc_debug = single_step ? step_debug(vm, user_break_step_vector(vm))
+    int rc_debug = single_step ? step_debug(vm, -1)
                    : debug == DEBUG_TIME_WATCH ? time_watch_debug(vm)
                    : vm->user_bp_n ? user_break_debug(vm, debug, bp)
                    : vm_set_guest_debug(vm, debug, bp);
@@ -1569,7 +1566,7 @@ static void replay_run(struct kvmrr_vm *vm, const struct kvmrr_limits *lim,
                 return;
             if (r > 0) {
                 if (vm->user_bp_n)
-                    user_break_seen(vm);
+                    user_break_seen(vm, false);
                 continue;
             }
         }
@@ -1580,10 +1577,15 @@ static void replay_run(struct kvmrr_vm *vm, const struct kvmrr_limits *lim,
             kick = earliest(kick, backstop_kick(vm, target));
         vm->run->request_interrupt_window = 0;
         struct enter_result er;
+        struct kvm_vcpu_events pend;                    /* an interrupt injected, pending */
+        bool delivering = vm->user_bp_n && ioctl(vm->vcpu_fd, KVM_GET_VCPU_EVENTS, &pend) == 0
+                          && pend.interrupt.injected;
+        kvmrr_icount_t entered_at = vm->icount;
         if (enter(vm, debug, debug == DEBUG_BP ? ev->rip : 0, kick, &er) < 0) {
             fail(res, vm, "%s at icount %lld rip 0x%llx", "KVM_RUN failed");
             return;
         }
+        vm->user_bp_skip = 0;
         if (debug != DEBUG_OFF && ev && cur_rip(vm) == ev->rip)
             bp_hit(vm);
         else if (debug == DEBUG_OFF)
@@ -1597,7 +1599,7 @@ static void replay_run(struct kvmrr_vm *vm, const struct kvmrr_limits *lim,
         if (k == EXIT_STOP)
             return;
         if (vm->user_bp_n && (er.exit_reason == KVM_EXIT_DEBUG || er.exit_reason == KVM_EXIT_INTR))
-            user_break_seen(vm);
+            user_break_seen(vm, delivering && vm->icount == entered_at);
         /* Past the target under a breakpoint: the guest was not at the event's RIP at its
          * icount, a divergence, reported (at the loop's top) where it was found. */
         if (exact && vm->icount > target && debug != DEBUG_BP) {

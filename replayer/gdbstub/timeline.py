@@ -193,9 +193,7 @@ class Timeline:
             boundary = self._next_boundary()
             r = m.debug_run(breaks, watches, stop_icount=min(limit, boundary),
                             deadline_ns=time.monotonic_ns() + SLICE_NS)
-            # (not at a breakpoint: on an interrupt handler's entry the VM stands after
-            # the delivery, a state that goto at the same icount does not reach)
-            if self.icount == boundary and r.why != "break":
+            if self.icount == boundary:
                 self._save_snapshot()
             if r.why == "break":
                 return Stop("break", r.icount, r.address)
@@ -272,11 +270,6 @@ class Timeline:
                     break
             if last is not None:
                 self.goto(last.icount)
-                if last.why == "break" and self.machine.regs()["rip"] != last.address:
-                    # The hit was an interrupt handler's entry, after the delivery that
-                    # the icount does not count: run into it again from just before.
-                    self.goto(last.icount - 1)
-                    self._step_until([last.address], [], last.icount + 1)
                 return last
             hi = lo
         self.goto(self.begin)
