@@ -11,10 +11,17 @@ directly, without gdb's round trips:
   points, and reverse-continue latency to a breakpoint on clock_ns (called by every PUT)
   from the same points;
 - at the chosen interval, one reverse-continue to a watched write (kvstore's entries[0]
-  version) from the end of the log.
+  version) from the end of the log;
+- `continue` with code breakpoints, free (hardware breakpoints, debug.c) against the
+  stepping loop (KVMRR_GDB_STEP=1), in the same run: the rate with a breakpoint never
+  reached, and the latency to the next clock_ns from the same points;
+- with the Linux guest built (make linux-guest): a boot of LINUX_BUDGET instructions
+  (recorded with step), `continue` from its start to a breakpoint on LINUX_BREAK at the
+  default snapshot interval, free and stepping.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import random
@@ -29,6 +36,8 @@ from replayer.gdbstub import Timeline, load_log
 
 INTERVALS = [10_000, 25_000, 100_000]
 POINTS = 5
+LINUX_BUDGET = 300_000
+LINUX_BREAK = "tsc_early_init"       # about 240 k instructions into the boot
 
 
 def _symbol(elf: Path, name: str) -> int:
@@ -48,6 +57,81 @@ def _summary(values: list[float]) -> dict:
     v = sorted(values)
     return {"median_ms": _ms(v[len(v) // 2]), "max_ms": _ms(v[-1]),
             "all_ms": [_ms(x) for x in values]}
+
+
+class _Stepping:
+    """KVMRR_GDB_STEP=1 for the block: debug.c's stepping loop instead of the free run."""
+
+    def __enter__(self):
+        os.environ["KVMRR_GDB_STEP"] = "1"
+
+    def __exit__(self, *exc):
+        os.environ.pop("KVMRR_GDB_STEP", None)
+
+
+def _continue_rate(tl: Timeline, never: int, n: int) -> int:
+    t0 = time.monotonic()
+    r = tl.machine.debug_run([never], [], stop_icount=tl.icount + n)
+    assert r.why == "icount", r
+    return round(r.steps / (time.monotonic() - t0))
+
+
+def _bench_continue(tl: Timeline, points: list[int], clock_ns: int, never: int) -> dict:
+    out = {}
+    for mode in ("free", "stepping"):
+        with _Stepping() if mode == "stepping" else contextlib.nullcontext():
+            tl.goto(tl.end // 2)
+            rate = _continue_rate(tl, never, 20_000 if mode == "stepping" else 200_000)
+            lat, ahead, back_lat, back = [], [], [], []
+            for p in points:
+                tl.goto(p)
+                t0 = time.monotonic()
+                s = tl.cont([clock_ns], [])
+                lat.append(time.monotonic() - t0)
+                ahead.append(s.icount - p)
+                tl.goto(p)
+                t0 = time.monotonic()
+                s = tl.reverse_cont([clock_ns], [])
+                back_lat.append(time.monotonic() - t0)
+                back.append(p - s.icount)
+        out[mode] = {"instructions_per_second": rate,
+                     "to_breakpoint": _summary(lat), "instructions_ahead": ahead,
+                     "reverse_continue_breakpoint": _summary(back_lat),
+                     "instructions_back": back}
+    for key in ("instructions_ahead", "instructions_back"):
+        assert out["free"][key] == out["stepping"][key], out
+    return out
+
+
+def _bench_linux() -> dict | None:
+    """`continue` to LINUX_BREAK in a recorded boot, free and stepping (None: no guest)."""
+    vmlinux = REPO / "build" / "guests" / "linux.vmlinux"
+    if not vmlinux.exists():
+        return None
+    path = REPO / "build" / "bench-gdb" / f"linux-{LINUX_BUDGET}.avro"
+    if not path.exists():
+        tmp = path.with_suffix(".tmp.avro")
+        subprocess.run([sys.executable, "-m", "kvmrr.cli", "record", "linux", "--mode", "step",
+                        "--log", f"file:{tmp}", "--max-instructions", str(LINUX_BUDGET),
+                        "--quiet"], cwd=REPO, check=True)
+        tmp.rename(path)
+    log = load_log(f"file:{path}")
+    target = _symbol(vmlinux, LINUX_BREAK)
+    out = {"break": LINUX_BREAK, "log_instructions": LINUX_BUDGET}
+    for mode in ("free", "stepping"):
+        with _Stepping() if mode == "stepping" else contextlib.nullcontext():
+            tl = Timeline(log.header, log.snapshot, log.events, log.end,
+                          counter=best_counter()[0])
+            t0 = time.monotonic()
+            s = tl.cont([target], [])
+            seconds = time.monotonic() - t0
+            assert s.why == "break", s
+            out[mode] = {"seconds": round(seconds, 2), "stopped_at": s.icount,
+                         "snapshot_every": tl.snapshot_every,
+                         "snapshots": len(tl.snapshots) - 1,
+                         "snapshot_seconds": round(tl.snapshot_seconds, 2)}
+    assert out["free"]["stopped_at"] == out["stepping"]["stopped_at"], out
+    return out
 
 
 def bench_gdb(quick: bool) -> dict:
@@ -136,8 +220,11 @@ def bench_gdb(quick: bool) -> dict:
         "snapshot_every": chosen, "from": tl.end, "stopped_at": s.icount, "why": s.why,
         "instructions_back": tl.end - s.icount, "ms": _ms(time.monotonic() - t0)}
     result["chosen_snapshot_every"] = chosen
-    result["note"] = ("reverse-continue steps the replay one instruction at a time from "
-                      "the snapshot before the current point (debug.c); reverse-stepi "
-                      "runs free from the snapshot before the target. The machine is "
-                      "shared: see load_average.")
+    result["continue"] = _bench_continue(tl, points, clock_ns, _symbol(elf, "entries"))
+    result["linux_continue"] = _bench_linux()
+    result["note"] = ("reverse-continue runs from the snapshot before the current point "
+                      "to it, free with code breakpoints only (at most 3; hardware "
+                      "breakpoints), else one instruction at a time (debug.c); "
+                      "reverse-stepi runs free from the snapshot before the target. The "
+                      "machine is shared: see load_average.")
     return result

@@ -351,13 +351,13 @@ def cmd_replay(args) -> int:
 
 def _serve_gdb(args) -> int:
     """replay --gdb HOST:PORT: the time-travel debugger (docs/debugging.md)."""
-    from replayer.gdbstub import DEFAULT_SNAPSHOT_EVERY, Timeline, load_log, serve
+    from replayer.gdbstub import Timeline, load_log, serve
     host, port = args.gdb
     counter, _ = resolve_counter(args.mode)
     log = load_log(args.log)
     tl = Timeline(log.header, log.snapshot, log.events, log.end, counter=counter,
                   guest=load_guest(args.guest) if args.guest else None,
-                  snapshot_every=args.snapshot_every or DEFAULT_SNAPSHOT_EVERY)
+                  snapshot_every=args.snapshot_every)
     if args.until is not None:
         tl.goto(args.until)
 
@@ -678,7 +678,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="serve gdb's remote protocol here, forwards and backwards "
                         "(docs/debugging.md); --until: where the session starts")
     p.add_argument("--snapshot-every", type=_count(1000, MAX_ICOUNT), default=None,
-                   metavar="N", help="--gdb: snapshot automatically every N instructions")
+                   metavar="N", help="--gdb: snapshot automatically every N instructions "
+                        "(default 10000 per 8 MiB of guest memory)")
     p.add_argument("--gdb-once", action="store_true",
                    help="--gdb: exit when the first gdb disconnects")
     _output_opts(p)

@@ -6,11 +6,17 @@
  *
  * Nothing here writes to the guest: a breakpoint is a stop when RIP reaches its
  * address, a watchpoint a comparison of the watched bytes after every instruction.
- * The loop moves the replay one instruction at a time through the public exact stop
- * (kvmrr_vm_run with stop_icount = icount + 1), so it uses the run loop exactly as any
- * other caller does and never enters run.c's state (docs/debugging.md, "Speed").
+ * The stepping loop moves the replay one instruction at a time through the public exact
+ * stop (kvmrr_vm_run with stop_icount = icount + 1), so it uses the run loop exactly as
+ * any other caller does.  With only code breakpoints, at most KVMRR_USER_BP_MAX of them,
+ * on `fast` where hardware breakpoints work, the loop instead steps once (off the
+ * breakpoint it may stand on) and then lets the replay run free with them armed as
+ * hardware breakpoints (run.c, user_break_debug): the same stops, found at full speed
+ * (docs/debugging.md, "Speed").  KVMRR_GDB_STEP=1 in the environment keeps the stepping
+ * loop (for comparisons: make bench-gdb measures both).
  */
 #include <errno.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/ioctl.h>
 #include <time.h>
@@ -84,6 +90,113 @@ static void watch_read(struct kvmrr_vm *vm, const struct kvm_sregs *s,
         memset(out, 0xa5, 8);
 }
 
+static bool stepping_forced(void)
+{
+    const char *v = getenv("KVMRR_GDB_STEP");
+    return v && *v && strcmp(v, "0") != 0;
+}
+
+/* Which breakpoint RIP stands on: its index, -1 none, -2 KVM failed. */
+static int break_at(struct kvmrr_vm *vm, const struct kvmrr_debug_stops *stops)
+{
+    struct kvm_regs regs;
+    if (vm_get_regs(vm, &regs) < 0)
+        return -2;
+    for (int i = 0; i < stops->nbreak; i++)
+        if (stops->breaks[i] == regs.rip)
+            return i;
+    return -1;
+}
+
+static void run_stop(struct kvmrr_debug_result *res, const struct kvmrr_result *r)
+{
+    res->why = KVMRR_DEBUG_RUN_STOP;
+    res->run_stop = r->stop;
+    res->exit_code = r->exit_code;
+    memcpy(res->message, r->message, sizeof(res->message));
+}
+
+/* The free-running form of the stepping loop below, for code breakpoints only: 1 when
+ * it ran (res filled in), 0 when these stops need the stepping loop. */
+static int debug_run_free(struct kvmrr_vm *vm, const struct kvmrr_debug_stops *stops,
+                          kvmrr_icount_t stop_icount, int64_t deadline_ns,
+                          struct kvmrr_debug_result *res)
+{
+    int nb = stops->nbreak;
+    if (stops->nwatch || nb == 0 || nb > KVMRR_USER_BP_MAX || vm->cfg.mode != KVMRR_MODE_REPLAY
+        || vm->cfg.counter != KVMRR_COUNTER_FAST || stepping_forced() || !hwbp_usable())
+        return 0;
+    kvmrr_icount_t start = vm->icount;
+    struct kvmrr_limits lim;
+    struct kvmrr_result r;
+    int hit = -1;
+    for (;;) {
+        if (stop_icount >= 0 && vm->icount >= stop_icount) {
+            res->why = KVMRR_DEBUG_ICOUNT;
+            break;
+        }
+        /* One exact step first, as the stepping loop: the vCPU may stand on a
+         * breakpoint (the last stop), which armed would stop it again where it is. */
+        kvmrr_icount_t was = vm->icount;
+        lim.stop_icount = was + 1;
+        lim.deadline_ns = 0;
+        vm->user_bp_n = 0;
+        vm->user_bp_hit = false;
+        kvmrr_vm_run(vm, &lim, &r);
+        if (r.stop != KVMRR_STOP_ICOUNT || vm->icount != was + 1) {
+            run_stop(res, &r);
+            if (r.stop == KVMRR_STOP_ICOUNT)
+                snprintf(res->message, sizeof(res->message), "the exact stop moved from "
+                         "icount %lld to %lld", (long long)was, (long long)vm->icount);
+            break;
+        }
+        if ((hit = break_at(vm, stops)) != -1
+            || (stop_icount >= 0 && vm->icount >= stop_icount))
+            goto stopped;
+        /* Then free, to the next breakpoint reached, stop_icount or the deadline. */
+        memcpy(vm->user_bp, stops->breaks, (size_t)nb * sizeof(uint64_t));
+        vm->user_bp_n = nb;
+        lim.stop_icount = stop_icount;
+        lim.deadline_ns = deadline_ns;
+        kvmrr_vm_run(vm, &lim, &r);
+        vm->user_bp_n = 0;
+        vm->user_bp_hit = false;
+        if (r.stop == STOP_USER_BREAK) {
+            if ((hit = break_at(vm, stops)) == -1) {
+                res->why = KVMRR_DEBUG_ERROR;
+                snprintf(res->message, sizeof(res->message), "the run stopped for a "
+                         "breakpoint at icount %lld, not at one", (long long)vm->icount);
+                break;
+            }
+            goto stopped;
+        }
+        if (r.stop == KVMRR_STOP_ICOUNT)
+            continue;                        /* the top says so */
+        if (r.stop == KVMRR_STOP_DEADLINE) {
+            res->why = KVMRR_DEBUG_DEADLINE;
+            break;
+        }
+        run_stop(res, &r);
+        break;
+stopped:
+        if (hit == -2) {
+            res->why = KVMRR_DEBUG_ERROR;
+            snprintf(res->message, sizeof(res->message), "KVM refused to show the vCPU: %s",
+                     strerror(errno));
+        } else if (hit >= 0) {
+            res->why = KVMRR_DEBUG_BREAK;
+            res->index = hit;
+            res->address = stops->breaks[hit];
+        } else {
+            res->why = KVMRR_DEBUG_ICOUNT;
+        }
+        break;
+    }
+    res->icount = vm->icount;
+    res->steps = vm->icount - start;
+    return 1;
+}
+
 int kvmrr_vm_debug_run(struct kvmrr_vm *vm, const struct kvmrr_debug_stops *stops,
                        kvmrr_icount_t stop_icount, int64_t deadline_ns,
                        struct kvmrr_debug_result *res)
@@ -96,6 +209,8 @@ int kvmrr_vm_debug_run(struct kvmrr_vm *vm, const struct kvmrr_debug_stops *stop
         snprintf(res->message, sizeof(res->message), "too many breakpoints or watchpoints");
         return -1;
     }
+    if (debug_run_free(vm, stops, stop_icount, deadline_ns, res))
+        return res->why == KVMRR_DEBUG_ERROR ? -1 : 0;
     int64_t steps = 0;
     struct kvm_sregs s;
     uint8_t before[KVMRR_DEBUG_MAX_WATCH][8];

@@ -23,6 +23,7 @@
 #define KVMRR_RECORD_CAP   4096      /* recorded events held before STOP_EVENTS_FULL */
 #define KVMRR_NIC_QUEUE    256       /* rx packets queued by the host before push fails */
 #define KVMRR_SERIAL_LINE  256       /* serial output is logged per line or per this many */
+#define KVMRR_USER_BP_MAX  3         /* debugger breakpoints in DR0-3, one left for run.c */
 
 /* ---- devices (devices.c): the state every replica must agree on ---- */
 struct kvmrr_devices {
@@ -134,6 +135,12 @@ struct kvmrr_vm {
     uint64_t bp_rip;                 /* and its RIP */
     kvmrr_icount_t bp_last_hit;      /* icount at the last hit short of it; -1: none yet */
     kvmrr_icount_t bp_period;        /* longest stretch seen between two hits; 0: unknown */
+    /* a debugger's code breakpoints (debug.c), armed as hardware breakpoints in replay's
+     * free runs and compared with RIP after its single-steps (run.c, user_break_*) */
+    uint64_t user_bp[KVMRR_USER_BP_MAX];
+    int user_bp_n;                   /* 0: none (every caller but debug.c) */
+    bool user_bp_hit;                /* the last exit stopped at one, before executing it */
+    uint64_t user_bp_skip;           /* left off for one run: a handler entry just delivered to */
 
     struct kvmrr_devices dev;
 
@@ -180,7 +187,11 @@ void vm_regs_to_array(const struct kvm_regs *r, uint64_t out[KVMRR_NREGS]);
  * instruction breakpoint (DR0) at bp. */
 enum guest_debug { DEBUG_OFF, DEBUG_STEP, DEBUG_BP,
                    DEBUG_STEP_WATCH, /* run.c: single-step, exception handlers watched */
-                   DEBUG_TIME_WATCH  /* run.c: free, breakpoints on RDTSC/RDRAND/RDSEED */ };
+                   DEBUG_TIME_WATCH, /* run.c: free, breakpoints on RDTSC/RDRAND/RDSEED */
+                   DEBUG_USER_BP     /* run.c: free, a debugger's breakpoints (and DEBUG_BP's) */ };
+/* A replay run that stopped at one of vm->user_bp: kvmrr_vm_run's stop for debug.c only,
+ * which reports it as KVMRR_DEBUG_BREAK (never seen outside the library). */
+#define STOP_USER_BREAK 100
 int  vm_set_guest_debug(struct kvmrr_vm *vm, int mode, uint64_t bp);
 
 /* vm.c: choose cfg.host_cpu (if -1) and check the host has it; 0 or -1 with err[].

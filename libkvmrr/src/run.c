@@ -812,6 +812,58 @@ static int time_watch_debug(struct kvmrr_vm *vm)
     return 0;
 }
 
+/*
+ * A debugger's code breakpoints (vm->user_bp, set by debug.c for one replay run): in the
+ * free runs they are hardware instruction breakpoints beside DEBUG_BP's own, so that a
+ * `continue` runs at full speed and stops before the instruction at one, at its exact
+ * count; after a single-step, an instruction the core executed itself, or a kick, the
+ * loop compares RIP instead (user_break_seen).  docs/debugging.md, "Speed".
+ */
+static int user_break_debug(struct kvmrr_vm *vm, int debug, uint64_t bp)
+{
+    struct kvm_guest_debug dbg = { .control = KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_USE_HW_BP };
+    uint64_t dr7 = 0x400;
+    int n = 0;
+    if (debug == DEBUG_BP) {
+        dbg.arch.debugreg[n] = bp;
+        dr7 |= 1ull << (2 * n++);
+    }
+    for (int i = 0; i < vm->user_bp_n && n < 4; i++) {
+        if ((debug == DEBUG_BP && vm->user_bp[i] == bp) || vm->user_bp[i] == vm->user_bp_skip)
+            continue;
+        dbg.arch.debugreg[n] = vm->user_bp[i];
+        dr7 |= 1ull << (2 * n++);
+    }
+    dbg.arch.debugreg[7] = dr7;
+    if (vm->debug_mode == DEBUG_USER_BP && vm->debug_bp == dr7
+        && memcmp(vm->watch, dbg.arch.debugreg, sizeof(vm->watch)) == 0)
+        return 0;
+    if (ioctl(vm->vcpu_fd, KVM_SET_GUEST_DEBUG, &dbg) < 0)
+        return -1;
+    vm->debug_mode = DEBUG_USER_BP;
+    vm->debug_bp = dr7;
+    memcpy(vm->watch, dbg.arch.debugreg, sizeof(vm->watch));
+    return 0;
+}
+
+/* The vCPU stands before the instruction at a user breakpoint (not after an I/O exit,
+ * whose instruction is counted but RIP not yet moved past it).  Except at the entry of an
+ * interrupt handler it stands at because the interrupt was just delivered (delivering:
+ * injected before the run, no instruction retired since): single-stepped, the delivery
+ * and the handler's first instruction are one step, so the stepping loop never stops
+ * there, and neither does this; the next run leaves that breakpoint off (user_bp_skip),
+ * else it would stop at once where it stands. */
+static void user_break_seen(struct kvmrr_vm *vm, bool delivering)
+{
+    for (int i = 0; i < vm->user_bp_n; i++)
+        if (vm->user_bp[i] == cur_rip(vm)) {
+            if (delivering)
+                vm->user_bp_skip = cur_rip(vm);
+            else
+                vm->user_bp_hit = true;
+        }
+}
+
 /* One KVM_RUN: single-stepped (DEBUG_STEP), or free (DEBUG_OFF, or DEBUG_BP with a
  * hardware breakpoint at bp) with a kick at kick_at_ns (0: none). */
 static int enter(struct kvmrr_vm *vm, int debug, uint64_t bp, int64_t kick_at_ns,
@@ -821,6 +873,7 @@ static int enter(struct kvmrr_vm *vm, int debug, uint64_t bp, int64_t kick_at_ns
     memset(er, 0, sizeof(*er));
     int rc_debug = single_step ? step_debug(vm, -1)
                    : debug == DEBUG_TIME_WATCH ? time_watch_debug(vm)
+                   : vm->user_bp_n ? user_break_debug(vm, debug, bp)
                    : vm_set_guest_debug(vm, debug, bp);
     if (rc_debug < 0)
         return -1;
@@ -1470,6 +1523,11 @@ static void replay_run(struct kvmrr_vm *vm, const struct kvmrr_limits *lim,
                 return;
             continue;
         }
+        if (vm->user_bp_hit) {          /* before any other stop, as debug.c's steps */
+            vm->user_bp_hit = false;
+            result_set(res, vm, STOP_USER_BREAK);
+            return;
+        }
         if (stop_now(vm, lim, res))
             return;
         if (vm->recorded.count >= KVMRR_RECORD_CAP - 4) {
@@ -1506,8 +1564,11 @@ static void replay_run(struct kvmrr_vm *vm, const struct kvmrr_limits *lim,
             int r = exec_special(vm, true, step || insn_here, res, &stop);
             if (r < 0)
                 return;
-            if (r > 0)
+            if (r > 0) {
+                if (vm->user_bp_n)
+                    user_break_seen(vm, false);
                 continue;
+            }
         }
         int64_t kick = lim->deadline_ns;
         if (debug == DEBUG_OFF && exact)
@@ -1516,10 +1577,15 @@ static void replay_run(struct kvmrr_vm *vm, const struct kvmrr_limits *lim,
             kick = earliest(kick, backstop_kick(vm, target));
         vm->run->request_interrupt_window = 0;
         struct enter_result er;
+        struct kvm_vcpu_events pend;                    /* an interrupt injected, pending */
+        bool delivering = vm->user_bp_n && ioctl(vm->vcpu_fd, KVM_GET_VCPU_EVENTS, &pend) == 0
+                          && pend.interrupt.injected;
+        kvmrr_icount_t entered_at = vm->icount;
         if (enter(vm, debug, debug == DEBUG_BP ? ev->rip : 0, kick, &er) < 0) {
             fail(res, vm, "%s at icount %lld rip 0x%llx", "KVM_RUN failed");
             return;
         }
+        vm->user_bp_skip = 0;
         if (debug != DEBUG_OFF && ev && cur_rip(vm) == ev->rip)
             bp_hit(vm);
         else if (debug == DEBUG_OFF)
@@ -1532,6 +1598,8 @@ static void replay_run(struct kvmrr_vm *vm, const struct kvmrr_limits *lim,
                 : common_exit(vm, er.exit_reason, res);
         if (k == EXIT_STOP)
             return;
+        if (vm->user_bp_n && (er.exit_reason == KVM_EXIT_DEBUG || er.exit_reason == KVM_EXIT_INTR))
+            user_break_seen(vm, delivering && vm->icount == entered_at);
         /* Past the target under a breakpoint: the guest was not at the event's RIP at its
          * icount, a divergence, reported (at the loop's top) where it was found. */
         if (exact && vm->icount > target && debug != DEBUG_BP) {
