@@ -40,6 +40,24 @@ class Brokers(LocalKafka):
     def __init__(self, nodes: int, tag: str):
         super().__init__(nodes, f"bench-{os.getpid()}-{tag}")
 
+    def cpu_seconds(self) -> float:
+        """CPU time its broker processes have used so far (found by the name in their
+        command line: kafkactl puts their folders under it)."""
+        total = 0.0
+        tick = os.sysconf("SC_CLK_TCK")
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    cmd = f.read()
+                if b"kafka.Kafka" not in cmd or f"/{self.name}/".encode() not in cmd:
+                    continue
+                with open(f"/proc/{pid}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            total += (int(fields[11]) + int(fields[12])) / tick    # utime + stime
+        return total
+
     def __enter__(self) -> "Brokers":
         try:
             return super().__enter__()
@@ -68,7 +86,16 @@ def _instrumented_sink():
             self.stop_at: float | None = None         # wall budget: end the record here
             self.session = None
             self.primary: list[tuple[float, int]] = []   # (t, icount) at every slice
+            self.producer_stats: list[dict] = []      # librdkafka's, per broker and window
             super().__init__(bootstrap, vm, **kw)
+
+        def log_producer_extra(self) -> dict:
+            def stats(text: str) -> None:
+                for b in json.loads(text).get("brokers", {}).values():
+                    if b.get("nodeid", -1) >= 0 and b["rtt"].get("cnt"):
+                        self.producer_stats.append({"rtt": b["rtt"],
+                                                    "queue": b["int_latency"]})
+            return {"statistics.interval.ms": 500, "stats_cb": stats}
 
         def commit(self) -> None:
             if self._slice:
@@ -115,7 +142,21 @@ def _profile(sink) -> dict:
         waits.append(max(0.0, produced - handed))
         in_flight.append(committed - produced)
     output = sink.output
+
+    def window_mean_ms(key: str) -> dict:
+        # librdkafka's own per-broker figures over 0.5 s windows: the mean (weighted by
+        # count) and the worst window's p99
+        ws = [w[key] for w in sink.producer_stats]
+        n = sum(w["cnt"] for w in ws)
+        return {"mean_ms": round(sum(w["avg"] * w["cnt"] for w in ws) / n / 1000, 2)
+                if n else None, "worst_window_p99_ms": round(max(
+                    (w["p99"] for w in ws), default=0) / 1000, 2), "n": n}
     out = {"queue_wait": _dist_ms(waits), "in_flight": _dist_ms(in_flight),
+           # in_flight, split by the producer: waiting in librdkafka for the request before
+           # it (one in flight per broker, WRITER_SETTINGS), then its request's round trip
+           # (the broker's work, the followers' fetch included)
+           "producer_queue": window_mean_ms("queue"),
+           "request_round_trip": window_mean_ms("rtt"),
            "snapshot_waits_for_the_log": _dist_ms([b - a for a, b in sink.snapshots])}
     # steady state: the slices handed over after the first snapshot was produced
     if sink.snapshots:
@@ -127,7 +168,8 @@ def _profile(sink) -> dict:
 
 def _record(bootstrap: str, vm: str, guest_name: str, *, bootargs: str = "",
             load: float = 0.0, max_instructions: int | None = None,
-            wall_s: float | None = None) -> tuple[dict, object]:
+            wall_s: float | None = None,
+            brokers: Brokers | None = None) -> tuple[dict, object]:
     from recorder.loadgen import KvLoad
     from recorder.pacing import DEFAULT_MAX_LAG_MS, pacer_for
     guest = load_guest(guest_name)
@@ -139,6 +181,8 @@ def _record(bootstrap: str, vm: str, guest_name: str, *, bootargs: str = "",
                             load=KvLoad(seed=1, rate_hz=load) if load else None,
                             heartbeat_every_ns=100_000_000, pacer=pacer)
     sink.session = session
+    broker_cpu0 = brokers.cpu_seconds() if brokers else 0.0
+    cpu0 = os.times()
     t0 = time.monotonic()
     if wall_s is not None:
         sink.stop_at = t0 + wall_s
@@ -151,6 +195,8 @@ def _record(bootstrap: str, vm: str, guest_name: str, *, bootargs: str = "",
         finally:
             sink.session = None               # no cycle: the producer goes with the sink
     wall = time.monotonic() - t0          # to the last write delivered
+    cpu1 = os.times()
+    broker_cpu = brokers.cpu_seconds() - broker_cpu0 if brokers else None
     lat = sink.commit_latencies
     output = sink.output
     out_lat = [c - h for h, c in sink.committed if output.get(h)]
@@ -174,6 +220,13 @@ def _record(bootstrap: str, vm: str, guest_name: str, *, bootargs: str = "",
         "all_slices_commit_p50_ms": percentile_ms(lat, 0.5),
         "all_slices_commit_p99_ms": percentile_ms(lat, 0.99),
         "profile": _profile(sink), "state_hash": result.state_hash,
+        # what the recording cost the CPUs: the brokers' and this process's (the vCPU,
+        # the publisher, librdkafka), per message produced
+        "brokers_cpu_ms_per_message": round(broker_cpu * 1000 / sink.messages, 3)
+        if broker_cpu is not None and sink.messages else None,
+        "recorder_cpu_ms_per_message": round(
+            (cpu1.user + cpu1.system - cpu0.user - cpu0.system) * 1000 / sink.messages, 3)
+        if sink.messages else None,
         "paced_seconds": round(pacer.paused_s, 3),
     }
     return out, (result, sink.primary)
@@ -208,14 +261,14 @@ def write_latencies(bootstrap: str, vm: str, n: int) -> list[float]:
     return lat
 
 
-def _throughput(bootstrap: str, tag: str, quick: bool) -> dict:
+def _throughput(bootstrap: str, tag: str, quick: bool, brokers: Brokers | None = None) -> dict:
     budget = 1_000_000 if quick else 3_000_000
     runs = {}
     for name, guest, bootargs, load in (("kvstore_load2000", "kvstore", "", 2000.0),
                                         ("ticks_1000hz", "ticks", "timer_hz=1000", 0.0)):
         vm = f"bench-{tag}-{name}-{os.getpid()}-{time.time_ns() % 10**9}"
         runs[name], _ = _record(bootstrap, vm, guest, bootargs=bootargs, load=load,
-                                max_instructions=budget)
+                                max_instructions=budget, brokers=brokers)
         r = runs[name]
         LOG.info("throughput", cluster=tag, run=name, events_per_s=r["events_per_s"],
                  mb_per_s=r["mb_per_s"], commit_p50_ms=r["commit_p50_ms"],
@@ -362,7 +415,7 @@ def bench_log(quick: bool) -> dict:
             entry = {"nodes": nodes, "bootstrap": b.bootstrap, "startup_s": b.started_s,
                      "replicated_write": _replicated_writes(b.bootstrap,
                                                             100 if quick else 200),
-                     "throughput": _throughput(b.bootstrap, tag, quick)}
+                     "throughput": _throughput(b.bootstrap, tag, quick, b)}
             w = entry["replicated_write"]
             LOG.info("replicated_write", cluster=tag, p50_ms=w["p50_ms"], p99_ms=w["p99_ms"])
             if nodes == 3:   # the deployment's shape (replication 3, min ISR 2)

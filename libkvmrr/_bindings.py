@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from libkvmrr._kvmrr import ffi, lib
 
-ABI_VERSION = 5
+ABI_VERSION = 6
 _ERR_LEN = 512
 _TAKE_BATCH = 1024
 
@@ -210,9 +210,11 @@ class VmHandle:
             ffi.release(self._vm)
             self._vm = None
 
-    def run(self, stop_icount: int = -1, deadline_ns: int = 0) -> RunResult:
+    def run(self, stop_icount: int = -1, deadline_ns: int = 0,
+            stop_at_output: bool = False) -> RunResult:
         self._limits.stop_icount = stop_icount
         self._limits.deadline_ns = deadline_ns
+        self._limits.stop_at_output = int(stop_at_output)
         lib.kvmrr_vm_run(self._vm, self._limits, self._result)
         r = self._result
         return RunResult(STOP_NAMES.get(r.stop, str(r.stop)), r.icount, r.exit_code,

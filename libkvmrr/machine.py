@@ -67,8 +67,12 @@ class Machine:
     def close(self) -> None:
         self._vm.close()
 
-    def run(self, *, stop_icount: int | None = None, deadline_ns: int = 0) -> RunResult:
-        return self._vm.run(-1 if stop_icount is None else stop_icount, deadline_ns)
+    def run(self, *, stop_icount: int | None = None, deadline_ns: int = 0,
+            stop_at_output: bool = False) -> RunResult:
+        """stop_at_output: return (stop "deadline") right after the guest's next response
+        on the NIC: the recorder's slice ends there (docs/ARCHITECTURE.md §4.5)."""
+        return self._vm.run(-1 if stop_icount is None else stop_icount, deadline_ns,
+                            stop_at_output)
 
     @property
     def icount(self) -> int:

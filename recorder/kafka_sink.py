@@ -8,10 +8,11 @@ the log is its own arbiter.  Every record carries this primary's epoch, and the 
 
 Pipelined (docs/ARCHITECTURE.md §4.5): the publisher produces each slice as it comes and
 does not wait for the previous one's acks; the idempotent producer keeps the order (and
-no duplicates) with up to 5 requests in flight.  A delivery thread serves the producer's
-delivery reports: each log record is committed when ITS report comes, and the responses
-it carries are released then.  A slice with output is produced at once; idle slices wait
-up to IDLE_BATCH_S to go together.
+no duplicates), with one request in flight per broker (WRITER_SETTINGS): what is produced
+meanwhile goes in the next one.  A delivery thread serves the producer's delivery
+reports: each log record is committed when ITS report comes, and the responses it carries
+are released then.  A slice with output (it ends at its first response) is produced at
+once; idle slices wait up to IDLE_BATCH_S to go together.
 
 A Snapshot is written (chunked, on its own topic, by a producer of its own so that its
 megabytes never queue ahead of a log write on the same broker connection) once every log
@@ -62,10 +63,15 @@ FENCE_WATCH_S = 0.02       # how often the log's tail is asked for a newer epoch
 WATCH_LAG_S = float(os.environ.get("KVMRR_TEST_EPOCH_WATCH_LAG_S", "0") or 0)
 NIC = 1                    # the output channel of responses
 # The primary's producers (log, .out, snapshots): kept apart from client_conf (the
-# connection and security settings every client shares).  With idempotence librdkafka keeps
-# at most 5 requests in flight and their order; no Nagle delay on the small log writes.
+# connection and security settings every client shares).  One request in flight per broker:
+# a broker reads the next request of a connection only once it has answered the one before
+# (an acks=all produce: once the followers have it), so more in flight only wait in its
+# socket, one slice each; with one, the slices that come meanwhile go together in the next
+# request (group commit), and the brokers spend about half the CPU per slice (measured,
+# docs/ARCHITECTURE.md §4.5).  No Nagle delay on the small log writes.
 WRITER_SETTINGS = {
     "enable.idempotence": True, "acks": "all", "linger.ms": 0,
+    "max.in.flight.requests.per.connection": 1,
     "socket.nagle.disable": True,
     "message.max.bytes": LOG_MESSAGE_BYTES,
     "delivery.timeout.ms": int(DELIVERY_TIMEOUT_S * 1000),
@@ -90,7 +96,7 @@ class KafkaSink:
         self.topics = topics(vm) if takeover else ensure_topics(bootstrap, vm)
         self.writer = writer_id(vm)
         self.producer = Producer(dict(client_conf(bootstrap, client_id(vm, "recorder")),
-                                      **WRITER_SETTINGS))
+                                      **WRITER_SETTINGS, **self.log_producer_extra()))
         self._snap_producer: Producer | None = None     # made when going live
         self.serving = serve
         self.policy = policy
@@ -128,6 +134,10 @@ class KafkaSink:
         self.release_tail: ReleaseTail | None = None
         if not takeover:
             self.go_live()
+
+    def log_producer_extra(self) -> dict:
+        """More settings for the log's producer (a benchmark's statistics callback)."""
+        return {}
 
     # -- a takeover's steps (replayer.takeover), then go_live -------------------------
     def warm_up(self) -> None:

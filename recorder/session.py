@@ -23,7 +23,8 @@ if TYPE_CHECKING:
     from recorder.pacing import BackupPacer
 
 SLICE_NS = 10_000_000        # the vCPU comes back this often to publish what it logged: on
-                             # Kafka, one slice for the publisher (group commit may merge slices)
+                             # Kafka, one slice for the publisher (group commit may merge
+                             # slices); a slice also ends at its first response
 
 
 class LogSink(Protocol):
@@ -162,7 +163,9 @@ class RecordSession:
                 for request in self.load.due(t):
                     m.nic_push(request)
                 deadline = min(deadline, self.load.next_due_ns(t))
-            r = m.run(stop_icount=self.max_instructions, deadline_ns=deadline)
+            # a response ends the slice: its commit starts at once (docs/ARCHITECTURE.md §4.5)
+            r = m.run(stop_icount=self.max_instructions, deadline_ns=deadline,
+                      stop_at_output=self.recording)
             events = m.take_events()
             if self.inputs:
                 self.inputs.delivered(events)

@@ -175,3 +175,29 @@ def test_a_log_of_another_cpu_model_is_refused(recordings, tmp_path_factory, tmp
             out.write(r)
     line = _one_line_error(kvmrr("replay", "--log", f"file:{other}", check=False))
     assert "CPU model" in line and "CPUID" in line
+
+
+def test_a_response_ends_the_run_only_when_asked():
+    """stop_at_output: the run returns right after the guest's response on the NIC (the
+    recorder's slice ends there, docs/ARCHITECTURE.md §4.5); without it, the run goes on to
+    its deadline with the response among its events."""
+    import time
+    from libkvmrr import Machine, best_counter
+    from kvmrr_log.guest_images import load_guest
+    guest = load_guest("kvstore")
+    counter, _ = best_counter()
+    for stop_at_output in (True, False):
+        with Machine(guest.elf, mode="record", counter=counter,
+                     mem_size=guest.mem_size) as m:
+            m.run(deadline_ns=time.monotonic_ns() + 50_000_000)   # booted, waiting
+            m.take_events()
+            assert m.nic_push(b"r1 PUT k1 v1")
+            began = time.monotonic_ns()
+            r = m.run(deadline_ns=began + 300_000_000, stop_at_output=stop_at_output)
+            waited = time.monotonic_ns() - began
+            outs = [e for e in m.take_events() if e["kind"] == "Output" and e["channel"] == 1]
+            assert r.stop == "deadline" and len(outs) == 1, (stop_at_output, r, outs)
+            if stop_at_output:
+                assert waited < 250_000_000, waited
+            else:
+                assert waited >= 300_000_000, waited

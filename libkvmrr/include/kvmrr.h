@@ -14,8 +14,9 @@
 #include <stdint.h>
 
 /* Bumped on any change to this header; the binding refuses a library of another version. */
-enum { KVMRR_ABI_VERSION = 5 };   /* 2: kvmrr_stats.breakpoints; 3: CPU model, MSRs skipped;
-                                    4: the debugger's API; 5: the PC machine, host CPU */
+enum { KVMRR_ABI_VERSION = 6 };   /* 2: kvmrr_stats.breakpoints; 3: CPU model, MSRs skipped;
+                                    4: the debugger's API; 5: the PC machine, host CPU;
+                                    6: kvmrr_limits.stop_at_output */
 
 /* Guest instructions retired since the VM's first instruction (docs/ARCHITECTURE.md §2.1). */
 typedef int64_t kvmrr_icount_t;
@@ -91,6 +92,8 @@ enum kvmrr_stop {
 struct kvmrr_limits {
     kvmrr_icount_t stop_icount; /* stop exactly here; -1 for no limit */
     int64_t deadline_ns;        /* CLOCK_MONOTONIC; 0 for none */
+    int32_t stop_at_output;     /* live runs: stop (as at the deadline) right after an
+                                   output on the NIC, so that a response leaves at once */
 };
 
 struct kvmrr_result {

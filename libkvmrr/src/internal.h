@@ -153,6 +153,7 @@ struct kvmrr_vm {
     int64_t next_tick_ns;            /* CLOCK_MONOTONIC of the next tick, 0 = none */
     int wake_fd;                     /* eventfd: wakes a halted record vCPU */
     volatile int stop_requested;
+    bool stop_at_output;             /* this run stops after a NIC output (kvmrr_limits) */
     pid_t vcpu_tid;
     timer_t kick_timer;
     bool kick_timer_ok;

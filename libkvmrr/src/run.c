@@ -1127,6 +1127,10 @@ static int live_io(struct kvmrr_vm *vm, struct kvmrr_result *res)
     }
     case PIO_OUTPUT:
         record(vm, KVMRR_EV_OUTPUT, io.channel, vm->dev.output_seq++, 0, 0, io.out_data, io.out_len);
+        /* limits.stop_at_output: a response ends the run here (a stop like the deadline's),
+         * so that its commit starts now, not at the slice's end (docs/ARCHITECTURE.md §4.5). */
+        if (io.channel == KVMRR_CHANNEL_NIC && vm->stop_at_output)
+            __atomic_store_n(&vm->stop_requested, 1, __ATOMIC_RELEASE);
         return EXIT_AGAIN;
     case PIO_TIMER:
         arm_timer(vm);
@@ -1212,6 +1216,7 @@ static void live_run(struct kvmrr_vm *vm, const struct kvmrr_limits *lim, struct
 {
     bool step = vm->cfg.counter == KVMRR_COUNTER_STEP;
     bool recording = vm->cfg.mode == KVMRR_MODE_RECORD;
+    vm->stop_at_output = lim->stop_at_output != 0;
     if (vm->dev.timer_period_ns && !vm->next_tick_ns)
         arm_timer(vm);    /* after a restore, or the first run */
     /* Scanned once, as the image was loaded: a takeover or a restored snapshot continues
