@@ -6,7 +6,9 @@ secure first in the next round), so a busy moment of this shared machine falls o
 - one idempotent acks=all write of 200 bytes, every 10 ms (the floor under a commit);
 - the recorder's output commit latency (kvstore under a 2000 requests/s load);
 - the served service through the gateway (one backup, 150 requests/s): the primary's
-  output commit and the client's latency.
+  output commit and the client's latency, split per hop (served_hops), with the
+  primary's pacing, the backup's lag and the CPU of each process and of the broker.
+`python -m bench.security jit` compares secure nodes with and without the C2 compiler.
 Floor (issue 14): the secure p50 of the recorder's commit at most 10% above the plain one.
 
 Both brokers are warmed up first (WARMUP_S of writes and reads each): a fresh secure
@@ -257,3 +259,55 @@ def bench_security(quick: bool) -> dict:
     out["seconds"] = round(time.monotonic() - t0, 1)
     out["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
     return out
+
+
+def jit_ab(rounds: int = 3, warm_s: float = 30.0) -> list[dict]:
+    """The served runs on three brokers at once, alternating: plain, secure with C2 (how
+    kafkactl started secure nodes before session 6) and secure with C1 only (kafkactl's
+    default now): `python -m bench.security jit` (docs/ARCHITECTURE.md §9).  Each row
+    also has the broker's CPU while no VM ran (broker_idle_cores)."""
+    from libkvmrr import best_counter
+    counter, _ = best_counter()
+    opts = {"plain": None, "secure_c2": "-XX:+UseSerialGC",
+            "secure_c1": "-XX:+UseSerialGC -XX:TieredStopAtLevel=1"}
+    rows: list[dict] = []
+    with tempfile.TemporaryDirectory(prefix="kvmrr-bench-jit-") as tmp:
+        secrets = make_secrets(Path(tmp) / "secrets", [])
+        kafkas = {}
+        try:
+            for name, jvm in opts.items():
+                os.environ.pop("KAFKA_JVM_PERFORMANCE_OPTS", None)
+                if jvm:        # read by kafkactl when it starts the node
+                    os.environ["KAFKA_JVM_PERFORMANCE_OPTS"] = jvm
+                kafkas[name] = LocalKafka(1, f"bench-{os.getpid()}-{name}",
+                                          secrets if name != "plain" else None).__enter__()
+            os.environ.pop("KAFKA_JVM_PERFORMANCE_OPTS", None)
+            sides = {n: Side(k, secrets if n != "plain" else None) for n, k in kafkas.items()}
+            for side in sides.values():
+                _warm_up(side, warm_s)
+            order = list(sides)
+            for r in range(rounds):
+                for name in (order if r % 2 == 0 else order[::-1]):
+                    pids = broker_pids(kafkas[name].name)
+                    c0 = sum(cpu_s(p) or 0 for p in pids)
+                    time.sleep(5)
+                    idle = (sum(cpu_s(p) or 0 for p in pids) - c0) / 5
+                    row = served_hops(sides[name], Path(tmp) / f"{name}{r}", rate_hz=150.0,
+                                      seconds=8.0, counter=counter)
+                    row.update(side=name, round=r, broker_idle_cores=round(idle, 3))
+                    LOG.info("jit_ab", **row)
+                    rows.append(row)
+        finally:
+            os.environ.pop("KAFKA_JVM_PERFORMANCE_OPTS", None)
+            for k in kafkas.values():
+                k.__exit__(None, None, None)
+    return rows
+
+
+if __name__ == "__main__":
+    import json
+    import sys
+    if sys.argv[1:] != ["jit"]:
+        print("usage: python -m bench.security jit", file=sys.stderr)
+        sys.exit(2)
+    print(json.dumps(jit_ab(), indent=1))
