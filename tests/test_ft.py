@@ -51,6 +51,9 @@ def cluster(secure_kafka, tmp_path, request):
     yield make
     for ft in made:
         ft.stop()
+    for ft in made:      # every scenario here ran keyed, not just the ones that say so
+        if ft.secrets:
+            assert_secure(ft)
 
 
 @pytest.mark.parametrize("seed", range(10))
@@ -82,8 +85,6 @@ def killed_at_a_seeded_point(ft: FtCluster, seed: int) -> None:
     assert len(res["took_over"]) == 1, res["ends"]
     assert res["takeover_attempts"] == 1, "more than one backup started a takeover"
     assert_verified(res, survivors=2)
-    if ft.secrets:
-        assert_secure(ft)
 
 
 def test_stopped_primary_is_fenced_and_stops_itself(cluster):
