@@ -6,7 +6,9 @@ secure first in the next round), so a busy moment of this shared machine falls o
 - one idempotent acks=all write of 200 bytes, every 10 ms (the floor under a commit);
 - the recorder's output commit latency (kvstore under a 2000 requests/s load);
 - the served service through the gateway (one backup, 150 requests/s): the primary's
-  output commit and the client's latency.
+  output commit and the client's latency, split per hop (served_hops), with the
+  primary's pacing, the backup's lag and the CPU of each process and of the broker.
+`python -m bench.security jit` compares secure nodes with and without the C2 compiler.
 Floor (issue 14): the secure p50 of the recorder's commit at most 10% above the plain one.
 
 Both brokers are warmed up first (WARMUP_S of writes and reads each): a fresh secure
@@ -80,6 +82,96 @@ class Side:
                                   if self.secrets else None)
 
 
+def _med(vals) -> float | None:
+    vals = sorted(v for v in vals if v is not None)
+    return round(vals[len(vals) // 2], 2) if vals else None
+
+
+def cpu_s(pid: int) -> float | None:
+    """CPU seconds (user + system) a live process has used so far; None once gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def broker_pids(name: str) -> list[int]:
+    """The pids of a kafkactl cluster's nodes (`kafkactl status`)."""
+    import re
+    out = kafkactl("status", "--name", name, timeout=30).stdout
+    return [int(p) for p in re.findall(r"\bpid (\d+)", out)]
+
+
+def served_hops(side: Side, work: Path, *, rate_hz: float, seconds: float,
+                counter: str) -> dict:
+    """The served service (a primary, one backup, the gateway, a client) with where its
+    client latency goes, per request, medians in ms:
+    - gateway_in: the client's send to the .in record's CreateTime (the gateway's produce);
+    - primary: .in CreateTime to the .out release's CreateTime (the primary's consume of
+      .in, the guest, the output commit, the release);
+    - gateway_out: the release's CreateTime to the client's answer (the gateway's read of
+      .out and its send).
+    With the backups' reported lag and the primary's pacing pauses (docs/ARCHITECTURE.md
+    §6.5): a lagging backup shows as paced seconds."""
+    from harness.ftcluster import FtCluster
+    from kvmrr_log import events
+    from kvmrr_log.client_ids import declared_scope, scoped_request_id
+    from kvmrr_log.kafka import scan_topic, topics
+    from kvmrr_log.requests import request_id
+    from schemas import decode_message, message_kind
+    ft = FtCluster(side.kafka.bootstrap, work, counter=counter, commit="log", txn_ms=10.0,
+                   secrets=side.secrets)
+    brokers = broker_pids(side.kafka.name)
+    cpu0 = sum(cpu_s(p) or 0 for p in brokers)
+    try:
+        ft.start_primary()
+        backup = ft.start_backup("b1")
+        ft.start_gateway()
+        ft.wait_backups_reading()
+        client = ft.client()
+        t0 = time.monotonic()
+        nodes0 = {n: cpu_s(node.proc.pid) or 0 for n, node in ft.nodes.items()}
+        client.run(rate_hz, seconds)
+        client.drain(60)
+        report = client.report()
+        # CPU over the load, as a share of one core: the brokers' and each node's
+        span = time.monotonic() - t0
+        cpu = {"broker": round((sum(cpu_s(p) or 0 for p in brokers) - cpu0) / span, 3)}
+        cpu.update({n: round(((cpu_s(node.proc.pid) or 0) - nodes0[n]) / span, 3)
+                    for n, node in ft.nodes.items()})
+        client.request("QUIT", timeout=60)
+        summary = ft.primary.result() if ft.primary.wait(120) == 0 else {}
+        lags = [e.get("lag_ms") for e in backup.all(events.FOLLOWING)]
+        with ft.as_replica():
+            ins = {m.value().split(b" ")[0].decode("ascii", "replace"): m.timestamp()[1]
+                   for m in scan_topic(ft.bootstrap, topics(ft.vm).inputs, committed=False)}
+            outs = {}
+            for m in scan_topic(ft.bootstrap, topics(ft.vm).outputs):
+                if message_kind(m.headers() or []) == "Output":
+                    rid = request_id(decode_message(m.value(), m.headers())["data"])
+                    outs.setdefault(rid, m.timestamp()[1])
+    finally:
+        ft.stop()
+    wall = time.time() - time.monotonic()      # monotonic -> wall clock, both on this host
+    scope = declared_scope(client.name)
+    hops = {"gateway_in": [], "primary": [], "gateway_out": []}
+    for rid, (sent, answered) in client.answer_times().items():
+        key = scoped_request_id(scope, rid.encode()).decode()
+        if key in ins and key in outs:
+            hops["gateway_in"].append(ins[key] - (sent + wall) * 1000)
+            hops["primary"].append(outs[key] - ins[key])
+            hops["gateway_out"].append((answered + wall) * 1000 - outs[key])
+    return {"client_latency_p50_ms": report.latency_p50_ms,
+            "client_latency_p99_ms": report.latency_p99_ms,
+            "output_commit_p50_ms": summary.get("output_commit_p50_ms"),
+            "requests_per_s": report.answered / seconds,
+            "paced_seconds": summary.get("paced_seconds"),
+            "backup_lag_p50_ms": _med(lags), "backup_lag_max_ms": max(lags, default=None),
+            "hops_p50_ms": {k: _med(v) for k, v in hops.items()}, "hops_n": len(hops["primary"]),
+            "cpu": cpu}
+
+
 def _summary(side: Side) -> dict:
     def med(rows, key):
         vals = sorted(r[key] for r in rows if r.get(key) is not None)
@@ -95,13 +187,16 @@ def _summary(side: Side) -> dict:
         "served_output_commit_p50_ms": med(side.served, "output_commit_p50_ms"),
         "served_client_p50_ms": med(side.served, "client_latency_p50_ms"),
         "served_requests_per_s": med(side.served, "requests_per_s"),
+        "served_hops_p50_ms": {h: med([r["hops_p50_ms"] for r in side.served], h)
+                               for h in ("gateway_in", "primary", "gateway_out")},
+        "served_paced_seconds": med(side.served, "paced_seconds"),
+        "served_backup_lag_p50_ms": med(side.served, "backup_lag_p50_ms"),
         "served": side.served,
     }
 
 
 def bench_security(quick: bool) -> dict:
     from bench.log import _record
-    from bench.sweep import served
     from libkvmrr import best_counter
     proc = kafkactl("fetch", timeout=900)
     if proc.returncode != 0:
@@ -140,12 +235,10 @@ def bench_security(quick: bool) -> dict:
                     side.commits.append({k: rec[k] for k in (
                         "commit_p50_ms", "commit_p99_ms", "events_per_s", "output_slices")})
                     LOG.info("round", side=name, round=r, commit_p50_ms=rec["commit_p50_ms"])
-                    if r < 2:
-                        side.served.append(served(
-                            side.kafka.bootstrap, Path(tmp) / f"{name}{r}", commit="log",
-                            backups=1, txn_ms=10.0, rate_hz=150.0,
-                            seconds=4.0 if quick else 8.0, counter=counter,
-                            secrets=side.secrets))
+                    side.served.append(served_hops(
+                        side, Path(tmp) / f"{name}{r}", rate_hz=150.0,
+                        seconds=4.0 if quick else 8.0, counter=counter))
+                    LOG.info("served", side=name, round=r, **side.served[-1])
             for name, side in sides.items():
                 out[name] = _summary(side)
     p, s = out["plain"], out["secure"]
@@ -166,3 +259,55 @@ def bench_security(quick: bool) -> dict:
     out["seconds"] = round(time.monotonic() - t0, 1)
     out["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
     return out
+
+
+def jit_ab(rounds: int = 3, warm_s: float = 30.0) -> list[dict]:
+    """The served runs on three brokers at once, alternating: plain, secure with C2 (how
+    kafkactl started secure nodes before session 6) and secure with C1 only (kafkactl's
+    default now): `python -m bench.security jit` (docs/ARCHITECTURE.md §9).  Each row
+    also has the broker's CPU while no VM ran (broker_idle_cores)."""
+    from libkvmrr import best_counter
+    counter, _ = best_counter()
+    opts = {"plain": None, "secure_c2": "-XX:+UseSerialGC",
+            "secure_c1": "-XX:+UseSerialGC -XX:TieredStopAtLevel=1"}
+    rows: list[dict] = []
+    with tempfile.TemporaryDirectory(prefix="kvmrr-bench-jit-") as tmp:
+        secrets = make_secrets(Path(tmp) / "secrets", [])
+        kafkas = {}
+        try:
+            for name, jvm in opts.items():
+                os.environ.pop("KAFKA_JVM_PERFORMANCE_OPTS", None)
+                if jvm:        # read by kafkactl when it starts the node
+                    os.environ["KAFKA_JVM_PERFORMANCE_OPTS"] = jvm
+                kafkas[name] = LocalKafka(1, f"bench-{os.getpid()}-{name}",
+                                          secrets if name != "plain" else None).__enter__()
+            os.environ.pop("KAFKA_JVM_PERFORMANCE_OPTS", None)
+            sides = {n: Side(k, secrets if n != "plain" else None) for n, k in kafkas.items()}
+            for side in sides.values():
+                _warm_up(side, warm_s)
+            order = list(sides)
+            for r in range(rounds):
+                for name in (order if r % 2 == 0 else order[::-1]):
+                    pids = broker_pids(kafkas[name].name)
+                    c0 = sum(cpu_s(p) or 0 for p in pids)
+                    time.sleep(5)
+                    idle = (sum(cpu_s(p) or 0 for p in pids) - c0) / 5
+                    row = served_hops(sides[name], Path(tmp) / f"{name}{r}", rate_hz=150.0,
+                                      seconds=8.0, counter=counter)
+                    row.update(side=name, round=r, broker_idle_cores=round(idle, 3))
+                    LOG.info("jit_ab", **row)
+                    rows.append(row)
+        finally:
+            os.environ.pop("KAFKA_JVM_PERFORMANCE_OPTS", None)
+            for k in kafkas.values():
+                k.__exit__(None, None, None)
+    return rows
+
+
+if __name__ == "__main__":
+    import json
+    import sys
+    if sys.argv[1:] != ["jit"]:
+        print("usage: python -m bench.security jit", file=sys.stderr)
+        sys.exit(2)
+    print(json.dumps(jit_ab(), indent=1))

@@ -27,12 +27,12 @@ from pathlib import Path
 import structlog
 
 from harness.client import KvClient
-from harness.localkafka import make_secrets
+from harness.localkafka import provision_vm
 from kvmrr_log.client_ids import declared_scope, scoped_request_id
 from kvmrr_log import events
 from kvmrr_log import kafka_config
 from kvmrr_log.kafka import ensure_topics
-from kvmrr_log.kafka_acls import gateway_principal, provision, vm_principal
+from kvmrr_log.kafka_acls import gateway_principal, vm_principal
 from harness.logstats import log_bytes, released_outputs, released_seqs
 from kvmrr_log.paths import REPO
 from kvmrr_log.requests import request_id
@@ -161,12 +161,9 @@ class FtCluster:
         self.primary: Node | None = None
         self.secrets = Path(secrets) if secrets else None
         if self.secrets:
-            make_secrets(self.secrets, [self.vm])    # its principals, if new
-        with self.as_admin():
-            if self.secrets:
-                provision(bootstrap, self.vm)
-            else:
-                ensure_topics(bootstrap, self.vm)
+            provision_vm(bootstrap, self.secrets, self.vm)   # its principals, if new
+        else:
+            ensure_topics(bootstrap, self.vm)
 
     def conf(self, principal: str) -> Path | None:
         """The principal's client config (KVMRR_KAFKA_CONFIG), None on a plain Kafka."""

@@ -65,6 +65,17 @@ def make_secrets(folder: Path, vms: list[str]) -> Path:
     return folder
 
 
+def provision_vm(bootstrap: str, secrets: Path, vm: str) -> Path:
+    """A VM on a secure Kafka: its principals made (if new) and provisioned as the admin
+    (topics, SCRAM users, ACLs); the client config its replicas sign in with."""
+    from kvmrr_log import kafka_config
+    from kvmrr_log.kafka_acls import provision, vm_principal
+    make_secrets(secrets, [vm])
+    with kafka_config.using(secrets / "admin.conf"):
+        provision(bootstrap, vm)
+    return secrets / f"{vm_principal(vm)}.conf"
+
+
 def start(nodes: int, name: str, secrets: Path | None = None) -> tuple[str, int]:
     """Start a kafkactl cluster, secure with a secrets folder; (bootstrap, base port)."""
     for _ in range(3):   # a port may be taken between the check and the start

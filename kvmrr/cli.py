@@ -769,6 +769,14 @@ def main(argv: list[str] | None = None) -> int:
         import structlog
         structlog.get_logger().error(events.FENCED, error=str(exc))
         print(f"kvmrr: {exc}", file=sys.stderr)
+        if argv is None:
+            # A program, not a call: stop at once.  Its Kafka clients may still hang on a
+            # cut connection, and finalizing them at interpreter exit once ended a fenced
+            # primary on a secure broker with SIGSEGV instead of exit 3 (the 20 fault
+            # rounds, a `cut` round); a fenced recorder has nothing left to flush.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(EXIT_FENCED)
         return EXIT_FENCED
     except DivergenceError as exc:
         print(exc.report, file=sys.stderr)

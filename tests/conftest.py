@@ -59,3 +59,16 @@ def kafka_cluster(kafka_jars):
         yield name, start_cluster(3, name)
     finally:
         kafkactl("stop", "--name", name, check=False)
+
+
+@pytest.fixture(scope="session")
+def secure_kafka(kafka_jars, tmp_path_factory):
+    """One secure single-node broker for the session (docs/operating.md §6: every listener
+    SASL_SSL with SCRAM-SHA-512, ACLs, VMs' records MACed): (bootstrap, secrets folder).
+    The fault-tolerance tests run on it; VMs are added with harness.localkafka.provision_vm."""
+    import os
+
+    from harness import localkafka
+    secrets = localkafka.make_secrets(tmp_path_factory.mktemp("secrets"), [])
+    with localkafka.LocalKafka(1, f"pytest-{os.getpid()}-secure", secrets) as k:
+        yield k.bootstrap, secrets

@@ -14,3 +14,19 @@ def assert_verified(res: dict, survivors: int) -> None:
     assert len(res["survivor_hashes"]) == survivors, \
         {"ends": res["ends"], "stopped": res["stopped"], "attempts": res["takeover_attempts"]}
     assert res["state_match"], (res["survivor_hashes"], res["replay"].get("state_hash"))
+
+
+def assert_secure(ft) -> None:
+    """ft ran with security on: every record of its log and .out carries a valid MAC with
+    the VM's key (read as the admin, who may read but holds no key)."""
+    from kvmrr_log import kafka_config, record_mac
+    from kvmrr_log.kafka import scan_topic, topics
+    from kvmrr_log.kafka_acls import vm_principal
+    assert ft.secrets is not None, "not a secure cluster"
+    key = kafka_config.load(ft.conf(vm_principal(ft.vm))).record_key
+    assert key, "the VM's replicas hold no record key"
+    with ft.as_admin():
+        for topic in (topics(ft.vm).log, topics(ft.vm).outputs):
+            msgs = list(scan_topic(ft.bootstrap, topic))
+            assert msgs, f"nothing on {topic}"
+            assert all(record_mac.problem(m, key) is None for m in msgs), topic

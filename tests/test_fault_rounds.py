@@ -11,13 +11,16 @@ and at a random moment does one of
 
 Every round ends with the same checks as every FT test (FtCluster.finish): nothing lost,
 nothing twice, the store as acknowledged, and every survivor's state equal to an offline
-replay of the whole log.  The faults come in seeded shuffles of all four, so rounds 0-3,
+replay of the whole log.  The rounds run with security on (issue 14): the module's broker
+is secure (TLS, SASL/SCRAM, ACLs) and every round's VM is provisioned on it, its records
+MACed; KVMRR_FAULT_ROUNDS_PLAIN=1 runs them on a plain broker instead.  The faults come in seeded shuffles of all four, so rounds 0-3,
 4-7, ... have one of each.  `make test` runs ROUNDS_QUICK of them; `make fault-rounds` runs
-ROUNDS (marker fault_rounds, left out of the default run: 4 min 20 s on a quiet
-moment of this shared machine, much longer under load).
+ROUNDS (marker fault_rounds, left out of the default run: 4 min 20 s plain on a quiet
+moment of this shared machine; secure, 8 min 33 s at a loadavg of 10-14 on 2 cores).
 """
 from __future__ import annotations
 
+import os
 import random
 import shutil
 import signal
@@ -26,8 +29,9 @@ from uuid import uuid4
 
 import pytest
 
-from brokers import kafkactl, start_cluster
-from ftchecks import assert_verified
+from brokers import kafkactl
+from ftchecks import assert_secure, assert_verified
+from harness import localkafka
 from harness.ftcluster import FtCluster, wait_for
 
 pytestmark = pytest.mark.kafka
@@ -39,10 +43,20 @@ FAULTS = ("kill", "stop", "cut", "broker")
 
 
 @pytest.fixture(scope="module")
-def own_broker(kafka_jars):
+def own_broker(kafka_jars, tmp_path_factory):
+    """(name, bootstrap, secrets folder or None): a single node of the module's own (the
+    broker fault kills and restarts it), secure unless KVMRR_FAULT_ROUNDS_PLAIN=1."""
     name = f"pytest-rounds-{uuid4().hex[:6]}"
+    secrets = None
+    if os.environ.get("KVMRR_FAULT_ROUNDS_PLAIN") != "1":
+        secrets = localkafka.make_secrets(tmp_path_factory.mktemp("secrets"), [])
     try:
-        yield name, start_cluster(1, name)
+        boot, _ = localkafka.start(1, name, secrets)
+    except localkafka.LocalKafkaError as exc:
+        kafkactl("stop", "--name", name, check=False)
+        pytest.fail(str(exc))
+    try:
+        yield name, boot, secrets
     finally:
         kafkactl("stop", "--name", name, check=False)
 
@@ -55,13 +69,13 @@ def schedule(rounds: int, seed: int = SEED) -> list[str]:
     return faults[:rounds]
 
 
-def one_round(name: str, boot: str, workdir, i: int, fault: str) -> dict:
+def one_round(name: str, boot: str, secrets, workdir, i: int, fault: str) -> dict:
     import netcut
     rng = random.Random(SEED * 1000 + i)
     port = int(boot.rsplit(":", 1)[1])
     workdir.mkdir(parents=True, exist_ok=True)
     bridge = netcut.Bridge(workdir / "kafka.sock", port).start() if fault == "cut" else None
-    ft = FtCluster(boot, workdir)
+    ft = FtCluster(boot, workdir, secrets=secrets)
     try:
         primary = ft.start_primary(
             wrap=(lambda cmd: netcut.wrap(cmd, port, bridge.path)) if bridge else None)
@@ -95,6 +109,8 @@ def one_round(name: str, boot: str, workdir, i: int, fault: str) -> dict:
     took = len(res["took_over"])
     assert took == 1 if fault != "broker" else took <= 1, (fault, res["ends"], res["stopped"])
     assert_verified(res, survivors=2 if took else 3)
+    if secrets:
+        assert_secure(ft)
     return {"fault": fault, "took_over": res["took_over"], "requests": res["requests"],
             "answered": res["answered"]}
 
@@ -102,9 +118,9 @@ def one_round(name: str, boot: str, workdir, i: int, fault: str) -> dict:
 def run_rounds(own_broker, tmp_path, rounds: int) -> None:
     if shutil.which("unshare") is None:
         pytest.skip("no unshare(1): the network cut needs a namespace of its own")
-    name, boot = own_broker
+    name, boot, secrets = own_broker
     for i, fault in enumerate(schedule(rounds)):
-        got = one_round(name, boot, tmp_path / f"round{i}", i, fault)
+        got = one_round(name, boot, secrets, tmp_path / f"round{i}", i, fault)
         print(f"round {i}: {got}")
 
 

@@ -1,6 +1,11 @@
 """Fault tolerance (issue 4) on the single-node Kafka: the service boundary, output commit,
 takeover with exactly one winner, fencing of an old primary, and backups lost and replaced.
 
+They run with security on (issue 14): the session's secure broker (conftest secure_kafka:
+TLS, SASL/SCRAM, ACLs), every process signed in as its VM's principal and every record
+MACed with the VM's key (FtCluster(secrets=...)).  One scenario also runs on the plain
+broker (test_primary_killed_on_a_plain_kafka), so that the plain path stays tested.
+
 Every scenario ends with FtCluster.finish(): the client's requests all answered once, the
 store holding every acknowledged write, and every survivor's final state equal to an
 offline replay of the whole log from icount 0.
@@ -16,7 +21,7 @@ import urllib.request
 
 import pytest
 
-from ftchecks import assert_verified
+from ftchecks import assert_secure, assert_verified
 from harness.ftcluster import FtCluster, wait_for
 from kvmrr_log.client_ids import declared_scope, scoped_request_id
 from kvmrr_log import events
@@ -30,24 +35,43 @@ RATE = 60.0          # requests/s: well within what the emulated guest serves
 
 
 @pytest.fixture
-def cluster(kafka, tmp_path):
+def cluster(secure_kafka, tmp_path, request):
+    """make(**FtCluster options) -> an FtCluster on the secure broker; plain=True: on the
+    session's plain broker."""
     made = []
 
-    def make(**kw) -> FtCluster:
-        ft = FtCluster(kafka.split(",")[0], tmp_path, **kw)
+    def make(plain: bool = False, **kw) -> FtCluster:
+        if plain:
+            ft = FtCluster(request.getfixturevalue("kafka").split(",")[0], tmp_path, **kw)
+        else:
+            boot, secrets = secure_kafka
+            ft = FtCluster(boot, tmp_path, secrets=secrets, **kw)
         made.append(ft)
         return ft
     yield make
     for ft in made:
         ft.stop()
+    for ft in made:      # every scenario here ran keyed, not just the ones that say so
+        if ft.secrets:
+            assert_secure(ft)
 
 
 @pytest.mark.parametrize("seed", range(10))
 def test_primary_killed_at_a_seeded_point(cluster, seed):
     """SIGKILL at a seeded random moment of a client load: exactly one of two backups
     takes over, the client loses nothing and sees nothing twice."""
+    killed_at_a_seeded_point(cluster(), seed)
+
+
+def test_primary_killed_on_a_plain_kafka(cluster):
+    """The same on the plain broker (no TLS, no SASL, no MACs): `make kafka`'s default."""
+    ft = cluster(plain=True)
+    assert ft.secrets is None
+    killed_at_a_seeded_point(ft, 0)
+
+
+def killed_at_a_seeded_point(ft: FtCluster, seed: int) -> None:
     rng = random.Random(seed)
-    ft = cluster()
     primary = ft.start_primary()
     ft.start_backup("b1")
     ft.start_backup("b2")
@@ -89,14 +113,14 @@ def test_stopped_primary_is_fenced_and_stops_itself(cluster):
     assert_verified(res, survivors=1)
 
 
-def test_zombie_that_writes_after_the_takeover_is_ignored(cluster, kafka):
+def test_zombie_that_writes_after_the_takeover_is_ignored(cluster):
     """SIGSTOP the primary until a backup has taken over, then SIGCONT it while it is still
     connected: it learns of the newer epoch only seconds late (as one whose reads of the
     log's tail lag), so it keeps writing its log and releasing responses after the seal.
     Its records land in the topics and no reader uses them: the gateway passes on none of
     its releases, and the offline replay of the whole log equals the survivor."""
-    boot = kafka.split(",")[0]
     ft = cluster()
+    boot = ft.bootstrap
     primary = ft.start_primary(wrap=lambda cmd: ["env", "KVMRR_TEST_EPOCH_WATCH_LAG_S=4",
                                                  *cmd])
     ft.start_backup("b1")
@@ -114,21 +138,23 @@ def test_zombie_that_writes_after_the_takeover_is_ignored(cluster, kafka):
     err = "".join(primary.text)
     assert rc == 3 and "fenced: a newer primary of VM" in err, err[-2000:]
     # its log records landed after the new epoch's Epoch record...
-    log = [(m.offset(), decode_message(m.value(), m.headers()))
-           for m in scan_topic(boot, topics(ft.vm).log)]
+    with ft.as_replica():      # read back as the VM's replicas, whose key checks the MACs
+        log = [(m.offset(), decode_message(m.value(), m.headers()))
+               for m in scan_topic(boot, topics(ft.vm).log)]
+        void = void_outputs(boot, ft.vm)
     sealed_at = min(o for o, r in log if r["kind"] == "Epoch" and r["epoch"] == 1)
     late = [o for o, r in log if o > sealed_at and r.get("epoch", 0) == 0]
     assert late, "the resumed primary wrote nothing after the seal"
     # ...and so did its releases, which nobody passed on: those of records after the seal,
     # and any it put on .out after the new primary's Epoch record there
-    void = void_outputs(boot, ft.vm)
     assert void and all(o["epoch"] == 0 for o in void), void
     after_seal = [o for o in void if o["log_offset"] > sealed_at]
     client.run(RATE, 1.0)
     res = ft.finish(client)
     # on .out a response carries the gateway's id for the client's (client-scoped ids);
     # what follows the id is what the client got
-    valid = dict(request_fields(o["data"]) for o in released_outputs(boot, ft.vm))
+    with ft.as_replica():
+        valid = dict(request_fields(o["data"]) for o in released_outputs(boot, ft.vm))
     scope = declared_scope(client.name)
     answers = {scoped_request_id(scope, rid.encode()): request_fields(line)[1]
                for rid, line in client.answers.items()}
@@ -197,7 +223,7 @@ def test_commit_backups2_waits_for_a_replacement_backup(cluster):
     assert_verified(res, survivors=3)     # primary, b1, b3
 
 
-def test_gateway_answers_a_retried_request_once(cluster, kafka):
+def test_gateway_answers_a_retried_request_once(cluster):
     """A client that retries a request id, on the same or a new connection, gets the one
     answer; the request reaches the guest once."""
     ft = cluster()
@@ -234,15 +260,16 @@ def test_gateway_answers_a_retried_request_once(cluster, kafka):
     assert got.count(b"x-2 OK") == 1, got
     assert ask(b"lonely").startswith(b"lonely ERR")     # an id, no command: the guest says
     assert ask(b"x-3 GET k1").endswith(b" again")
-    ids = [m.value().split(b" ")[0] for m in scan_topic(kafka.split(",")[0],
-                                                      topics(ft.vm).inputs, committed=False)]
+    with ft.as_replica():
+        ids = [m.value().split(b" ")[0] for m in scan_topic(ft.bootstrap, topics(ft.vm).inputs,
+                                                          committed=False)]
+        seqs = released_seqs(ft.bootstrap, ft.vm)
     x1, x2 = (scoped_request_id(declared_scope("x"), rid) for rid in (b"x-1", b"x-2"))
     assert ids.count(x1) == 1 and ids.count(x2) == 1, ids
-    seqs = released_seqs(kafka.split(",")[0], ft.vm)
     assert len(seqs) == len(set(seqs))
 
 
-def test_primary_cut_off_from_kafka_is_fenced_when_it_returns(cluster, kafka, tmp_path):
+def test_primary_cut_off_from_kafka_is_fenced_when_it_returns(cluster, tmp_path):
     """The primary loses its connectivity to Kafka (its own network namespace, whose only
     way out the test cuts): a backup takes over; when the network comes back, the old
     primary's next commit is fenced and it stops, having released nothing more."""
@@ -251,10 +278,10 @@ def test_primary_cut_off_from_kafka_is_fenced_when_it_returns(cluster, kafka, tm
     import netcut
     if shutil.which("unshare") is None:
         pytest.skip("no unshare(1): cannot give the primary a network namespace")
-    port = int(kafka.split(",")[0].rsplit(":", 1)[1])
+    ft = cluster()
+    port = int(ft.bootstrap.rsplit(":", 1)[1])
     bridge = netcut.Bridge(tmp_path / "kafka.sock", port).start()
     try:
-        ft = cluster()
         primary = ft.start_primary(wrap=lambda cmd: netcut.wrap(cmd, port, bridge.path))
         ft.start_backup("b1")
         ft.start_gateway()

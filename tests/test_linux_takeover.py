@@ -45,8 +45,15 @@ def test_console_of_drops_log_events():
     assert linux_takeover.console_of(err) == "[ 0.1] a\n[ 0.2] {b}\n"
 
 
-def test_backup_takes_over_linux_mid_boot(kafka, linux):  # noqa: F811
-    s = linux_takeover.run(kafka, f"lx{uuid.uuid4().hex[:8]}", budget=BUDGET)
+def test_backup_takes_over_linux_mid_boot(secure_kafka, linux, monkeypatch):  # noqa: F811
+    """On the secure broker (issue 14): the primary, the backup, the replay and the
+    harness's reads of the log sign in as the VM's replicas, every record MACed."""
+    from harness.localkafka import provision_vm
+    from kvmrr_log import kafka_config
+    boot, secrets = secure_kafka
+    vm = f"lx{uuid.uuid4().hex[:8]}"
+    monkeypatch.setenv(kafka_config.ENV, str(provision_vm(boot, secrets, vm)))
+    s = linux_takeover.run(boot, vm, budget=BUDGET)
     assert s["backup_exit"] == 0, s["backup_error"]
     assert s["took_over"] and s["takeovers"] == 1, s["backup_error"]
     took = s["backup"]

@@ -2,7 +2,9 @@
 listener SASL_SSL, SCRAM users made by `kafkactl secrets`, the KRaft authorizer denying
 by default, ACLs per VM (kvmrr provision), and record MACs that readers check.
 
-Two VMs, A and B, are provisioned on one secure single node.  What must fail fails with
+Two VMs, A and B, are provisioned on the session's secure single node (conftest
+secure_kafka), the broker the fault-tolerance tests run on (tests/test_ft.py and others:
+every FT scenario with security on).  What must fail fails with
 the broker's own refusal (an authorization error code), never a timeout taken for one.
 """
 from __future__ import annotations
@@ -17,36 +19,32 @@ import uuid
 import pytest
 from confluent_kafka import Consumer, KafkaError, Producer
 
-from ftchecks import assert_verified
 from harness import localkafka
-from harness.ftcluster import FtCluster
 from kvmrr_log import kafka_config, record_mac
 from kvmrr_log.epochs import EpochTail
 from kvmrr_log.kafka import (WRITER_HEADER, KafkaLogError, client_conf, scan_topic, topics,
                              writer_id)
-from kvmrr_log.kafka_acls import gateway_principal, provision, vm_principal
+from kvmrr_log.kafka_acls import gateway_principal, vm_principal
 from kvmrr_log.paths import REPO
 from kvmrr_log.topic_reader import LogTopicReader
 from recorder.service import AckWatch
 from schemas import encode_message
 
 pytestmark = pytest.mark.kafka
-RATE = 40.0
 AUTH_ERRORS = {"TOPIC_AUTHORIZATION_FAILED", "GROUP_AUTHORIZATION_FAILED",
                "CLUSTER_AUTHORIZATION_FAILED"}
 
 
 @pytest.fixture(scope="module")
-def secure(kafka_jars, tmp_path_factory):
-    """(bootstrap, secrets folder, vm A, vm B): a secure single node, both VMs provisioned."""
+def secure(secure_kafka):
+    """(bootstrap, secrets folder, vm A, vm B): the session's secure single node
+    (conftest), both VMs provisioned."""
+    boot, secrets = secure_kafka
     tag = uuid.uuid4().hex[:6]
     a, b = f"sa{tag}", f"sb{tag}"
-    secrets = localkafka.make_secrets(tmp_path_factory.mktemp("secrets"), [a, b])
-    with localkafka.LocalKafka(1, f"pytest-{os.getpid()}-secure", secrets) as k:
-        with kafka_config.using(secrets / "admin.conf"):
-            for vm in (a, b):
-                provision(k.bootstrap, vm)
-        yield k.bootstrap, secrets, a, b
+    for vm in (a, b):
+        localkafka.provision_vm(boot, secrets, vm)
+    return boot, secrets, a, b
 
 
 def conf_of(secrets, principal: str | None) -> dict:
@@ -281,30 +279,6 @@ def test_forged_acks_and_epoch_records_are_ignored_and_counted(recorded):
         finally:
             tail.consumer.close()
     assert tail.refused == 1 and 7 not in {e for e, _ in tail.bounds.starts}
-
-
-def test_primary_killed_with_security_on(secure, tmp_path):
-    """The fault-tolerance scenario on the secure Kafka: every process signs in as its
-    principal (vm-<vm>, gateway-<vm>), every record carries the VM's MAC; kill the
-    primary, the backup takes over, the client loses nothing and sees nothing twice."""
-    boot, secrets, _, _ = secure
-    vm = f"sft{uuid.uuid4().hex[:6]}"
-    localkafka.make_secrets(secrets, [vm])      # a VM added after the brokers started
-    ft = FtCluster(boot, tmp_path, vm=vm, secrets=secrets)
-    try:
-        primary = ft.start_primary()
-        ft.start_backup("b1")
-        ft.start_gateway()
-        ft.wait_backups_reading()
-        client = ft.client()
-        client.run(RATE, 2.0)
-        primary.kill()
-        client.run(RATE, 3.0)
-        res = ft.finish(client)
-    finally:
-        ft.stop()
-    assert res["took_over"] == ["b1"], res["ends"]
-    assert_verified(res, survivors=1)
 
 
 def test_the_gateway_serves_tls(tmp_path):

@@ -1,6 +1,9 @@
 """Takeover on the Kafka log (the core of issue 4): a backup that hears nothing from the
 primary for the failover timeout seals the log with the next epoch and continues it, and the whole log
-(old primary's part, then the new one's) replays from icount 0 to the new primary's state."""
+(old primary's part, then the new one's) replays from icount 0 to the new primary's state.
+
+On the session's secure broker (conftest secure_kafka; issue 14): every process here signs
+in as the VM's replicas (KVMRR_KAFKA_CONFIG) and its records carry the VM's MAC."""
 import json
 import signal
 import subprocess
@@ -23,12 +26,24 @@ def _spawn(*args):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+@pytest.fixture
+def secure_vm(secure_kafka, monkeypatch):
+    """(bootstrap, vm): a VM provisioned on the secure broker, this test and its child
+    processes signed in as its replicas."""
+    from harness.localkafka import provision_vm
+    from kvmrr_log import kafka_config
+    boot, secrets = secure_kafka
+    vm = f"to{uuid.uuid4().hex[:8]}"
+    monkeypatch.setenv(kafka_config.ENV, str(provision_vm(boot, secrets, vm)))
+    return boot, vm
+
+
 def _log_messages(bootstrap, vm):
     """How many offsets the VM's log topic holds so far (0 before it exists)."""
     from confluent_kafka import Consumer, KafkaException, TopicPartition
 
-    from kvmrr_log.kafka import topics
-    c = Consumer({"bootstrap.servers": bootstrap, "group.id": uuid.uuid4().hex})
+    from kvmrr_log.kafka import client_conf, topics
+    c = Consumer(dict(client_conf(bootstrap), **{"group.id": f"kvmrr-{uuid.uuid4().hex}"}))
     try:
         return c.get_watermark_offsets(TopicPartition(topics(vm).log, 0), timeout=5)[1]
     except KafkaException:
@@ -60,8 +75,8 @@ def _follow_args(url):
             "--failover-timeout", "1", "--max-instructions", str(BUDGET), "--idle-timeout", "60"]
 
 
-def test_backup_takes_over_a_killed_primary(kafka):
-    vm = f"to{uuid.uuid4().hex[:8]}"
+def test_backup_takes_over_a_killed_primary(secure_vm):
+    kafka, vm = secure_vm
     url = f"kafka://{kafka.split(',')[0]}/{vm}"
     backup = _spawn(*_follow_args(url))
     try:
@@ -83,7 +98,7 @@ def test_backup_takes_over_a_killed_primary(kafka):
     assert rep["outputs_sha256"] == took["outputs_sha256"]
 
 
-def test_takeover_that_kafka_cannot_seal_is_retried(kafka, monkeypatch, capsys):
+def test_takeover_that_kafka_cannot_seal_is_retried(secure_vm, monkeypatch, capsys):
     """The seal fails (as while a dead broker's partitions move): the backup does not die;
     it follows again and takes over at the next silent timeout.  In-process, with the
     first Epoch record made to fail; everything else is the real CLI on the real broker."""
@@ -100,8 +115,8 @@ def test_takeover_that_kafka_cannot_seal_is_retried(kafka, monkeypatch, capsys):
                                 "leader is moving")
         return real(self, epoch, sealer)
     monkeypatch.setattr(kafka_sink.KafkaSink, "seal", seal_fails_once)
-    vm = f"ta{uuid.uuid4().hex[:8]}"
-    url = f"kafka://{kafka.split(',')[0]}/{vm}"
+    kafka, vm = secure_vm
+    url = f"kafka://{kafka}/{vm}"
     _record_then_kill(kafka, vm, url)
     assert cli.main(_follow_args(url)) == 0
     out, err = capsys.readouterr()
@@ -114,12 +129,12 @@ def test_takeover_that_kafka_cannot_seal_is_retried(kafka, monkeypatch, capsys):
     assert rep["verified"] and rep["state_hash"] == took["state_hash"]
 
 
-def test_a_step_log_refuses_a_fast_backup_that_may_take_over(kafka):
+def test_a_step_log_refuses_a_fast_backup_that_may_take_over(secure_vm):
     """A `step` record may hold RDTSC, which a `fast` new primary would run unlogged: the
     backup says so at its start (exit 2, one line) rather than diverging after a takeover.
     The same log followed with --mode step, or replayed with fast, is fine."""
-    vm = f"ts{uuid.uuid4().hex[:8]}"
-    url = f"kafka://{kafka.split(',')[0]}/{vm}"
+    kafka, vm = secure_vm
+    url = f"kafka://{kafka}/{vm}"
     rec = kvmrr_json("record", "ticks", "--log", url, "--mode", "step",
                      "--max-instructions", 200_000)
     fast = subprocess.run([sys.executable, "-m", "kvmrr.cli", *_follow_args(url)[:-2],
