@@ -305,9 +305,9 @@ def jit_ab(rounds: int = 3, warm_s: float = 30.0) -> list[dict]:
 
 
 if __name__ == "__main__":
+    import argparse
     import json
-    import sys
-    if sys.argv[1:] != ["jit"]:
-        print("usage: python -m bench.security jit", file=sys.stderr)
-        sys.exit(2)
+    ap = argparse.ArgumentParser(prog="python -m bench.security")
+    ap.add_argument("what", choices=["jit"])
+    ap.parse_args()                      # a bad argument: usage and exit 2
     print(json.dumps(jit_ab(), indent=1))

@@ -193,11 +193,11 @@ def test_a_response_ends_the_run_only_when_asked():
             m.take_events()
             assert m.nic_push(b"r1 PUT k1 v1")
             began = time.monotonic_ns()
-            r = m.run(deadline_ns=began + 300_000_000, stop_at_output=stop_at_output)
+            r = m.run(deadline_ns=began + 3_000_000_000, stop_at_output=stop_at_output)
             waited = time.monotonic_ns() - began
             outs = [e for e in m.take_events() if e["kind"] == "Output" and e["channel"] == 1]
             assert r.stop == "deadline" and len(outs) == 1, (stop_at_output, r, outs)
             if stop_at_output:
-                assert waited < 250_000_000, waited
+                assert waited < 2_000_000_000, waited   # a wide margin: a loaded host
             else:
-                assert waited >= 300_000_000, waited
+                assert waited >= 3_000_000_000, waited
