@@ -8,10 +8,9 @@ import platform
 import statistics
 import time
 
-from kvmrr_log.paths import REPO
-
 from libkvmrr import Machine, best_counter, hash64
 from kvmrr_log.guest_images import load_guest
+from kvmrr_log.paths import REPO
 from recorder.session import RecordSession
 from replayer.session import replay_records
 from schemas import encode_message

@@ -15,7 +15,6 @@ Every ratio comes from one run on this shared machine; the seconds swing with it
 from __future__ import annotations
 
 import os
-import re
 import time
 import uuid
 from pathlib import Path
@@ -23,6 +22,7 @@ from pathlib import Path
 from bench.core import MemorySink
 from bench.progress import Progress
 from harness import linux_takeover
+from harness.ktap import ktap_results
 from harness.localkafka import LocalKafka
 from kvmrr_log.guest_images import LINUX_CMDLINE, load_guest
 from recorder.session import RecordSession
@@ -32,8 +32,6 @@ QUICK_BUDGET = 3_000_000
 STEP_PREFIX = 1_500_000       # instructions of the step replay
 TAKEOVER_BUDGET = 2_000_000
 PLOT = Path("bench/linux_events.png")
-# a KTAP result line on the console, after printk's time stamp: indent, ok / not ok, number
-KTAP = re.compile(r"^\[[ 0-9.]+\] (\s*)(not ok|ok) \d+ ")
 
 
 def rate(instructions: int, seconds: float) -> int:
@@ -55,13 +53,11 @@ def ktap_summary(records: list[dict]) -> dict:
     text = b"".join(ev["data"] for r in records if r["kind"] == "EventBatch"
                     for ev in r["events"] if ev["kind"] == "Output" and ev["channel"] == 0)
     out = {"results_ok": 0, "results_not_ok": 0, "suites_ok": 0, "suites_not_ok": 0}
-    for line in text.decode("utf-8", "replace").splitlines():
-        m = KTAP.match(line.rstrip("\r"))
-        if m:
-            verdict = "ok" if m.group(2) == "ok" else "not_ok"
-            out[f"results_{verdict}"] += 1
-            if not m.group(1):
-                out[f"suites_{verdict}"] += 1
+    for depth, verdict, _ in ktap_results(text.decode("utf-8", "replace")):
+        verdict = "ok" if verdict == "ok" else "not_ok"
+        out[f"results_{verdict}"] += 1
+        if depth == 0:
+            out[f"suites_{verdict}"] += 1
     return out
 
 

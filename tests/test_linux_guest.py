@@ -8,14 +8,13 @@ instructions of the boot (the boot protocol, the UART, the PIT and PIC ticks, th
 host CPU) and replays them; the whole boot with KUnit takes minutes under step and is
 marked `linux_slow` (make linux-slow)."""
 import json
-import re
 
 import pytest
 
 from conftest import REPO, kvmrr
+from harness.ktap import ktap_results
 
 VMLINUX = REPO / "build" / "guests" / "linux.vmlinux"
-KTAP = re.compile(r"^\[[ 0-9.]+\] (\s*)(not ok|ok) (\d+) (.*)$")
 
 
 @pytest.fixture(scope="module")
@@ -45,16 +44,6 @@ def record_and_replay(tmp_path, *extra, timeout=600):
     assert rep["outputs_sha256"] == rec["outputs_sha256"]
     assert rep_console == rec_console
     return log, rec, rec_console
-
-
-def ktap_results(console: str) -> list[tuple[int, str, str]]:
-    """(nesting depth, 'ok' or 'not ok', name) of every KTAP result line."""
-    out = []
-    for line in console.splitlines():
-        m = KTAP.match(line.rstrip("\r"))
-        if m:
-            out.append((len(m.group(1)) // 4, m.group(2), m.group(4)))
-    return out
 
 
 def test_ktap_parser_sees_failures():
