@@ -19,7 +19,7 @@ import time
 import uuid
 from pathlib import Path
 
-from bench.core import MemorySink
+from bench.core import MemorySink, per_second
 from bench.progress import Progress
 from harness import linux_takeover
 from harness.ktap import ktap_results
@@ -32,10 +32,6 @@ QUICK_BUDGET = 3_000_000
 STEP_PREFIX = 1_500_000       # instructions of the step replay
 TAKEOVER_BUDGET = 2_000_000
 PLOT = Path("bench/linux_events.png")
-
-
-def rate(instructions: int, seconds: float) -> int:
-    return round(instructions / seconds) if seconds > 0 else 0
 
 
 def events_over_boot(records: list[dict]) -> dict[str, list[int]]:
@@ -121,10 +117,10 @@ def bench_linux(quick: bool) -> dict:
     plot(by_kind, PLOT)
     fail = takeover()
     steps.point("takeover", **fail)
-    rates = {"plain": rate(plain.instructions, plain.seconds),  # rates: the counts differ
-             "record_step": rate(rec.instructions, rec.seconds),
-             "replay_fast": rate(fast.icount, fast_s),
-             "replay_step": rate(step.icount, step_s)}
+    rates = {"plain": per_second(plain.instructions, plain.seconds),  # rates: the counts differ
+             "record_step": per_second(rec.instructions, rec.seconds),
+             "replay_fast": per_second(fast.icount, fast_s),
+             "replay_step": per_second(step.icount, step_s)}
     return {
         "budget": budget, "to_the_end_of_kunit": budget is None,
         "end": {"plain": plain.reason, "record": rec.reason},

@@ -34,6 +34,16 @@ class BenchError(RuntimeError):
     pass
 
 
+def cpu_s(pid: int) -> float | None:
+    """CPU seconds (user + system) a live process has used so far; None once gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 class Brokers(LocalKafka):
     """A kafkactl cluster of its own (unique name, free ports), stopped on exit."""
 
@@ -44,18 +54,14 @@ class Brokers(LocalKafka):
         """CPU time its broker processes have used so far (found by the name in their
         command line: kafkactl puts their folders under it)."""
         total = 0.0
-        tick = os.sysconf("SC_CLK_TCK")
         for pid in filter(str.isdigit, os.listdir("/proc")):
             try:
                 with open(f"/proc/{pid}/cmdline", "rb") as f:
                     cmd = f.read()
-                if b"kafka.Kafka" not in cmd or f"/{self.name}/".encode() not in cmd:
-                    continue
-                with open(f"/proc/{pid}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
             except OSError:
                 continue
-            total += (int(fields[11]) + int(fields[12])) / tick    # utime + stime
+            if b"kafka.Kafka" in cmd and f"/{self.name}/".encode() in cmd:
+                total += cpu_s(int(pid)) or 0.0
         return total
 
     def __enter__(self) -> "Brokers":

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import structlog
 
-from bench.log import write_latencies
+from bench.log import cpu_s, write_latencies
 from harness.localkafka import LocalKafka, kafkactl, make_secrets
 from kvmrr_log import kafka_config
 from kvmrr_log.kafka_acls import provision, vm_principal
@@ -85,15 +85,6 @@ class Side:
 def _med(vals) -> float | None:
     vals = sorted(v for v in vals if v is not None)
     return round(vals[len(vals) // 2], 2) if vals else None
-
-
-def cpu_s(pid: int) -> float | None:
-    """CPU seconds (user + system) a live process has used so far; None once gone."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def broker_pids(name: str) -> list[int]:
