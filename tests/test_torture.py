@@ -65,7 +65,11 @@ def test_record_replay_every_counter(tmp_path, name, counter, hz):
     assert rec["instructions"] == BUDGET[counter]
     if hz >= 1000:
         assert rec["events_by_kind"].get("Interrupt", 0) >= 5, rec["events_by_kind"]
-    if name == "timeinsn":
+    if name == "timeinsn" and not (counter == "step" and hz > 1000):
+        # step at 10 kHz: the tick follows the host's clock, and at step's 15-60 k
+        # instructions/s a loaded host may spend the whole budget in the timer handler
+        # before the guest's first RDTSC (0 Insn, 262 interrupts in a fresh-clone run);
+        # the replay checks below still hold
         assert rec["events_by_kind"].get("Insn", 0) > 0
     check_replays(log, name, rec)
 
