@@ -216,6 +216,29 @@ static int set_sregs(struct kvmrr_vm *vm, const struct kvm_sregs *s)
     return ioctl(vm->vcpu_fd, KVM_SET_SREGS, &copy);
 }
 
+/*
+ * Whether KVM_RUN's return (rc) left a fresh copy of the state `what` (KVM_SYNC_X86_*) in
+ * kvm_run.  KVM stores the synced state on every way out of KVM_RUN, a kick's EINTR too,
+ * so the exit a kick makes needs no GET_SREGS or GET_VCPU_EVENTS of its own.  Each vCPU
+ * ioctl costs a vcpu_load here, whose MSR reads trap to the host below: about a fifth of a
+ * 1 kHz replay's time went to the ones after kicks (docs/ARCHITECTURE.md §8).
+ */
+static bool ran_synced(const struct kvmrr_vm *vm, int rc, uint64_t what)
+{
+    return (rc == 0 || errno == EINTR || errno == EAGAIN) && (vm->run->kvm_valid_regs & what);
+}
+
+/* The vCPU's pending and injected events right after a KVM_RUN, before the core changed
+ * any: the synced copy when there is one. */
+static int exit_events(struct kvmrr_vm *vm, bool synced, struct kvm_vcpu_events *ev)
+{
+    if (synced) {
+        *ev = vm->run->s.regs.events;
+        return 0;
+    }
+    return ioctl(vm->vcpu_fd, KVM_GET_VCPU_EVENTS, ev);
+}
+
 static void emulated_retired(struct kvmrr_vm *vm, int n)
 {
     /* An instruction the loop executed itself: the statistic did not see it. */
@@ -759,10 +782,10 @@ static int step_debug(struct kvmrr_vm *vm, int extra_vector)
  * exception and stops at the handler's first instruction (a breakpoint there), the state
  * a single-step reaches at the same count.
  */
-static int settle_exception(struct kvmrr_vm *vm)
+static int settle_exception(struct kvmrr_vm *vm, bool events_synced)
 {
     struct kvm_vcpu_events ev;
-    if (ioctl(vm->vcpu_fd, KVM_GET_VCPU_EVENTS, &ev) < 0)
+    if (exit_events(vm, events_synced, &ev) < 0)
         return -1;
     if (!ev.exception.injected && !ev.exception.pending)
         return 0;
@@ -772,7 +795,7 @@ static int settle_exception(struct kvmrr_vm *vm)
     vm->run->immediate_exit = 0;
     int rc = ioctl(vm->vcpu_fd, KVM_RUN, 0);
     vm->stats.exits++;
-    vm->sregs_synced = rc == 0 && (vm->run->kvm_valid_regs & KVM_SYNC_X86_SREGS);
+    vm->sregs_synced = ran_synced(vm, rc, KVM_SYNC_X86_SREGS);
     if (rc < 0 || vm->run->exit_reason != KVM_EXIT_DEBUG)
         return -1;   /* the delivery itself failed (a double fault): reported as an error */
     mend_exception_frame(vm, guest_tf);
@@ -887,9 +910,10 @@ static int enter(struct kvmrr_vm *vm, int debug, uint64_t bp, int64_t kick_at_ns
     int saved = errno;
     vm->run->immediate_exit = 0;
     vm->stats.exits++;
-    vm->sregs_synced = rc == 0 && (vm->run->kvm_valid_regs & KVM_SYNC_X86_SREGS);
-    if (kicked)
-        kick_arm(vm, 0);
+    vm->sregs_synced = ran_synced(vm, rc, KVM_SYNC_X86_SREGS);
+    bool events_synced = ran_synced(vm, rc, KVM_SYNC_X86_EVENTS);
+    if (kicked && mono_ns() < kick_at_ns)
+        kick_arm(vm, 0);    /* a one-shot timer past its time is disarmed already */
     if (rc < 0 && saved != EINTR && saved != EAGAIN) {
         errno = saved;
         return -1;
@@ -909,7 +933,7 @@ static int enter(struct kvmrr_vm *vm, int debug, uint64_t bp, int64_t kick_at_ns
          * since put at that stack address. */
         struct kvm_vcpu_events pend;
         bool pending = er->exit_reason == KVM_EXIT_INTR
-                       && ioctl(vm->vcpu_fd, KVM_GET_VCPU_EVENTS, &pend) == 0
+                       && exit_events(vm, events_synced, &pend) == 0
                        && pend.interrupt.injected;
         if (!pending) {
             if (single_step)
@@ -922,7 +946,7 @@ static int enter(struct kvmrr_vm *vm, int debug, uint64_t bp, int64_t kick_at_ns
             return -1;
         if (kicked)
             track_rate(vm, before, t0);
-        if (er->exit_reason == KVM_EXIT_INTR && settle_exception(vm) < 0)
+        if (er->exit_reason == KVM_EXIT_INTR && settle_exception(vm, events_synced) < 0)
             return -1;
     } else if (er->exit_reason == KVM_EXIT_DEBUG && vm->in_completing) {
         /* The trap that ends an IN's completion: that IN was counted at its I/O exit. */
@@ -1641,7 +1665,7 @@ int kvmrr_vm_run(struct kvmrr_vm *vm, const struct kvmrr_limits *limits,
     tls_run = vm->run;
     /* The segment and control registers come with every exit: the loop checks the CPL
      * at each one and walks the guest's page tables from them. */
-    vm->run->kvm_valid_regs |= KVM_SYNC_X86_SREGS;
+    vm->run->kvm_valid_regs |= KVM_SYNC_X86_SREGS | KVM_SYNC_X86_EVENTS;
     vm->sregs_synced = false;
     if (!vm->msr_filter && msr_filter_install(vm) < 0) {
         result_set(res, vm, KVMRR_STOP_ERROR);
