@@ -190,6 +190,8 @@ class Gateway:
         for msg in scan_topic(self.bootstrap, self.topics.inputs, start=start,
                               committed=False, client_id=self.client_id):
             ts = msg.timestamp()[1]
+            if record_mac.problem(msg):     # not the gateway's: never sent, nothing to skip
+                continue
             if ts >= oldest_ms:
                 self.sent[request_fields(msg.value() or b"")[0]] = ts / 1000
                 self._prune_count()
@@ -440,11 +442,14 @@ class Gateway:
                     return
                 continue
             key, request, scope = item
+            # MACed with the VM's record key like every record a reader trusts: the
+            # primary takes only the gateway's requests (docs/operating.md §6.3)
+            headers = record_mac.sign(self.topics.inputs, key, request,
+                                      [(CLIENT_HEADER, scope)])
             while True:
                 try:
                     self.producer.produce(self.topics.inputs, request, key,
-                                          headers=[(CLIENT_HEADER, scope)],
-                                          on_delivery=self._delivery)
+                                          headers=headers, on_delivery=self._delivery)
                     break
                 except BufferError:        # librdkafka's queue is full: Kafka is behind
                     self.producer.poll(0.05)

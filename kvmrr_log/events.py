@@ -18,7 +18,7 @@ LIVE = "live"                          # icount, next_seq, released_seq, takeove
 DONE_AS_PRIMARY = "done_as_primary"    # icount
 
 # a serving primary (kvmrr record --serve), every second
-SERVING = "serving"    # inputs_consumed, next_input_offset, responses_released, output_commit_*
+SERVING = "serving"    # inputs_consumed, inputs_forged, next_input_offset, responses_released, output_commit_*
 
 # any recorder whose commit was fenced by a newer primary (exit 3)
 FENCED = "fenced"      # error

@@ -69,6 +69,7 @@ class KafkaInputs:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.consumed = 0
+        self.forged = 0      # requests without the gateway's valid MAC, skipped
         self.error: str | None = None
 
     def start(self, machine) -> None:
@@ -84,6 +85,13 @@ class KafkaInputs:
             if msg.error():
                 if msg.error().code() != KafkaError._PARTITION_EOF:
                     self.error = msg.error().str()
+                continue
+            forged = record_mac.problem(msg)
+            if forged:
+                # not the gateway's (no valid MAC of this VM's key): never into the guest.
+                # Skipping is deterministic, so a new primary skips it again.  Counted
+                # in the serving report (inputs_forged).
+                self.forged += 1
                 continue
             packet = (msg.value() or b"")[:NIC_MTU]
             while self.held_back is not None and self.held_back() and \

@@ -27,7 +27,7 @@ from kvmrr_log.kafka import (WRITER_HEADER, KafkaLogError, client_conf, scan_top
 from kvmrr_log.kafka_acls import gateway_principal, vm_principal
 from kvmrr_log.paths import REPO
 from kvmrr_log.topic_reader import LogTopicReader
-from recorder.service import AckWatch
+from recorder.service import AckWatch, KafkaInputs
 from schemas import encode_message
 
 pytestmark = pytest.mark.kafka
@@ -89,6 +89,20 @@ def consume_error(boot, settings: dict, topic: str, group: str | None = None) ->
         return "TIMED_OUT"
     finally:
         c.close()
+
+
+def record_keys(secrets, *vms: str) -> list[bytes]:
+    """The record keys of the VMs' principals."""
+    return [kafka_config.load(secrets / f"{vm_principal(v)}.conf").record_key for v in vms]
+
+
+def admin_writes(boot, admin: dict, topic: str, rkey: bytes, value: bytes, headers: list,
+                 key: bytes | None) -> None:
+    """A record written by a principal the broker lets through (a compromised account, a
+    mistaken ACL), MACed with key if one is given."""
+    if key:
+        headers = record_mac.sign(topic, rkey, value, headers, key)
+    assert produce(boot, admin, topic, value, headers, rkey) is None
 
 
 def as_(secrets, principal: str):
@@ -202,8 +216,7 @@ def test_forged_log_records_are_refused(recorded):
     boot, secrets, a, b = recorded
     orig = _last_log_record(boot, secrets, a)
     headers = [(n, v) for n, v in orig.headers() if n != record_mac.MAC_HEADER]
-    key_a = kafka_config.load(secrets / f"{vm_principal(a)}.conf").record_key
-    key_b = kafka_config.load(secrets / f"{vm_principal(b)}.conf").record_key
+    key_a, key_b = record_keys(secrets, a, b)
     value = orig.value()
     tampered = value[:-1] + bytes([value[-1] ^ 1])
     log_a = topics(a).log
@@ -227,6 +240,41 @@ def test_forged_log_records_are_refused(recorded):
         assert_mac_refused(LogTopicReader(boot, b, log_b, 0))
 
 
+def test_forged_requests_never_reach_the_guest(recorded):
+    """A request on .in without VM A's MAC (written by a principal the broker lets through:
+    the admin here) is skipped by the primary's input reader and counted; the gateway's
+    kind (A's key, as `kvmrr gateway` signs) goes into the NIC."""
+    boot, secrets, a, b = recorded
+    t = topics(a)
+    admin = conf_of(secrets, "admin")
+    key_a, key_b = record_keys(secrets, a, b)
+
+    def request(rid: str, key: bytes | None):
+        admin_writes(boot, admin, t.inputs, rid.encode(), f"{rid} PUT k v".encode(),
+                     [("kvmrr-client", b"c1")], key)
+
+    request("forged-none", None)
+    request("forged-b", key_b)
+    request("real-1", key_a)
+    pushed: list[bytes] = []
+
+    class Nic:
+        def nic_push(self, packet: bytes) -> bool:
+            pushed.append(packet.split(b" ")[0])
+            return True
+
+    with as_(secrets, vm_principal(a)):
+        inputs = KafkaInputs(boot, a)
+        inputs.start(Nic())
+        deadline = time.monotonic() + 20
+        while b"real-1" not in pushed and time.monotonic() < deadline:
+            time.sleep(0.05)
+        inputs.close()
+    assert b"real-1" in pushed
+    assert b"forged-none" not in pushed and b"forged-b" not in pushed, pushed
+    assert inputs.forged >= 2
+
+
 def assert_mac_refused(reader) -> None:
     """The reader's next record fails its MAC check (and the reader is closed)."""
     try:
@@ -244,16 +292,13 @@ def test_forged_acks_and_epoch_records_are_ignored_and_counted(recorded):
     boot, secrets, a, b = recorded
     t = topics(a)
     admin = conf_of(secrets, "admin")
-    key_a = kafka_config.load(secrets / f"{vm_principal(a)}.conf").record_key
-    key_b = kafka_config.load(secrets / f"{vm_principal(b)}.conf").record_key
+    key_a, key_b = record_keys(secrets, a, b)
 
     def ack(backup: str, key: bytes | None):
         value, headers = encode_message({
             "kind": "Ack", "backup_id": backup, "received_icount": 10**9,
             "received_seq": 10**6, "replayed_icount": 10**9, "wall_ns": time.time_ns()})
-        if key:
-            headers = record_mac.sign(t.acks, backup.encode(), value, headers, key)
-        assert produce(boot, admin, t.acks, value, headers, backup.encode()) is None
+        admin_writes(boot, admin, t.acks, backup.encode(), value, headers, key)
 
     ack("forged-none", None)
     ack("forged-b", key_b)
