@@ -94,9 +94,10 @@ fault-rounds: build
 	$(PY) -m pytest -q -ra -s -m fault_rounds tests/test_fault_rounds.py
 
 # the Linux guest's whole boot and KUnit recorded with step and replayed with fast (about
-# 10 min recording here), left out of `make test` for its time
+# 10 min recording here), and a takeover past the early boot (about 3 min), left out of
+# `make test` for their time
 linux-slow: build linux-guest
-	$(PY) -m pytest -q -ra -m linux_slow tests/test_linux_guest.py
+	$(PY) -m pytest -q -ra -s -m linux_slow tests/test_linux_guest.py tests/test_linux_takeover.py
 
 # The container tests (tests/test_compose.py) run when a Docker engine can be started (the
 # images are built first); otherwise they are skipped and say why.  An engine started here

@@ -24,20 +24,28 @@ def log_console(bootstrap: str, vm: str) -> list[tuple[int, int, bytes]]:
     """The console Output events the VM's log validly holds so far, as (epoch, seq, data):
     read under the epoch rule, so an old primary's records after the seal never appear.
     [] before the log exists."""
+    return log_progress(bootstrap, vm)[0]
+
+
+def log_progress(bootstrap: str, vm: str) -> tuple[list[tuple[int, int, bytes]], int]:
+    """log_console's list, and the highest icount the log's events reach (heartbeats
+    included; -1 before the log exists)."""
     from kvmrr_log.kafka import KafkaLogError, topics
     from kvmrr_log.topic_reader import LogTopicReader
     out: list[tuple[int, int, bytes]] = []
+    last = -1
     reader = LogTopicReader(bootstrap, vm, topics(vm).log)
     try:
         for rec, _ in reader.records(0):
             if rec["kind"] == "EventBatch":
                 out += [(reader.epoch, ev["seq"], ev["data"]) for ev in rec["events"]
                         if ev["kind"] == "Output" and ev["channel"] == 0]
+                last = max([last] + [ev["icount"] for ev in rec["events"]])
     except KafkaLogError:        # the topic does not exist yet: what was read so far
         pass
     finally:
         reader.close()
-    return out
+    return out, last
 
 
 def _text(data: bytes) -> str:
@@ -88,12 +96,15 @@ def console_of(stderr: str) -> str:
 
 
 def run(bootstrap: str, vm: str, *, budget: int, kill_after_outputs: int = 3,
-        failover_timeout: float = 3.0, start_timeout: float = 240,
-        say: Callable[..., None] = lambda *a, **k: None) -> dict:
+        kill_at_icount: int | None = None, failover_timeout: float = 3.0,
+        start_timeout: float = 240, say: Callable[..., None] = lambda *a, **k: None) -> dict:
     """The scenario on the brokers at bootstrap, in the VM `vm`'s topics.  The kill comes
     soon after the log holds kill_after_outputs console lines: the boot prints its first
     11 lines between icount 132 k and 293 k (then none to 2.5 M), so with 3 the new
-    primary prints several of them.  The summary:
+    primary prints several of them.  With kill_at_icount, it comes once the log's events
+    reach that icount instead (later lines fall at icounts that move with the host's
+    speed: the timer ticks by wall-clock time, and the boot calibrates against them).
+    The summary:
     the backup's and the offline replay's JSON, the seam check, the figures; raises
     TimeoutError when the primary commits no console output in start_timeout s."""
     boot = bootstrap.split(",")[0]
@@ -109,15 +120,22 @@ def run(bootstrap: str, vm: str, *, budget: int, kill_after_outputs: int = 3,
                              "--max-instructions", str(budget)])
     say("linux_started", primary_pid=primary.pid, backup_pid=backup.pid, log=url,
         budget=budget)
+    def due() -> bool:
+        outputs, last = log_progress(boot, vm)
+        if kill_at_icount is not None:
+            return last >= kill_at_icount
+        return len(outputs) >= kill_after_outputs
     try:
-        while len(log_console(boot, vm)) < kill_after_outputs:
+        while not due():
             if primary.poll() is not None:
                 raise TimeoutError(f"the primary exited {primary.returncode}: "
                                    f"{primary.stderr.read()[-500:]}")
             if time.monotonic() - t0 > start_timeout:
-                raise TimeoutError(f"the primary committed {kill_after_outputs} console "
-                                   f"lines not within {start_timeout:.0f} s")
-            time.sleep(0.3)
+                what = (f"a log to icount {kill_at_icount}" if kill_at_icount is not None
+                        else f"{kill_after_outputs} console lines")
+                raise TimeoutError(f"the primary committed {what} not within "
+                                   f"{start_timeout:.0f} s")
+            time.sleep(0.3 if kill_at_icount is None else 2.0)
         primary.send_signal(signal.SIGKILL)
         primary.wait(10)
         killed_s = time.monotonic() - t0
