@@ -134,6 +134,7 @@ struct kvmrr_vm {
     kvmrr_icount_t bp_target;        /* the event's icount these describe */
     uint64_t bp_rip;                 /* and its RIP */
     kvmrr_icount_t bp_last_hit;      /* icount at the last hit short of it; -1: none yet */
+    int stalled_kicks;                /* approach kicks in a row that ran nothing */
     kvmrr_icount_t bp_period;        /* longest stretch seen between two hits; 0: unknown */
     /* a debugger's code breakpoints (debug.c), armed as hardware breakpoints in replay's
      * free runs and compared with RIP after its single-steps (run.c, user_break_*) */

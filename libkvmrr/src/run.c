@@ -1525,6 +1525,14 @@ static void bp_hit(struct kvmrr_vm *vm)
     vm->bp_last_hit = vm->icount;
 }
 
+/* An approach kick can fire before the vCPU runs an instruction: here entering KVM_RUN
+ * can take longer than the shortest kick (20 us; about a fifth of a 1 kHz replay's kicks
+ * ran nothing, docs/ARCHITECTURE.md §8).  Each such kick is re-armed as short, so a host
+ * slow enough to stall every one (heavily loaded, or traced: a replay under `perf trace`
+ * made no progress in 40 s) would never get there.  After this many in a row the loop
+ * single-steps once, which always makes progress and cannot pass the target. */
+#define STALLED_KICKS_MAX 3
+
 /* Under a breakpoint a faithful replay cannot pass the target; this kick only bounds how
  * far a diverged one runs on before the loop notices (at a tenth of the peak rate). */
 static int64_t backstop_kick(struct kvmrr_vm *vm, kvmrr_icount_t target)
@@ -1586,6 +1594,8 @@ static void replay_run(struct kvmrr_vm *vm, const struct kvmrr_limits *lim,
          * exit will bring us to. */
         bool exact = !ev || is_async(ev) || ev->kind == KVMRR_EV_INSN || target != ev->icount;
         int debug = step ? DEBUG_STEP : exact ? approach_debug(vm, ev, target) : DEBUG_OFF;
+        if (debug == DEBUG_OFF && exact && vm->stalled_kicks >= STALLED_KICKS_MAX)
+            debug = DEBUG_STEP;
         bool single = debug == DEBUG_STEP;
         if (single) {
             int stop = EXIT_AGAIN;
@@ -1615,6 +1625,8 @@ static void replay_run(struct kvmrr_vm *vm, const struct kvmrr_limits *lim,
             return;
         }
         vm->user_bp_skip = 0;
+        vm->stalled_kicks = er.exit_reason == KVM_EXIT_INTR && vm->icount == entered_at
+                            ? vm->stalled_kicks + 1 : 0;
         if (debug != DEBUG_OFF && ev && cur_rip(vm) == ev->rip)
             bp_hit(vm);
         else if (debug == DEBUG_OFF)
