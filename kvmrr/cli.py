@@ -272,7 +272,8 @@ def _progress_lines(sink, inputs, vm: str, every_s: float = 1.0) -> None:
         while True:
             time.sleep(every_s)
             log.info(events.SERVING, inputs_consumed=inputs.consumed,
-                     inputs_forged=inputs.forged, next_input_offset=inputs.next_offset, **_release_stats(sink))
+                     inputs_forged=inputs.forged, next_input_offset=inputs.next_offset,
+                     **_release_stats(sink))
     threading.Thread(target=loop, name="kvmrr-progress", daemon=True).start()
 
 

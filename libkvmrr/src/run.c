@@ -220,8 +220,8 @@ static int set_sregs(struct kvmrr_vm *vm, const struct kvm_sregs *s)
  * Whether KVM_RUN's return (rc) left a fresh copy of the state `what` (KVM_SYNC_X86_*) in
  * kvm_run.  KVM stores the synced state on every way out of KVM_RUN, a kick's EINTR too,
  * so the exit a kick makes needs no GET_SREGS or GET_VCPU_EVENTS of its own.  Each vCPU
- * ioctl costs a vcpu_load here, whose MSR reads trap to the host below: about a fifth of a
- * 1 kHz replay's time went to the ones after kicks (docs/ARCHITECTURE.md §8).
+ * ioctl costs a vcpu_load here, whose MSR reads trap to the host below: the ioctls around
+ * exits took about an eighth of a 1 kHz replay's time (docs/ARCHITECTURE.md §8).
  */
 static bool ran_synced(const struct kvmrr_vm *vm, int rc, uint64_t what)
 {
