@@ -108,6 +108,9 @@ def test_inputs_wait_while_too_many_responses_are_held():
         def offset(self):
             return 0
 
+        def headers(self):      # no record MAC, as on a plain broker with no key
+            return []
+
     class Consumer:
         def __init__(self):
             self.given = False
@@ -126,7 +129,7 @@ def test_inputs_wait_while_too_many_responses_are_held():
     inputs = service.KafkaInputs.__new__(service.KafkaInputs)
     inputs.consumer, inputs.held_back = Consumer(), sink.held_back
     inputs._pushed, inputs._lock, inputs._stop = deque(), threading.Lock(), threading.Event()
-    inputs.consumed = 0
+    inputs.consumed = inputs.forged = 0
     t = threading.Thread(target=inputs._feed, args=(machine,), daemon=True)
     t.start()
     time.sleep(0.3)
