@@ -1281,10 +1281,16 @@ static void diverge_case(const struct guest *g, const struct recording *r, int c
     CHECK(o.res.icount == o.div.icount);
     CHECKF(o.div.reason[0] && strstr(o.res.message, "divergence"), "reason \"%s\" message \"%s\"",
            o.div.reason, o.res.message);
+    /* At the moved icount itself the RIP differs (else the event would have matched).  A
+     * breakpoint approach that has not yet seen two passes of the event's RIP finds the
+     * divergence at the next pass (run.c, approach_debug), which can be one instruction
+     * on, at that very RIP (seen once under load: moved by -1 onto a `jz`, the pass at the
+     * `inc` after it). */
     CHECKF(o.div.actual[KVMRR_REG_RIP] == o.regs[KVMRR_REG_RIP]
-           && o.div.actual[KVMRR_REG_RIP] != o.div.expected.rip,
-           "actual rip 0x%llx expected rip 0x%llx", (unsigned long long)o.div.actual[KVMRR_REG_RIP],
-           (unsigned long long)o.div.expected.rip);
+           && (o.div.icount != moved || o.div.actual[KVMRR_REG_RIP] != o.div.expected.rip),
+           "actual rip 0x%llx expected rip 0x%llx at %lld (moved to %lld)",
+           (unsigned long long)o.div.actual[KVMRR_REG_RIP],
+           (unsigned long long)o.div.expected.rip, (long long)o.div.icount, (long long)moved);
     /* Everything before the moved event applied. */
     CHECKF(o.stats.events == idx, "%lld events applied before the divergence, want %d",
            (long long)o.stats.events, idx);
