@@ -69,6 +69,9 @@ class KvClient:
         except OSError:
             return None
         s.settimeout(None)
+        # one short line per request: Nagle would hold a request back until the gateway
+        # acknowledges the previous one (its next answer, or a delayed ACK)
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         with self._lock:
             self._sock = s
             resend = [self.pending[i][0] for i in self.order if i in self.pending]

@@ -17,7 +17,10 @@ once; idle slices wait up to IDLE_BATCH_S to go together.
 A Snapshot is written (chunked, on its own topic, by a producer of its own so that its
 megabytes never queue ahead of a log write on the same broker connection) once every log
 record before it is delivered, and carries the log offset where the events after it
-start, and its epoch.
+start, and its epoch.  A snapshot thread waits for those deliveries and encodes it: the
+publisher goes on with the slices after it (a periodic snapshot of 8 MiB used to stall
+the log's writes, and every response behind them, for tens of ms; docs/ARCHITECTURE.md
+§4.5).  At most SNAPSHOTS_PENDING wait at once; then the publisher waits too.
 
 Serving (docs/ARCHITECTURE.md §5), responses leave through kvmrr.<vm>.out, each carrying
 this epoch and the log offset of the record that holds it; the gateway passes one on only
@@ -56,6 +59,7 @@ RELEASE_POLL_S = 0.005     # backups:N: how often held responses look at the ack
 DELIVERY_POLL_S = 0.05     # the delivery thread wakes at once for a report; this bounds
                            # how long it takes to notice close()
 IDLE_BATCH_S = 0.03        # slices without output wait this long at most to go together
+SNAPSHOTS_PENDING = 2      # snapshots handed over and not yet produced (their memory)
 FENCE_WATCH_S = 0.02       # how often the log's tail is asked for a newer epoch
 # For the tests: a primary that learns of a newer epoch this many seconds late (as one
 # whose reads of the log's tail lag), so it keeps writing and releasing after the seal:
@@ -123,6 +127,12 @@ class KafkaSink:
         self._deliveries: threading.Thread | None = None
         self._stop_deliveries = threading.Event()
         self._in_flight = 0            # log records produced, not yet reported
+        self._reported = 0             # log records reported (delivered or failed)
+        # snapshots waiting for the log records before them: (reports due, the record)
+        self._snaps_due: list[tuple[int, dict]] = []
+        self._snap_slots = threading.Semaphore(SNAPSHOTS_PENDING)
+        self._snap_queue: queue.Queue = queue.Queue()     # ready to produce; None: stop
+        self._snapshotter: threading.Thread | None = None
         self._delivered = threading.Condition()     # ... and its changes
         self._watch: threading.Thread | None = None
         self._first_delivered = threading.Event()  # a log record of this sink (or an error)
@@ -211,6 +221,9 @@ class KafkaSink:
         self._deliveries = threading.Thread(target=self._delivery_loop,
                                             name="kvmrr-deliveries", daemon=True)
         self._deliveries.start()
+        self._snapshotter = threading.Thread(target=self._snapshot_loop,
+                                             name="kvmrr-snapshots", daemon=True)
+        self._snapshotter.start()
         self._thread = threading.Thread(target=self._publish_loop, name="kvmrr-publisher",
                                         daemon=True)
         self._thread.start()
@@ -293,6 +306,7 @@ class KafkaSink:
                     self._finish()
                 except (KafkaLogError, KafkaException) as exc:
                     self.error = _as_log_error(exc)
+        self._stop_snapshots()
         self._closing.set()
         if self.release_tail is not None:      # a takeover that did not go live
             self.release_tail.close()
@@ -314,7 +328,8 @@ class KafkaSink:
         """The recording ended (the publisher and delivery threads are done): every record
         delivered, the responses released; under backups:N the held ones wait for their
         acks, for a while."""
-        self._flush(self.producer, "the log")
+        self._flush(self.producer, "the log")     # its reports hand the last snapshots over
+        self._stop_snapshots()
         if self._snap_producer is not None:
             self._flush(self._snap_producer, self.topics.snapshots)
         if self.error:
@@ -390,6 +405,8 @@ class KafkaSink:
                 self._log_delivered(batch, msg.offset(), began, handed)
             with self._delivered:
                 self._in_flight -= 1
+                self._reported += 1
+                self._hand_snapshots()
                 self._delivered.notify_all()
         with self._delivered:
             self._in_flight += 1
@@ -420,30 +437,54 @@ class KafkaSink:
         """(delivery thread) the slice handed over at `handed` is committed."""
         self.commit_latencies.append(time.monotonic() - handed)
 
-    def _all_delivered(self) -> None:
-        """Wait until every log record produced is reported (a snapshot's log_offset)."""
-        deadline = time.monotonic() + DELIVERY_TIMEOUT_S
-        with self._delivered:
-            while self._in_flight and self.error is None:
-                if not self._delivered.wait(deadline - time.monotonic()):
-                    raise KafkaLogError(f"the recorder of VM {self.vm} cannot write "
-                                        f"{self.topics.log}: {self._in_flight} records "
-                                        f"unacknowledged after {DELIVERY_TIMEOUT_S:.0f} s")
-
     def _write_snapshot(self, rec: dict) -> None:
-        """After every log record before it is delivered, so that its log_offset is where
-        the events after it start; then in flight on its own producer (nothing waits)."""
-        self._all_delivered()
-        if self.error:
-            return
-        snap = dict(rec, log_offset=self.next_log_offset, epoch=self.epoch)
+        """(publisher) Due once every log record produced before it is reported: then
+        its log_offset is where the events after it start.  Waits only while
+        SNAPSHOTS_PENDING others are not yet produced."""
+        while not self._snap_slots.acquire(timeout=DELIVERY_POLL_S):
+            if self.error:
+                return
+        with self._delivered:
+            self._snaps_due.append((self._reported + self._in_flight, rec))
+            self._hand_snapshots()
 
+    def _hand_snapshots(self) -> None:
+        """(holding self._delivered) The snapshots whose log records are all reported, to
+        the snapshot thread; after a failed write none (the recording ends)."""
+        while self._snaps_due and self._snaps_due[0][0] <= self._reported:
+            _, rec = self._snaps_due.pop(0)
+            if self.error:
+                self._snap_slots.release()
+                continue
+            self._snap_queue.put(dict(rec, log_offset=self.next_log_offset, epoch=self.epoch))
+
+    def _snapshot_loop(self) -> None:
+        """(snapshot thread) Encode and produce the snapshots handed over, in order."""
         def delivered(err, msg):
             if err is not None:
                 self._fail(err, self.topics.snapshots)
-        for chunk in split_snapshot(snap, SNAPSHOT_CHUNK_BYTES):
-            self._produce(self.topics.snapshots, chunk, icount_key(chunk["icount"]),
-                          delivered, self._snap_producer)
+        while True:
+            snap = self._snap_queue.get()
+            if snap is None:
+                return
+            try:
+                if not self.error:
+                    for chunk in split_snapshot(snap, SNAPSHOT_CHUNK_BYTES):
+                        self._produce(self.topics.snapshots, chunk, icount_key(chunk["icount"]),
+                                      delivered, self._snap_producer)
+            except (KafkaLogError, KafkaException) as exc:
+                self.error = _as_log_error(exc)
+            except Exception as exc:
+                self.error = exc
+            finally:
+                self._snap_slots.release()
+
+    def _stop_snapshots(self) -> None:
+        """Let the snapshot thread produce what it was handed, and end it (idempotent)."""
+        if self._snapshotter is not None:
+            self._snap_queue.put(None)
+            self._snapshotter.join()
+            self._snapshotter = None
 
     def _publish_units(self, units: list) -> None:
         for handed, recs, began, _ in units:
