@@ -25,7 +25,8 @@ the log's writes, and every response behind them, for tens of ms; docs/ARCHITECT
 Serving (docs/ARCHITECTURE.md §5), responses leave through kvmrr.<vm>.out, each carrying
 this epoch and the log offset of the record that holds it; the gateway passes one on only
 if that record precedes the next epoch's Epoch record.  The policy decides when: `log` once
-its record is delivered, `backups:N` once N backups' acks cover its icount.
+its record is delivered, `backups:N` once N backups' acks cover its icount.  Releases have
+a producer of their own, so that they never wait behind a log write, nor it behind them.
 
 A thread watches the log's tail for Epoch records: one newer than this primary's epoch
 means it was sealed out; it releases nothing more and the next commit() raises FencedError
@@ -102,6 +103,14 @@ class KafkaSink:
         self.producer = Producer(dict(client_conf(bootstrap, client_id(vm, "recorder")),
                                       **WRITER_SETTINGS, **self.log_producer_extra()))
         self._snap_producer: Producer | None = None     # made when going live
+        # releases go on a producer of their own: on the log's (one request in flight) a
+        # .out write and the next slice's log write waited for each other, about 4 ms a
+        # response at 100 requests/s, so a short hiccup took a second to drain
+        self._out_producer = Producer(dict(
+            client_conf(bootstrap, client_id(vm, "recorder")), **WRITER_SETTINGS)) \
+            if serve else None
+        self._out_reports: threading.Thread | None = None
+        self._stop_out_reports = threading.Event()
         self.serving = serve
         self.policy = policy
         self.start_ms: dict[str, float] = {}
@@ -154,6 +163,8 @@ class KafkaSink:
         """Connect now and get the producer's id, so that a takeover's seal() is one write:
         a backup does this when it becomes the designated successor."""
         self.producer.list_topics(self.topics.log, timeout=CONNECT_WARM_S)
+        if self._out_producer is not None:
+            self._out_producer.list_topics(self.topics.outputs, timeout=CONNECT_WARM_S)
 
     def seal(self, epoch: int, sealer: str) -> int:
         """Become the primary of `epoch` and append its Epoch record to the log; its
@@ -224,6 +235,10 @@ class KafkaSink:
         self._snapshotter = threading.Thread(target=self._snapshot_loop,
                                              name="kvmrr-snapshots", daemon=True)
         self._snapshotter.start()
+        if self._out_producer is not None:
+            self._out_reports = threading.Thread(target=self._out_report_loop,
+                                                 name="kvmrr-release-reports", daemon=True)
+            self._out_reports.start()
         self._thread = threading.Thread(target=self._publish_loop, name="kvmrr-publisher",
                                         daemon=True)
         self._thread.start()
@@ -301,6 +316,9 @@ class KafkaSink:
                 self._thread.join()
                 self._stop_deliveries.set()
                 self._deliveries.join()
+                self._stop_out_reports.set()
+                if self._out_reports is not None:
+                    self._out_reports.join()
             if not self.error:      # what is still in flight, its releases, then the held
                 try:
                     self._finish()
@@ -317,8 +335,9 @@ class KafkaSink:
         if self.acks:
             self.acks.close()
         self.producer.flush(5)
-        if self._snap_producer is not None:
-            self._snap_producer.flush(5)
+        for producer in (self._snap_producer, self._out_producer):
+            if producer is not None:
+                producer.flush(5)
         if self.fenced:
             raise self.fenced
         if self.error:
@@ -337,7 +356,7 @@ class KafkaSink:
         deadline = time.monotonic() + DELIVERY_TIMEOUT_S
         while self.serving and not self.fenced and not self.error:
             self._release()
-            self._flush(self.producer, self.topics.outputs)
+            self._flush(self._out_producer, self.topics.outputs)
             if not self._held or self.acks is None:
                 return
             if time.monotonic() > deadline:
@@ -555,6 +574,15 @@ class KafkaSink:
             except Exception as exc:
                 self.error = exc
 
+    def _out_report_loop(self) -> None:
+        """(release-report thread) The .out delivery reports as they come: a response
+        counts as released (its latency) when its record is written."""
+        while not self._stop_out_reports.is_set():
+            try:
+                self._out_producer.poll(DELIVERY_POLL_S)
+            except KafkaException as exc:
+                self.error = _as_log_error(exc)
+
     def _releasable(self) -> list[tuple[float, dict]]:
         """The held responses the policy lets go now, a prefix in seq order."""
         if not self._held or self.fenced:
@@ -588,7 +616,7 @@ class KafkaSink:
                 hist.observe(seconds)
                 released.inc()
             self._produce(self.topics.outputs, dict(out, epoch=self.epoch),
-                          str(out["seq"]).encode(), delivered)
+                          str(out["seq"]).encode(), delivered, self._out_producer)
 
 
 def _as_log_error(exc: Exception) -> KafkaLogError:
