@@ -93,7 +93,9 @@ def _instrumented_sink():
             self.output: dict[float, bool] = {}       # slice (handed) -> it had output
             self.produced: dict[float, float] = {}    # slice (handed) -> its records produced
             self.committed: list[tuple[float, float]] = []   # (handed, committed), in order
-            self.snapshots: list[tuple[float, float]] = []   # (wait for the log, produced)
+            # (handed to the publisher, the publisher goes on): since the snapshot thread
+            # waits for the log (recorder/kafka_sink.py), only a wait for a free slot
+            self.snapshots: list[tuple[float, float]] = []
             self.stop_at: float | None = None         # wall budget: end the record here
             self.session = None
             self.primary: list[tuple[float, int]] = []   # (t, icount) at every slice
