@@ -186,12 +186,6 @@ class KvClient:
         with self._lock:
             return dict(self.answered_at)
 
-    def latencies_answered_before(self, t: float) -> list[float]:
-        """Seconds from sent to answered of every request answered before monotonic time t
-        (before a kill: the service's latency while all was well)."""
-        with self._lock:
-            return [a - s for s, a in self.answered_at.values() if a < t]
-
     def first_answer_sent_after(self, t: float) -> float | None:
         """When the first answer to a request sent at or after monotonic time t came: after
         a primary is killed at t, the first response from its successor."""
