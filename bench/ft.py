@@ -6,8 +6,9 @@ kvstore under one fixed client load, all in one run on one single-node loopback 
   answered requests over the time from the first request sent to the last answer.
 - output commit latency p50/p99: the primary's own figure (response in its slice handed
   to the publisher -> released), and the client's request latency beside it.  Each served
-  run starts its load once the service has answered one request (first_request_ms: a
-  guest just started boots first).
+  run starts its load once the service has answered one request (first_answer_ms: a
+  guest just started boots first) and the backup follows within 250 ms
+  (backups_caught_up_s; FtCluster.until_serving).
 - the sweep's load (bench/sweep.json, `log`, one backup), SWEEP_LOAD_TRIALS runs: the
   client's request latency, whose p99 has a floor in every run.
 - failover: SIGKILL the primary, then the time until the client receives the first

@@ -137,11 +137,7 @@ def served(bootstrap: str, work: Path, *, commit: str, backups: int, txn_ms: flo
         ft.start_gateway()
         ft.wait_backups_reading()
         client = ft.client()
-        # the load starts once the service answers: a guest just started boots first (its
-        # first answer, reported as first_request_ms, is not the service's steady latency)
-        t_ready = time.monotonic()
-        client.request("GET ready", timeout=60)
-        first_ms = (time.monotonic() - t_ready) * 1000
+        ready = ft.until_serving(client)
         t0 = time.monotonic()
         client.run(rate_hz, seconds)
         drained = client.drain(60)
@@ -157,7 +153,7 @@ def served(bootstrap: str, work: Path, *, commit: str, backups: int, txn_ms: flo
         ft.stop()
     return {"requests_per_s": len(times) / (last - t0), "drained": drained,
             "lost": report.lost, "duplicated": report.duplicated,
-            "first_request_ms": round(first_ms, 1),
+            **ready,
             "output_commit_p50_ms": summary.get("output_commit_p50_ms"),
             "output_commit_p99_ms": summary.get("output_commit_p99_ms"),
             "client_latency_p50_ms": percentile_ms(latencies, 0.5),

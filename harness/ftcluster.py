@@ -232,6 +232,34 @@ class FtCluster:
         wait_for(lambda: all(b.last(events.READING) or b.proc.poll() is not None
                              for b in self.backups()), timeout, "the backups to start")
 
+    def backups_following(self, max_lag_ms: float = 250.0, timeout: float = 10.0) -> bool:
+        """Wait until every live backup says it follows within max_lag_ms of the primary
+        (its `following` line, once a second): the catch-up of a start is over.  False if
+        that did not come within timeout (a busy machine: the caller goes on anyway)."""
+        def caught_up(b: Node) -> bool:
+            line = b.last(events.FOLLOWING)
+            return b.proc.poll() is not None or (line is not None
+                                                 and line.get("lag_ms", 1e9) <= max_lag_ms)
+        try:
+            wait_for(lambda: all(caught_up(b) for b in self.backups()), timeout,
+                     "the backups to follow")
+            return True
+        except TimeoutError:
+            return False
+
+    def until_serving(self, client: KvClient) -> dict:
+        """Before a measured load: one request answered (a guest just started boots first,
+        and that answer waits for it) and the backups caught up with the start (restoring
+        its snapshot and replaying the boot take the CPUs the primary needs).  How long
+        each took, as figures to report beside the load's (backups_caught_up_s None: not
+        within 10 s, and the load starts anyway)."""
+        t0 = time.monotonic()
+        client.request("GET ready", timeout=60)
+        t1 = time.monotonic()
+        caught_up = self.backups_following()
+        return {"first_answer_ms": round((t1 - t0) * 1000, 1),
+                "backups_caught_up_s": round(time.monotonic() - t1, 2) if caught_up else None}
+
     def client(self, name: str = "c1", seed: int = 7) -> KvClient:
         return KvClient("127.0.0.1", self.gateway_port, name=name, seed=seed)
 
