@@ -19,7 +19,6 @@ kvstore under one fixed client load, all in one run on one single-node loopback 
 """
 from __future__ import annotations
 
-import json
 import os
 import platform
 import statistics
@@ -35,8 +34,7 @@ from kvmrr_log import events
 from libkvmrr import best_counter
 from harness.ftcluster import FtCluster
 from harness.localkafka import LocalKafka, LocalKafkaError
-from bench.sweep import plain_requests_per_s, served
-from kvmrr_log.paths import REPO
+from bench.sweep import plain_requests_per_s, served, sweep_load_hz
 
 RATE_HZ = 150.0
 SWEEP_LOAD_TRIALS = 3             # served at the sweep's load (bench/sweep.json), `log`
@@ -61,12 +59,6 @@ def _served(bootstrap: str, work: Path, commit: str, seconds: float, counter: st
                  counter=counter)
     return dict(row, commit=commit, rate_hz=rate_hz,
                 requests_per_s=round(row["requests_per_s"], 1))
-
-
-def sweep_load() -> float:
-    """The offered load of the sweep's served rows (bench/sweep.json, commit_policy)."""
-    return float(json.loads((REPO / "bench" / "sweep.json").read_text())
-                 ["commit_policy"]["rate_hz"])
 
 
 def _failover(bootstrap: str, work: Path, trial: int, counter: str) -> dict:
@@ -137,7 +129,7 @@ def bench_ft(quick: bool) -> dict:
             LOG.info("served", commit=commit, requests_per_s=r["requests_per_s"],
                      output_commit_p50_ms=r["output_commit_p50_ms"],
                      output_commit_p99_ms=r["output_commit_p99_ms"])
-        load = sweep_load()
+        load = sweep_load_hz()
         rows = []
         for trial in range(SWEEP_LOAD_TRIALS):
             rows.append(_served(kafka.bootstrap, work, "log", seconds, counter, load))

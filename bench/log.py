@@ -25,14 +25,13 @@ from kvmrr_log.guest_images import load_guest
 from harness.localkafka import LocalKafka, LocalKafkaError, kafkactl
 from recorder.session import RecordSession
 from bench.core import per_second
+from bench.sweep import sweep_load_hz
 from kvmrr_log.paths import REPO
 from kvmrr_log.percentiles import percentile_ms
 
 LOG = structlog.get_logger(bench="log")     # lazy: configured at the start of main
 COMMIT_P99_FLOOR_MS = 20.0
 COMMIT_P50_FLOOR_MS = 5.0
-SWEEP_LOAD_HZ = float(json.loads((REPO / "bench" / "sweep.json").read_text())
-                      ["commit_policy"]["rate_hz"])     # the served rows' load
 
 
 class BenchError(RuntimeError):
@@ -250,7 +249,7 @@ def _replicated_writes(bootstrap: str, n: int) -> dict:
     in-sync replicas must have, the floor under the recorder's commit (which is one such
     write of a group of slices, docs/ARCHITECTURE.md §4)."""
     return _dist_ms(write_latencies(
-        bootstrap, f"bench-write-{os.getpid()}-{time.time_ns() % 10**9}", n))
+        bootstrap, _vm_name("write"), n))
 
 
 def write_latencies(bootstrap: str, vm: str, n: int) -> list[float]:
@@ -274,12 +273,17 @@ def write_latencies(bootstrap: str, vm: str, n: int) -> list[float]:
     return lat
 
 
+def _vm_name(*parts: str) -> str:
+    """A VM id of this bench's own, new on every call (its topics are new)."""
+    return "-".join(["bench", *parts, str(os.getpid()), str(time.time_ns() % 10**9)])
+
+
 def _warm_up(bootstrap: str, tag: str, seconds: float) -> None:
     """The served workload for `seconds`, figures thrown away: fresh brokers run their
     first minute interpreted or half-compiled (C1), and a 3-node cluster's first kvstore
     run at 100/s gave a commit p99 of 32-45 ms against 10-12 ms in the next two."""
-    _record(bootstrap, f"bench-{tag}-warmup-{os.getpid()}-{time.time_ns() % 10**9}",
-            "kvstore", load=SWEEP_LOAD_HZ, wall_s=seconds)
+    _record(bootstrap, _vm_name(tag, "warmup"), "kvstore", load=sweep_load_hz(),
+            wall_s=seconds)
 
 
 def _throughput(bootstrap: str, tag: str, quick: bool, brokers: Brokers | None = None) -> dict:
@@ -287,15 +291,16 @@ def _throughput(bootstrap: str, tag: str, quick: bool, brokers: Brokers | None =
     runs = {}
     # the sweep's load first: the guest far from flat out (it does about 300 requests/s
     # here), the brokers' latency rather than the CPUs' queue
-    vm = f"bench-{tag}-sweep-load-{os.getpid()}-{time.time_ns() % 10**9}"
-    runs["kvstore_sweep_load"], _ = _record(bootstrap, vm, "kvstore", load=SWEEP_LOAD_HZ,
-                                            wall_s=8.0 if quick else 20.0, brokers=brokers)
+    load = sweep_load_hz()
+    runs["kvstore_sweep_load"], _ = _record(bootstrap, _vm_name(tag, "sweep-load"), "kvstore",
+                                            load=load, wall_s=8.0 if quick else 20.0,
+                                            brokers=brokers)
     r = runs["kvstore_sweep_load"]
-    LOG.info("sweep_load", cluster=tag, rate_hz=SWEEP_LOAD_HZ, commit_p50_ms=r["commit_p50_ms"],
+    LOG.info("sweep_load", cluster=tag, rate_hz=load, commit_p50_ms=r["commit_p50_ms"],
              commit_p99_ms=r["commit_p99_ms"])
     for name, guest, bootargs, load in (("kvstore_load2000", "kvstore", "", 2000.0),
                                         ("ticks_1000hz", "ticks", "timer_hz=1000", 0.0)):
-        vm = f"bench-{tag}-{name}-{os.getpid()}-{time.time_ns() % 10**9}"
+        vm = _vm_name(tag, name)
         runs[name], _ = _record(bootstrap, vm, guest, bootargs=bootargs, load=load,
                                 max_instructions=budget, brokers=brokers)
         r = runs[name]
@@ -308,7 +313,7 @@ def _throughput(bootstrap: str, tag: str, quick: bool, brokers: Brokers | None =
 def _follower_lag(bootstrap: str, tag: str, quick: bool) -> dict:
     """Record ticks at 100 Hz for a wall budget while `kvmrr follow` follows it live."""
     wall = 10.0 if quick else 60.0
-    vm = f"bench-{tag}-lag-{os.getpid()}-{time.time_ns() % 10**9}"
+    vm = _vm_name(tag, "lag")
     cmd = [sys.executable, "-m", "kvmrr.cli", "follow", "--log", f"kafka://{bootstrap}/{vm}",
            "--backup-id", "bench", "--json", "--quiet", "--idle-timeout", "30"]
     follower = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,

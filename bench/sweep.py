@@ -52,6 +52,12 @@ def load_config(path: Path, quick: bool) -> dict:
     return cfg
 
 
+def sweep_load_hz() -> float:
+    """The offered load of the sweep's served rows (commit_policy): the load other
+    benches name "the sweep's load"."""
+    return float(load_config(CONFIG, quick=False)["commit_policy"]["rate_hz"])
+
+
 def _cli(*args: str, timeout: float = 900) -> dict:
     proc = subprocess.run([sys.executable, "-m", "kvmrr.cli", *args], cwd=REPO,
                           capture_output=True, text=True, timeout=timeout)
@@ -144,7 +150,7 @@ def served(bootstrap: str, work: Path, *, commit: str, backups: int, txn_ms: flo
         times = [(s, a) for s, a in client.answer_times().values() if s >= t0]
         last = max((a for _, a in times), default=time.monotonic())
         report = client.report()
-        latencies = [a - s for s, a in times]
+        latencies = client.latencies_between(sent_from=t0)
         client.request("QUIT", timeout=60)
         summary = ft.primary.result() if ft.primary.wait(120) == 0 else {}
         with ft.as_replica():

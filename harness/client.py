@@ -186,6 +186,15 @@ class KvClient:
         with self._lock:
             return dict(self.answered_at)
 
+    def latencies_between(self, sent_from: float = 0.0,
+                          answered_before: float = float("inf")) -> list[float]:
+        """Seconds from sent to answered of the requests sent at or after monotonic time
+        sent_from and answered before answered_before (a measured load's, or those before
+        a kill)."""
+        with self._lock:
+            return [a - s for s, a in self.answered_at.values()
+                    if s >= sent_from and a < answered_before]
+
     def first_answer_sent_after(self, t: float) -> float | None:
         """When the first answer to a request sent at or after monotonic time t came: after
         a primary is killed at t, the first response from its successor."""

@@ -159,7 +159,7 @@ def scenario(ft: FtCluster, counter: str) -> dict:
         log.warning("primary_killed", signal="SIGKILL", pid=primary.proc.pid)
         t_kill = time.monotonic()
         primary.kill()
-        before = [a - s for s, a in client.answer_times().values() if t_load <= s and a < t_kill]
+        before = client.latencies_between(sent_from=t_load, answered_before=t_kill)
         client.run(RATE_HZ, AFTER_KILL_S, on_tick=progress)
         client.drain(60)      # the new primary's first answers may still be on their way
         failover_s = ft.first_new_primary_answer(client, t_kill)
