@@ -173,37 +173,51 @@ def test_xsave_faults_like_the_cpu():
         assert " faults=44 " in line, (counter, line)   # 8 * 5 + 2 * 2
 
 
-def test_guest_trap_flag_is_refused_when_single_stepped(tmp_path):
-    """A guest that sets its own RFLAGS.TF (trapflag): running free, KVM delivers its #DB
-    traps and fast records and replays it; single-stepped, this host hides the guest's TF
-    from the core (run.c), so a step record, and a step replay, stop at the first such
-    POPF with exit 2 and one line, never a replay that lost the traps."""
-    # No timer and no checksums: nothing for a fast replay to approach by single-steps,
-    # so it runs free throughout and must verify.
-    quiet, rec = record(tmp_path, "trapflag", "fast", 0,
-                        extra=("--bootargs", "timer_hz=0 iters=50", "--checksum-every", 0))
+def one_line_refusal(proc, words):
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode == 2 and len(lines) == 1 and words in lines[0], proc.stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize("counter", ["fast", "step"])
+@pytest.mark.parametrize("hz", [0, 1000])
+@pytest.mark.parametrize("how,words", [(0, "RFLAGS.TF"), (1, "RFLAGS.TF"), (2, "DR7 0x401")],
+                         ids=["tf", "tf-dr6-cleared", "own-breakpoint"])
+def test_guest_debug_is_refused_at_record(tmp_path, counter, hz, how, words):
+    """The guest's own debug machinery (trapflag): its single-step trap (how=0), the same
+    with a handler that clears DR6 as an OS's does (how=1), and a breakpoint of its own in
+    DR0/DR7 (how=2).  This host hides the guest's TF from a core that single-steps, which
+    a replay does before its events, and the core's breakpoints take the debug registers:
+    a record of either counter stops with exit 2 and one line, at the first #DB (fast:
+    a breakpoint on the guest's #DB handler, then its DR6) or POPF that sets TF (step),
+    or once DR7 enables a breakpoint.  The one case a record misses is a #DB gate set and
+    a trap taken between two exits with DR6 cleared by the handler (how=1 with no timer
+    under fast): test_guest_trap_flag_missed_at_record."""
+    if counter == "fast" and how == 1 and hz == 0:
+        pytest.skip("the case a fast record misses: test_guest_trap_flag_missed_at_record")
+    proc = kvmrr("record", guest("trapflag"), "--log", f"file:{tmp_path / 't.avro'}",
+                 "--mode", counter, "--bootargs", f"timer_hz={hz} iters=50 how={how}",
+                 check=False, timeout=120)
+    line = one_line_refusal(proc, "POPF" if counter == "step" and how < 2 else words)
+    if counter == "fast" and hz and how < 2:
+        # at the first trap, seen at the handler's entry: the loop's first POPF is a few
+        # instructions before
+        assert "took a #DB" in line, line
+
+
+def test_guest_trap_flag_missed_at_record(tmp_path):
+    """The gap left (docs/ARCHITECTURE.md §2.7): trapflag with a handler that clears DR6
+    and no timer takes all its traps in one free run, before any exit could arm the watch
+    on its #DB handler, so `fast` records it.  Its replay runs free too and verifies; a
+    replay that single-steps across it refuses at the POPF that sets TF, in one line,
+    never a replay that lost the traps."""
+    log, rec = record(tmp_path, "trapflag", "fast", 0,
+                      extra=("--bootargs", "timer_hz=0 iters=50 how=1", "--checksum-every", 0))
     assert rec["reason"] == "exited"
-    rep = replay(quiet, "trapflag", "fast")
+    rep = replay(log, "trapflag", "fast")
     assert rep["verified"] and rep["state_hash"] == rec["state_hash"]
-    # With a 1 kHz timer, a fast replay single-steps the last instructions before each
-    # tick; where a tick lands near the guest's POPF depends on the host's timing, so it
-    # verifies or refuses in one line: never a replay that lost the traps.
-    log, rec = record(tmp_path, "trapflag", "fast", 1000, extra=("--bootargs", "timer_hz=1000 iters=50"))
-    assert rec["reason"] == "exited"
-    proc = kvmrr("replay", "--log", f"file:{log}", "--guest", guest("trapflag"), "--mode",
-                 "fast", "--json", "--quiet", check=False, timeout=120)
-    if proc.returncode == 0:
-        rep = json.loads(proc.stdout.strip().splitlines()[-1])
-        assert rep["verified"] and rep["state_hash"] == rec["state_hash"]
-    else:
-        lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-        assert proc.returncode == 2 and len(lines) == 1 and "RFLAGS.TF" in lines[0], proc.stderr
-    for args in (("record", guest("trapflag"), "--log", f"file:{tmp_path / 's.avro'}", "--mode", "step"),
-                 ("replay", "--log", f"file:{log}", "--mode", "step")):
-        proc = kvmrr(*args, check=False, timeout=120)
-        assert proc.returncode == 2, (args[0], proc.returncode, proc.stderr)
-        lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-        assert len(lines) == 1 and "RFLAGS.TF" in lines[0], proc.stderr
+    proc = kvmrr("replay", "--log", f"file:{log}", "--mode", "step", check=False, timeout=120)
+    one_line_refusal(proc, "RFLAGS.TF")
 
 
 def test_exact_stops_through_xsave_faults():

@@ -2,7 +2,7 @@
  * register but RSP and RIP in the frame: the interrupted code sees only the skip. */
     .text
     .globl t_ud_skip2, t_ud_nested, t_de_skip3, t_gp_skip3, t_pf_skip3, t_trap_count
-    .globl t_ud_skip3, t_nm_skip3, t_db_untrap
+    .globl t_ud_skip3, t_nm_skip3, t_db_untrap, t_db_untrap_dr6, t_db_resume
 
 /* #UD on a 2-byte UD2 */
 t_ud_skip2:
@@ -56,6 +56,22 @@ t_nm_skip3:
 t_db_untrap:
     incq t_traps(%rip)
     andq $~0x100, 16(%rsp)
+    iretq
+
+/* the same, clearing DR6's cause bits as an OS's handler does */
+t_db_untrap_dr6:
+    incq t_traps(%rip)
+    andq $~0x100, 16(%rsp)
+    pushq %rax
+    movq $0xffff0ff0, %rax
+    movq %rax, %dr6
+    popq %rax
+    iretq
+
+/* a breakpoint of the guest's own (DR0): count it, resume past it with RF */
+t_db_resume:
+    incq t_traps(%rip)
+    orq $0x10000, 16(%rsp)
     iretq
 
 /* INT3 / INT n: a trap, RIP already past it */

@@ -19,7 +19,7 @@ extern volatile uint64_t t_traps;    /* INT3 / INT n handled */
 /* Handlers in stubs.S.  *_skipN: add N to the saved RIP (the faulting instruction's
  * length), count in t_faults; the error-code variants pop it first. */
 extern char t_ud_skip2[], t_ud_nested[], t_de_skip3[], t_gp_skip3[], t_pf_skip3[],
-    t_trap_count[], t_ud_skip3[], t_nm_skip3[], t_db_untrap[];
+    t_trap_count[], t_ud_skip3[], t_nm_skip3[], t_db_untrap[], t_db_untrap_dr6[], t_db_resume[];
 
 #define T_GATE_INTR 0x8e   /* present, DPL 0, 64-bit interrupt gate: clears IF */
 #define T_GATE_TRAP 0x8f   /* present, DPL 0, 64-bit trap gate: keeps IF */

@@ -125,6 +125,8 @@ struct kvmrr_vm {
     bool time_scanned;               /* fast record: guest RAM searched for them once */
     int time_sites;                  /* fast record: RDTSC/RDRAND/RDSEED places watched */
     uint64_t time_site[4];
+    uint64_t db_entry;               /* fast record: the guest's #DB handler watched; 0: none */
+    int64_t debug_poll_ns;           /* record: when the guest's DR6/DR7 are next checked */
     bool msr_filter;                 /* time-like MSR reads exit to the core */
     uint64_t stat_base;              /* stat value at icount 0 (fast) */
     kvmrr_icount_t icount;           /* exact count at the current stop */
@@ -189,7 +191,8 @@ void vm_regs_to_array(const struct kvm_regs *r, uint64_t out[KVMRR_NREGS]);
  * instruction breakpoint (DR0) at bp. */
 enum guest_debug { DEBUG_OFF, DEBUG_STEP, DEBUG_BP,
                    DEBUG_STEP_WATCH, /* run.c: single-step, exception handlers watched */
-                   DEBUG_TIME_WATCH, /* run.c: free, breakpoints on RDTSC/RDRAND/RDSEED */
+                   DEBUG_RECORD_WATCH, /* run.c: free record, breakpoints on RDTSC/RDRAND/
+                                        RDSEED and the guest's #DB handler */
                    DEBUG_USER_BP     /* run.c: free, a debugger's breakpoints (and DEBUG_BP's) */ };
 /* A replay run that stopped at one of vm->user_bp: kvmrr_vm_run's stop for debug.c only,
  * which reports it as KVMRR_DEBUG_BREAK (never seen outside the library). */

@@ -809,30 +809,98 @@ static int settle_exception(struct kvmrr_vm *vm, bool events_synced)
  * "int $0x40; rdtsc" logs 66 RDTSC under fast against 735 under step in 8000
  * instructions; fuzzer seeds 2010 and 2017).  Until that is understood, `fast` refuses
  * a guest whose memory holds any, at once, and step records it.  The watch below is kept
- * for the host where it holds (set this to 4 there, and test it with the fuzzer).
+ * for the host where it holds (set this to 3 there, the fourth register being the #DB
+ * watch's, and test it with the fuzzer).
  */
 #define TIME_SITES_WATCHED 0
 
-/* Free-running `fast` record: hardware breakpoints on the places that may hold RDTSC,
- * RDRAND or RDSEED (time_sites_scan).  All of them, the one at the current RIP too: the
- * loop enters at a site only with an interrupt or exception to deliver first (else
- * exec_special executes the instruction there), and the handler's return must hit it. */
-static int time_watch_debug(struct kvmrr_vm *vm)
+/* The guest's #DB handler (IDT vector 1), if its gate is present. */
+static bool db_handler(struct kvmrr_vm *vm, uint64_t *entry)
+{
+    struct kvm_sregs s;
+    return cur_sregs(vm, &s) == 0 && gate_target(vm, &s, 1, entry) == 0;
+}
+
+/*
+ * A `fast` record's free runs, watched with hardware breakpoints:
+ *  - the places that may hold RDTSC, RDRAND or RDSEED (time_sites_scan), all of them,
+ *    the one at the current RIP too: the loop enters at a site only with an interrupt or
+ *    exception to deliver first (else exec_special executes the instruction there), and
+ *    the handler's return must hit it;
+ *  - the entry of the guest's #DB handler.  A guest that single-steps itself
+ *    (RFLAGS.TF) takes its traps there.  Running free, KVM delivers them, but this host
+ *    hides the guest's TF from a core that single-steps, and a replay single-steps before
+ *    its asynchronous events: such a log could not be replayed, so the record stops at
+ *    the guest's first #DB (guest_debug_used).  (A step record refuses the POPF that sets
+ *    TF, exec_special.)  Not at the current RIP, where it would hit at once: the loop
+ *    single-steps from there instead.
+ */
+static int record_watch_debug(struct kvmrr_vm *vm)
 {
     struct kvm_guest_debug dbg = { .control = KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_USE_HW_BP };
-    uint64_t dr7 = 0x400;
-    for (int i = 0; i < vm->time_sites; i++) {
-        dbg.arch.debugreg[i] = vm->time_site[i];
-        dr7 |= 1ull << (2 * i);
+    uint64_t dr7 = 0x400, entry;
+    int n = 0;
+    for (int i = 0; i < vm->time_sites && n < 3; i++) {
+        dbg.arch.debugreg[n] = vm->time_site[i];
+        dr7 |= 1ull << (2 * n++);
+    }
+    vm->db_entry = 0;
+    if (db_handler(vm, &entry) && entry != cur_rip(vm)) {
+        dbg.arch.debugreg[n] = entry;
+        dr7 |= 1ull << (2 * n++);
+        vm->db_entry = entry;
     }
     dbg.arch.debugreg[7] = dr7;
-    if (vm->debug_mode == DEBUG_TIME_WATCH && vm->debug_bp == dr7)
+    if (vm->debug_mode == DEBUG_RECORD_WATCH && vm->debug_bp == dr7
+        && memcmp(vm->watch, dbg.arch.debugreg, sizeof(vm->watch)) == 0)
         return 0;
     if (ioctl(vm->vcpu_fd, KVM_SET_GUEST_DEBUG, &dbg) < 0)
         return -1;
-    vm->debug_mode = DEBUG_TIME_WATCH;
+    vm->debug_mode = DEBUG_RECORD_WATCH;
     vm->debug_bp = dr7;
+    memcpy(vm->watch, dbg.arch.debugreg, sizeof(vm->watch));
     return 0;
+}
+
+/*
+ * The guest's own debug state, which a record must refuse:
+ *  - a #DB it took: DR6 holds its cause (B0-B3, BD, BS, BT), set by KVM at the delivery;
+ *    the core's own breakpoints never touch the guest's DR6;
+ *  - breakpoints it armed in DR7.  The core's breakpoints take KVM's guest-debug
+ *    registers, which leaves the guest's DR7 without effect in those runs and in effect
+ *    in the others: it would take its breakpoints in some runs of a record or replay and
+ *    not in others.
+ * Checked at the #DB handler's watched entry (record_watch_debug), at least every
+ * DEBUG_POLL_NS in a record's loop, and when a record's run ends (kvmrr_vm_run): a guest
+ * that set its #DB gate and trapped between two exits, and cleared DR6 in its handler,
+ * is the one case found only by a replay (which refuses it, in one line).
+ */
+#define DR6_TRAPS     0xe00full   /* B0-B3, BD, BS, BT */
+#define DR7_ENABLES   0xffull     /* L0-L3, G0-G3 */
+#define DEBUG_POLL_NS 10000000
+
+static bool guest_debug_used(struct kvmrr_vm *vm, struct kvmrr_result *res, bool now)
+{
+    int64_t t = mono_ns();
+    if (!now && t < vm->debug_poll_ns)
+        return false;
+    vm->debug_poll_ns = t + DEBUG_POLL_NS;
+    struct kvm_debugregs d;
+    if (ioctl(vm->vcpu_fd, KVM_GET_DEBUGREGS, &d) < 0)
+        return false;
+    char what[190];
+    if (d.dr7 & DR7_ENABLES)
+        snprintf(what, sizeof(what), "the guest enabled breakpoints of its own (DR7 0x%llx), "
+                 "which the core cannot keep on this host: its own breakpoints use the debug "
+                 "registers", (unsigned long long)d.dr7);
+    else if (d.dr6 & DR6_TRAPS)
+        snprintf(what, sizeof(what), "the guest took a #DB (DR6 0x%llx): its own "
+                 "single-step trap (RFLAGS.TF) or breakpoint, which this host hides from a "
+                 "core that single-steps, as a replay does", (unsigned long long)d.dr6);
+    else
+        return false;
+    fail(res, vm, "%s, at icount %lld rip 0x%llx", what);
+    return true;
 }
 
 /*
@@ -895,7 +963,7 @@ static int enter(struct kvmrr_vm *vm, int debug, uint64_t bp, int64_t kick_at_ns
     bool single_step = debug == DEBUG_STEP;
     memset(er, 0, sizeof(*er));
     int rc_debug = single_step ? step_debug(vm, -1)
-                   : debug == DEBUG_TIME_WATCH ? time_watch_debug(vm)
+                   : debug == DEBUG_RECORD_WATCH ? record_watch_debug(vm)
                    : vm->user_bp_n ? user_break_debug(vm, debug, bp)
                    : vm_set_guest_debug(vm, debug, bp);
     if (rc_debug < 0)
@@ -1285,8 +1353,12 @@ static void live_run(struct kvmrr_vm *vm, const struct kvmrr_limits *lim, struct
             live_wait(vm, lim->deadline_ns);
             continue;
         }
+        if (recording && guest_debug_used(vm, res, false))
+            return;
         bool near = lim->stop_icount >= 0 && lim->stop_icount - vm->icount <= KVMRR_NEAR;
-        bool single = step || near;
+        uint64_t db;
+        bool watch = recording && !step;
+        bool single = step || near || (watch && db_handler(vm, &db) && db == cur_rip(vm));
         if (!single && vm->time_sites && recording) {
             int stop = EXIT_AGAIN;
             int r = exec_special(vm, false, true, res, &stop);
@@ -1313,12 +1385,15 @@ static void live_run(struct kvmrr_vm *vm, const struct kvmrr_limits *lim, struct
         /* A pending tick the guest cannot take yet: exit as soon as it can. */
         vm->run->request_interrupt_window = !single && something_to_inject(vm);
         struct enter_result er;
-        int free_debug = vm->time_sites && recording ? DEBUG_TIME_WATCH : DEBUG_OFF;
+        int free_debug = watch ? DEBUG_RECORD_WATCH : DEBUG_OFF;
         if (enter(vm, single ? DEBUG_STEP : free_debug, 0, kick, &er) < 0) {
             fail(res, vm, "%s at icount %lld rip 0x%llx", "KVM_RUN failed");
             return;
         }
         if (exit_refused(vm, &er, res))
+            return;
+        if (er.exit_reason == KVM_EXIT_DEBUG && vm->debug_mode == DEBUG_RECORD_WATCH
+            && vm->db_entry && cur_rip(vm) == vm->db_entry && guest_debug_used(vm, res, true))
             return;
         int k = er.exit_reason == KVM_EXIT_IO ? live_io(vm, res)
                 : er.exit_reason == KVM_EXIT_INTERNAL_ERROR ? emulation_failed(vm, res)
@@ -1716,6 +1791,8 @@ int kvmrr_vm_run(struct kvmrr_vm *vm, const struct kvmrr_limits *limits,
         replay_run(vm, limits, res);
     else
         live_run(vm, limits, res);
+    if (vm->cfg.mode == KVMRR_MODE_RECORD && res->stop != KVMRR_STOP_ERROR)
+        (void)guest_debug_used(vm, res, true);
     complete_pending_in(vm);
     host_cpu_leave(&cpus);
     tls_run = NULL;
