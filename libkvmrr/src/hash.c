@@ -46,8 +46,33 @@ uint64_t kvmrr_hash64(const uint8_t *p, size_t len, uint64_t seed)
     return h;
 }
 
-/* Registers, the control state that shapes execution, device state and all of RAM.
- * The icount is part of it: equal state at different counts is not the same replay. */
+/*
+ * The x87, SSE and AVX state (and the rest of XCR0's components) as KVM_GET_XSAVE gives
+ * it, in the form two runs of the same guest agree on.  KVM fills each component whose
+ * XSTATE_BV bit is clear with its initial values, so a register in use but zero and one
+ * in its initial configuration read alike; left out are the bytes that say how the state
+ * was last stored rather than what it is: the XSAVE header (XSTATE_BV, which component
+ * this CPU found in its initial configuration), the reserved byte after the abridged FTW
+ * (this CPU clears it when the state passes through it, KVM keeps what was set until
+ * then: docs/ARCHITECTURE.md §8), the reserved upper bytes of the ST(i) slots, and bytes
+ * 464-511 (reserved, and the kernel's software area).  (Hashed since format version 2.)
+ */
+static void fpu_canonical(struct kvmrr_vm *vm, uint8_t *out, size_t len)
+{
+    struct kvm_xsave x;
+    memset(out, 0, len);
+    if (ioctl(vm->vcpu_fd, KVM_GET_XSAVE, &x) < 0)
+        return;
+    memcpy(out, x.region, len < sizeof(x.region) ? len : sizeof(x.region));
+    out[5] = 0;
+    for (int i = 0; i < 8; i++)
+        memset(out + 32 + 16 * i + 10, 0, 6);
+    memset(out + 464, 0, 512 + 64 - 464);
+}
+
+/* Registers (general, FPU/SSE/AVX), the control state that shapes execution, device
+ * state and all of RAM.  The icount is part of it: equal state at different counts is
+ * not the same replay. */
 uint64_t state_hash(struct kvmrr_vm *vm)
 {
     struct {
@@ -66,6 +91,9 @@ uint64_t state_hash(struct kvmrr_vm *vm)
     }
     cpu.icount = vm->icount;
     uint64_t h = kvmrr_hash64((const uint8_t *)&cpu, sizeof(cpu), 0);
+    uint8_t fpu[4096];
+    fpu_canonical(vm, fpu, sizeof(fpu));
+    h = kvmrr_hash64(fpu, sizeof(fpu), h);
     h = kvmrr_hash64((const uint8_t *)&vm->dev, sizeof(vm->dev), h);
     return kvmrr_hash64(vm->mem, vm->cfg.mem_size, h);
 }

@@ -1028,6 +1028,43 @@ static void test_snapshot_xcr0(void)
            x2.nr_xcrs, (unsigned long long)x2.xcrs[0].value);
 }
 
+/* The state hash covers the SSE registers, as the guest would store them: a changed XMM
+ * register changes it; how the state was last stored (XSTATE_BV saying "initial", stale
+ * bytes under it, the reserved byte after the abridged FTW) does not. */
+static void test_state_hash_covers_fpu(void)
+{
+    static const uint8_t text[] = {
+        0x0f, 0x20, 0xe0, 0x48, 0x0f, 0xba, 0xe8, 0x12, 0x0f, 0x22, 0xe0,   /* CR4.OSXSAVE */
+        0x31, 0xc9, 0xb8, 0x03, 0x00, 0x00, 0x00, 0x31, 0xd2, 0x0f, 0x01, 0xd1, /* XCR0 = 3 */
+        0x90, 0xb0, 0x07, 0xe6, 0xf4,
+    };
+    struct guest g;
+    CHECK(guest_build(&g, text, sizeof(text)));
+    char err[256];
+    struct kvmrr_vm *vm = vm_new(&g, KVMRR_MODE_RUN, KVMRR_COUNTER_STEP, 0, err, sizeof(err));
+    CHECKF(vm, "%s", err);
+    struct kvmrr_result res;
+    run_until(vm, 7, &res);
+    struct kvm_xsave x;
+    uint64_t h0 = state_hash(vm), h[4];
+    int rc = ioctl(vm->vcpu_fd, KVM_GET_XSAVE, &x);
+    uint64_t *bv = (uint64_t *)((uint8_t *)x.region + 512);
+    for (int i = 0; rc == 0 && i < 4; i++) {
+        uint8_t *xmm0 = (uint8_t *)x.region + 160;
+        memset(xmm0, i == 0 || i == 3 ? 0x5a : 0, 16);
+        *bv = i == 3 ? *bv & ~2ull : *bv | 2;       /* 3: SSE "initial", stale bytes under it */
+        ((uint8_t *)x.region)[5] = i == 2 ? 0xff : 0;
+        rc = ioctl(vm->vcpu_fd, KVM_SET_XSAVE, &x);
+        h[i] = state_hash(vm);
+    }
+    kvmrr_vm_destroy(vm);
+    CHECKF(res.stop == KVMRR_STOP_ICOUNT && rc == 0, "%s (xsave ioctls %d)", res.message, rc);
+    CHECKF(h[0] != h0, "XMM0 changed, the state hash did not");
+    CHECKF(h[1] == h0, "XMM0 back to zero (in use), the hash differs from its initial state's");
+    CHECKF(h[2] == h0, "the reserved byte after FTW changed the hash");
+    CHECKF(h[3] == h0, "SSE marked initial over stale bytes changed the hash");
+}
+
 static void test_probe_icount(void)
 {
     struct guest g;
@@ -2698,6 +2735,7 @@ int main(void)
     RUN(test_calibrate);
     RUN(test_cpu_model);
     RUN(test_snapshot_xcr0);
+    RUN(test_state_hash_covers_fpu);
     RUN(test_probe_icount);
     RUN(test_exact_stop);
     RUN(test_snapshot_roundtrip);
