@@ -205,6 +205,17 @@ def test_guest_debug_is_refused_at_record(tmp_path, counter, hz, how, words):
         assert "took a #DB" in line, line
 
 
+def test_db_gate_shared_with_the_timer_records_and_replays(tmp_path):
+    """trapflag how=3: vector 1's gate points at the timer's handler and the guest never
+    takes a #DB, so every tick stops at the fast record's watch on the #DB handler; the
+    guest's DR6 holds no cause there and the record goes on, stepping over the entry.
+    It records every tick and replays with both counters."""
+    log, rec = record(tmp_path, "trapflag", "fast", 1000,
+                      extra=("--bootargs", "timer_hz=1000 iters=3000 how=3"))
+    assert rec["reason"] == "exited" and rec["events_by_kind"]["Interrupt"] >= 10, rec
+    check_replays(log, "trapflag", rec)
+
+
 def test_guest_trap_flag_missed_at_record(tmp_path):
     """The gap left (docs/ARCHITECTURE.md §2.7): trapflag with a handler that clears DR6
     and no timer takes all its traps in one free run, before any exit could arm the watch

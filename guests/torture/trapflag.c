@@ -5,7 +5,9 @@
  *     clears TF in its frame;
  *  1  the same, with a handler that also clears DR6, as an OS's does (the trap is then
  *     seen only at the handler's entry);
- *  2  a breakpoint of its own: DR0 on an instruction of the loop, enabled in DR7.
+ *  2  a breakpoint of its own: DR0 on an instruction of the loop, enabled in DR7;
+ *  3  none of it: vector 1's gate shares the timer's handler, which every tick then
+ *     enters (the record's watch on the #DB handler must tell the two apart).
  * Running free KVM delivers those traps, but this host hides the guest's TF from a core
  * that single-steps, and the core's breakpoints take the debug registers: a record stops
  * at the first such trap (or DR7 write) with exit 2 and one line.
@@ -13,10 +15,13 @@
 #include "tlib.h"
 
 
+extern char isr_timer[];   /* the runtime's timer handler (start.S) */
+
 int main(void)
 {
     uint64_t how = bootarg_u64("how", 0);
-    t_gate(1, how == 0 ? t_db_untrap : how == 1 ? t_db_untrap_dr6 : t_db_resume, T_GATE_INTR);
+    t_gate(1, how == 0 ? t_db_untrap : how == 1 ? t_db_untrap_dr6
+              : how == 2 ? (const void *)t_db_resume : (const void *)isr_timer, T_GATE_INTR);
     uint64_t n = t_iters(100);
     t_timer_start();
     irq_enable();
@@ -30,8 +35,9 @@ int main(void)
         }
         return t_finish("trapflag");
     }
+    uint64_t tf = how == 3 ? 0 : 0x100;
     for (uint64_t i = 0; i < n; i++) {
-        __asm__ volatile("pushfq\n\torq $0x100, (%%rsp)\n\tpopfq\n\tnop\n\tnop" ::: "memory", "cc");
+        __asm__ volatile("pushfq\n\torq %0, (%%rsp)\n\tpopfq\n\tnop\n\tnop" :: "r"(tf) : "memory", "cc");
         t_fold(i ^ t_traps);
     }
     return t_finish("trapflag");
