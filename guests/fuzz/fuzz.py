@@ -39,12 +39,15 @@ FLOW = ["pushfq\\n\\tpopq %%rax\\n\\txorq %%rax, %%r9",
         "pushfq\\n\\torq $0x200, (%%rsp)\\n\\tpopfq\\n\\tnop\\n\\tcli",
         "movq %%rsp, %%rax\\n\\tpushq $0x10\\n\\tpushq %%rax\\n\\tpushfq\\n\\tpushq $0x8\\n\\t"
         "leaq 1f(%%rip), %%rax\\n\\tpushq %%rax\\n\\tiretq\\n1:\\tnop"]
-# The XSAVE family, which the core executes itself (libkvmrr/src/xsave.c); XCR0 = x87|SSE
+# The XSAVE family (XSAVEC and the compacted XRSTOR too), which the core executes itself
+# (libkvmrr/src/xsave.c); XCR0 = x87|SSE
 XSAVE = ["leaq xa(%%rip), %%rdi\\n\\tmovl $3, %%eax\\n\\txorl %%edx, %%edx\\n\\txsave64 (%%rdi)\\n\\t"
          "xorq (%%rdi), %%r9\\n\\txrstor64 (%%rdi)",
          "leaq xa(%%rip), %%rdi\\n\\tmovl $1, %%eax\\n\\txorl %%edx, %%edx\\n\\txsaveopt64 (%%rdi)\\n\\t"
          "xorq 512(%%rdi), %%r10",
-         "movl $1, %%ecx\\n\\txgetbv\\n\\txorq %%rax, %%r11"]
+         "movl $1, %%ecx\\n\\txgetbv\\n\\txorq %%rax, %%r11",
+         "leaq xa(%%rip), %%rdi\\n\\tmovl $3, %%eax\\n\\txorl %%edx, %%edx\\n\\txsavec64 (%%rdi)\\n\\t"
+         "xorq 520(%%rdi), %%r10\\n\\txrstor64 (%%rdi)"]
 TIME = ["rdtsc\\n\\txorq %%rax, %%r9", "rdrand %%rax\\n\\txorq %%rax, %%r10"]
 
 

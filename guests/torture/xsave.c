@@ -2,15 +2,17 @@
  * xsave - the XSAVE family, which the core executes itself (libkvmrr/src/xsave.c): with
  * CR4.OSXSAVE set and XCR0 = x87 | SSE (| AVX where CPUID leaf 0xd offers it), each
  * iteration loads x87/SSE/AVX state from memory with XRSTOR (some components in their
- * initial configuration by XSTATE_BV), saves it with XSAVE, XSAVE64 and XSAVEOPT, reads
- * XGETBV(1), and folds the areas; and the faults the CPU raises for bad operands: #GP for
- * a misaligned area, a bad header and reserved MXCSR bits, #PF for an unmapped area, #NM
- * with CR0.TS, #UD with CR4.OSXSAVE clear.  The timer lands on all of them.
+ * initial configuration by XSTATE_BV), saves it with XSAVE, XSAVE64 and XSAVEOPT, and
+ * compacted with XSAVEC, loads that back with XRSTOR and saves it again, reads XGETBV(1),
+ * and folds the areas; and the faults the CPU raises for bad operands: #GP for a
+ * misaligned area, a bad header (standard and compacted) and reserved MXCSR bits, #PF
+ * for an unmapped area, #NM with CR0.TS, #UD with CR4.OSXSAVE clear.  The timer lands on
+ * all of them.
  */
 #include "tlib.h"
 
 static uint8_t src[4096] __attribute__((aligned(64)));
-static uint8_t dst[3][4096] __attribute__((aligned(64)));
+static uint8_t dst[5][4096] __attribute__((aligned(64)));
 
 static inline void xrstor64(void *p, uint64_t m)
 {
@@ -66,10 +68,20 @@ int main(void)
         __asm__ volatile("xsave64 (%0)" :: "D"(dst[0]), "a"(~0u), "d"(~0u) : "memory");
         __asm__ volatile("xsave (%0)" :: "D"(dst[1]), "a"(1u | (i & 2)), "d"(0u) : "memory");
         __asm__ volatile("xsaveopt64 (%0)" :: "D"(dst[2]), "a"(~0u), "d"(~0u) : "memory");
+        /* Compacted: all of XCR0, or x87 and AVX only; loaded back, saved standard. */
+        uint32_t cm = i % 2 ? ~0u : 5u;
+        __asm__ volatile("xsavec64 (%0)" :: "D"(dst[3]), "a"(cm), "d"(0u) : "memory");
+        xrstor64(dst[3], ~0ull);
+        __asm__ volatile("xsave64 (%0)" :: "D"(dst[4]), "a"(~0u), "d"(~0u) : "memory");
         uint32_t lo, hi;
         __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(1));
         t_fold(area_sum(dst[0], size) ^ area_sum(dst[1], 576) << 1 ^ area_sum(dst[2], size) << 2
+               ^ area_sum(dst[3], size) << 3 ^ area_sum(dst[4], size) << 4
                ^ ((uint64_t)hi << 32 | lo));
+        uint64_t bv = *(uint64_t *)(dst[3] + 512);
+        *(uint64_t *)(dst[3] + 512) = bv | 2;                          /* beyond XCOMP_BV */
+        *(uint64_t *)(dst[3] + 520) = (1ull << 63) | 5;
+        __asm__ volatile("xrstor (%0)" :: "D"(dst[3]), "a"(~0u), "d"(~0u) : "memory");    /* #GP */
         /* Bad operands: each faults (the skip handlers step over 3 bytes). */
         __asm__ volatile("xsave (%0)" :: "D"(dst[0] + 8), "a"(~0u), "d"(~0u) : "memory"); /* #GP */
         *(uint64_t *)(src + 520) = 1;                                  /* XCOMP_BV != 0 */

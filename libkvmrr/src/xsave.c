@@ -10,9 +10,11 @@
  *  - XSAVE, XSAVEOPT and XRSTOR in the standard form (SDM vol. 1 §13.7-13.9), on the
  *    vCPU's state through KVM_GET/SET_XSAVE, whose region has the standard layout at the
  *    host's offsets, the ones the guest reads in leaf 0xd;
+ *  - XSAVEC and XRSTOR of a compacted area (§13.8.2, §13.10), which this host offers in
+ *    leaf 0xd subleaf 1: components of XCOMP_BV one after the other from byte 576, each
+ *    aligned to 64 bytes where leaf 0xd's ECX bit 1 says so;
  *  - XSAVES/XRSTORS raise #UD where leaf 0xd subleaf 1 lacks XSS (this host), as the CPU
- *    would; XSAVEC and the compacted XRSTOR, offered by this host, are refused at their
- *    first execution with a clear error, never executed approximately.
+ *    would (where it has XSS they are refused, never executed approximately).
  * Faults come first and alike in every mode: #UD (CR4.OSXSAVE clear, LOCK), #NM (CR0.TS),
  * #GP(0) (non-canonical or not 64-byte aligned, a bad header, reserved MXCSR bits), #PF
  * (any byte the instruction would touch unmapped or read-only; nothing is written then).
@@ -47,6 +49,7 @@
 #define XMM_LEN       256
 #define FCW_INIT      0x037f
 #define MXCSR_DEFAULT_MASK 0xffbf
+#define MXCSR_INIT    0x1f80
 
 bool insn_is_xsave(int kind)
 {
@@ -55,6 +58,7 @@ bool insn_is_xsave(int kind)
 
 struct layout {
     uint32_t off[64], size[64];
+    bool align[64];                  /* compacted form: starts on a 64-byte boundary */
 };
 
 /* Leaf 0xd as the guest reads it here (the host's): components 2.. of xcr0. */
@@ -72,8 +76,26 @@ static int layout_of(uint64_t xcr0, struct layout *l, char *why, size_t why_len)
                         "bytes", i, AREA_MAX);
         l->off[i] = b;
         l->size[i] = a;
+        l->align[i] = c >> 1 & 1;
     }
     return 0;
+}
+
+/* The compacted form's offsets (§13.4.3): the components of comp (bits 2..62) in order
+ * from the end of the header.  Into off[]; returns the area's size. */
+static uint32_t compacted(uint64_t comp, const struct layout *l, uint32_t *off)
+{
+    uint32_t at = LEGACY + HDR_LEN;
+    for (int i = 2; i < 63; i++) {
+        off[i] = 0;
+        if (!(comp >> i & 1))
+            continue;
+        if (l->align[i])
+            at = (at + 63) & ~63u;
+        off[i] = at;
+        at += l->size[i];
+    }
+    return at;
 }
 
 static bool leaf_d1(unsigned bit)
@@ -253,8 +275,8 @@ static int check_range(struct kvmrr_vm *vm, struct kvm_regs *r, struct kvm_sregs
 /* The byte ranges (offset, length) of the area an instruction touches beyond the legacy
  * region and header, for the components in mask. */
 static int ranges_ok(struct kvmrr_vm *vm, struct kvm_regs *r, struct kvm_sregs *s,
-                     uint64_t ea, const struct layout *l, uint64_t mask, bool write,
-                     bool *faulted, bool *sregs_changed, char *why, size_t why_len)
+                     uint64_t ea, const struct layout *l, const uint32_t *off, uint64_t mask,
+                     bool write, bool *faulted, bool *sregs_changed, char *why, size_t why_len)
 {
     if (check_range(vm, r, s, ea, LEGACY + HDR_LEN, write, faulted, sregs_changed, why,
                     why_len) < 0 || *faulted)
@@ -262,7 +284,7 @@ static int ranges_ok(struct kvmrr_vm *vm, struct kvm_regs *r, struct kvm_sregs *
     for (int i = 2; i < 63; i++) {
         if (!(mask >> i & 1))
             continue;
-        if (check_range(vm, r, s, ea + l->off[i], l->size[i], write, faulted, sregs_changed,
+        if (check_range(vm, r, s, ea + off[i], l->size[i], write, faulted, sregs_changed,
                         why, why_len) < 0 || *faulted)
             return *faulted ? 0 : -1;
     }
@@ -294,16 +316,30 @@ static int do_xsave(struct kvmrr_vm *vm, struct kvm_regs *r, struct kvm_sregs *s
                     const struct insn *in, struct vcpu_x *x, uint64_t rfbm, bool *sregs_changed,
                     char *why, size_t why_len)
 {
-    bool opt = in->kind == INSN_XSAVEOPT;
-    /* What is written: with the init optimization (XSAVEOPT), only components in use. */
-    uint64_t store = opt ? rfbm & x->xinuse : rfbm;
+    bool compact = in->kind == INSN_XSAVEC;
+    /* What is written: with the init optimization (XSAVEOPT, XSAVEC), only components in
+     * use; XSAVEC puts them at the compacted offsets of RFBM. */
+    const uint8_t *a = (const uint8_t *)x->k.region;
+    uint64_t inuse = x->xinuse;
+    uint32_t mxcsr;
+    memcpy(&mxcsr, a + MXCSR_OFF, 4);
+    /* XSAVEC counts SSE as in use when MXCSR is not its initial value: the compacted
+     * XRSTOR loads MXCSR only with SSE or AVX state (matches this CPU: test_core's
+     * test_xsavec_matches_the_cpu). */
+    if (compact && mxcsr != MXCSR_INIT)
+        inuse |= X_SSE;
+    uint64_t store = in->kind == INSN_XSAVE ? rfbm : rfbm & inuse;
+    uint32_t off[64];
+    if (compact)
+        compacted(rfbm, &x->l, off);
+    else
+        memcpy(off, x->l.off, sizeof(off));
     bool faulted;
-    if (ranges_ok(vm, r, s, in->ea, &x->l, store, true, &faulted, sregs_changed, why,
+    if (ranges_ok(vm, r, s, in->ea, &x->l, off, store, true, &faulted, sregs_changed, why,
                   why_len) < 0)
         return -1;
     if (faulted)
         return 0;
-    const uint8_t *a = (const uint8_t *)x->k.region;
     uint8_t g[LEGACY + HDR_LEN];
     if (guest_read(vm, s, in->ea, g, sizeof(g)) < 0)
         return ERRF(why, why_len, "%s: the area at 0x%llx is not readable",
@@ -312,20 +348,25 @@ static int do_xsave(struct kvmrr_vm *vm, struct kvm_regs *r, struct kvm_sregs *s
         fp_to_guest(g, a, in->rex_w);
         memcpy(g + 32, a + 32, XMM_OFF - 32);
     }
-    if (rfbm & (X_SSE | X_AVX))
-        memcpy(g + MXCSR_OFF, a + MXCSR_OFF, 8);   /* MXCSR and MXCSR_MASK */
+    /* MXCSR and MXCSR_MASK: the standard form for SSE or AVX; XSAVEC with SSE's state
+     * only (above: SSE is then "in use" whenever MXCSR is not initial). */
+    if (compact ? (store & X_SSE) != 0 : (rfbm & (X_SSE | X_AVX)) != 0)
+        memcpy(g + MXCSR_OFF, a + MXCSR_OFF, 8);
     if (store & X_SSE)
         memcpy(g + XMM_OFF, a + XMM_OFF, XMM_LEN);
-    uint64_t bv;
-    memcpy(&bv, g + HDR, 8);
-    bv = (bv & ~rfbm) | (x->xinuse & rfbm);
-    memcpy(g + HDR, &bv, 8);
-    /* Only XSTATE_BV of the header is written; bytes 464..511 are the software's. */
-    if (guest_write(vm, s, in->ea, g, 416) < 0 || guest_write(vm, s, in->ea + HDR, &bv, 8) < 0)
+    uint64_t hdr[2];
+    memcpy(hdr, g + HDR, 16);
+    /* The standard form writes XSTATE_BV's bits of RFBM; XSAVEC writes XSTATE_BV and
+     * XCOMP_BV whole. */
+    hdr[0] = compact ? inuse & rfbm : (hdr[0] & ~rfbm) | (inuse & rfbm);
+    hdr[1] = compact ? rfbm | 1ull << 63 : hdr[1];
+    /* Bytes 464..511 of the legacy region are the software's. */
+    if (guest_write(vm, s, in->ea, g, 416) < 0
+        || guest_write(vm, s, in->ea + HDR, hdr, compact ? 16 : 8) < 0)
         return ERRF(why, why_len, "%s: the area at 0x%llx is not writable",
                     insn_name(in->kind), (unsigned long long)in->ea);
     for (int i = 2; i < 63; i++)
-        if (store >> i & 1 && guest_write(vm, s, in->ea + x->l.off[i], a + x->l.off[i],
+        if (store >> i & 1 && guest_write(vm, s, in->ea + off[i], a + x->l.off[i],
                                           x->l.size[i]) < 0)
             return ERRF(why, why_len, "%s: component %d is not writable",
                         insn_name(in->kind), i);
@@ -338,7 +379,9 @@ static int do_xrstor(struct kvmrr_vm *vm, struct kvm_regs *r, struct kvm_sregs *
                      bool *sregs_changed, char *why, size_t why_len)
 {
     bool faulted;
-    if (ranges_ok(vm, r, s, in->ea, &x->l, 0, false, &faulted, sregs_changed, why,
+    uint32_t off[64];
+    memcpy(off, x->l.off, sizeof(off));
+    if (ranges_ok(vm, r, s, in->ea, &x->l, off, 0, false, &faulted, sregs_changed, why,
                   why_len) < 0)
         return -1;
     if (faulted)
@@ -350,25 +393,35 @@ static int do_xrstor(struct kvmrr_vm *vm, struct kvm_regs *r, struct kvm_sregs *
     uint64_t bv, comp;
     memcpy(&bv, g + HDR, 8);
     memcpy(&comp, g + HDR + 8, 8);
-    if (comp >> 63) {
-        if (!leaf_d1(1))
+    bool compact = comp >> 63;
+    if (compact) {
+        /* Compacted form (§13.8.2): where CPUID offers it, XCOMP_BV within XCR0, XSTATE_BV
+         * within XCOMP_BV, header bytes 16..63 zero. */
+        uint64_t c = comp & ~(1ull << 63);
+        if (!leaf_d1(1) || (c & ~x->xcr0) || (bv & ~c) || !all_zero(g + HDR + 16, 48))
             return fault(vm, r, s, 13, true, sregs_changed, why, why_len);
-        return ERRF(why, why_len, "XRSTOR of a compacted area (XCOMP_BV 0x%llx): the core "
-                    "executes the standard form only", (unsigned long long)comp);
-    }
-    /* Standard form: XSTATE_BV within XCR0, header bytes 8..23 zero (SDM vol. 1 §13.8.1). */
-    if ((bv & ~x->xcr0) || !all_zero(g + HDR + 8, 16))
+        compacted(c, &x->l, off);
+    } else if ((bv & ~x->xcr0) || !all_zero(g + HDR + 8, 16)) {
+        /* Standard form: XSTATE_BV within XCR0, header bytes 8..23 zero (§13.8.1). */
         return fault(vm, r, s, 13, true, sregs_changed, why, why_len);
+    }
     uint8_t *a = (uint8_t *)x->k.region;
     uint32_t mxcsr, mask;
     memcpy(&mxcsr, g + MXCSR_OFF, 4);
     memcpy(&mask, a + MXCSR_OFF + 4, 4);
     if (!mask)
         mask = MXCSR_DEFAULT_MASK;
-    if ((rfbm & (X_SSE | X_AVX)) && (mxcsr & ~mask))
+    /* The standard form loads MXCSR for SSE or AVX whatever XSTATE_BV says; the compacted
+     * form treats it as SSE's: loaded with SSE's state, else its initial value (matches
+     * this CPU: test_xsavec_matches_the_cpu). */
+    bool mxcsr_set = compact ? (rfbm & X_SSE) != 0 : (rfbm & (X_SSE | X_AVX)) != 0;
+    bool mxcsr_load = mxcsr_set && (!compact || (bv & X_SSE));
+    if (mxcsr_load && (mxcsr & ~mask))
         return fault(vm, r, s, 13, true, sregs_changed, why, why_len);
+    if (!mxcsr_load)
+        mxcsr = MXCSR_INIT;
     uint64_t load = rfbm & bv;
-    if (ranges_ok(vm, r, s, in->ea, &x->l, load, false, &faulted, sregs_changed, why,
+    if (ranges_ok(vm, r, s, in->ea, &x->l, off, load, false, &faulted, sregs_changed, why,
                   why_len) < 0)
         return -1;
     if (faulted)
@@ -381,14 +434,15 @@ static int do_xrstor(struct kvmrr_vm *vm, struct kvm_regs *r, struct kvm_sregs *
             component_init(a, 0, &x->l);
         }
     }
-    if (rfbm & (X_SSE | X_AVX))
-        memcpy(a + MXCSR_OFF, &mxcsr, 4);   /* whatever XSTATE_BV says (standard form) */
+    if (mxcsr_set)
+        memcpy(a + MXCSR_OFF, &mxcsr, 4);
     for (int i = 1; i < 63; i++) {
         if (!(rfbm >> i & 1))
             continue;
-        uint32_t off = i == 1 ? XMM_OFF : x->l.off[i], len = i == 1 ? XMM_LEN : x->l.size[i];
+        uint32_t at = i == 1 ? XMM_OFF : x->l.off[i], len = i == 1 ? XMM_LEN : x->l.size[i];
+        uint32_t from = i == 1 ? XMM_OFF : off[i];
         if (load >> i & 1) {
-            if (guest_read(vm, s, in->ea + off, a + off, len) < 0)
+            if (guest_read(vm, s, in->ea + from, a + at, len) < 0)
                 return ERRF(why, why_len, "XRSTOR: component %d is not readable", i);
         } else {
             component_init(a, i, &x->l);
@@ -418,8 +472,8 @@ int xsave_execute(struct kvmrr_vm *vm, struct kvm_regs *r, struct kvm_sregs *s,
     if (in->lock || (supervisor && !leaf_d1(3)) || (in->kind == INSN_XSAVEOPT && !leaf_d1(0))
         || (in->kind == INSN_XSAVEC && !leaf_d1(1)) || !(s->cr4 & CR4_OSXSAVE))
         return fault(vm, r, s, 6, false, sregs_changed, why, why_len);
-    if (supervisor || in->kind == INSN_XSAVEC)
-        return ERRF(why, why_len, "the core executes the standard XSAVE forms only, not %s",
+    if (supervisor)
+        return ERRF(why, why_len, "the core does not execute %s (supervisor state)",
                     insn_name(in->kind));
     if (s->cr0 & CR0_TS)
         return fault(vm, r, s, 7, false, sregs_changed, why, why_len);
