@@ -324,7 +324,7 @@ static int do_xsave(struct kvmrr_vm *vm, struct kvm_regs *r, struct kvm_sregs *s
     uint32_t mxcsr;
     memcpy(&mxcsr, a + MXCSR_OFF, 4);
     /* XSAVEC counts SSE as in use when MXCSR is not its initial value: the compacted
-     * XRSTOR loads MXCSR only with SSE or AVX state (matches this CPU: test_core's
+     * XRSTOR loads MXCSR only with SSE's state (matches this CPU: test_core's
      * test_xsavec_matches_the_cpu). */
     if (compact && mxcsr != MXCSR_INIT)
         inuse |= X_SSE;
