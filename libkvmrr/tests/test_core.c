@@ -978,30 +978,43 @@ static void test_calibrate(void)
     CHECKF(strstr(why, "exact") && strstr(why, "2002"), "why \"%s\"", why);
 }
 
+/* A guest that sets CR4.OSXSAVE and XCR0 = x87 | SSE, then stops at icount 7. */
+static const uint8_t xcr0_text[] = {
+    0x0f, 0x20, 0xe0,               /* 0:  mov rax, cr4 */
+    0x48, 0x0f, 0xba, 0xe8, 0x12,   /* 3:  bts rax, 18 (OSXSAVE) */
+    0x0f, 0x22, 0xe0,               /* 8:  mov cr4, rax */
+    0x31, 0xc9,                     /* b:  xor ecx, ecx (XCR0) */
+    0xb8, 0x03, 0x00, 0x00, 0x00,   /* d:  mov eax, 3 (x87 | SSE) */
+    0x31, 0xd2,                     /* 12: xor edx, edx */
+    0x0f, 0x01, 0xd1,               /* 14: xsetbv */
+    0x90,                           /* 17: nop (stop here) */
+    0xb0, 0x07, 0xe6, 0xf4,         /* 18: mov al, 7; out 0xf4, al */
+};
+
+/* That guest run (step) to its stop: the VM, or NULL with err[]. */
+static struct kvmrr_vm *vm_at_xcr0(struct guest *g, struct kvmrr_result *res, char *err,
+                                   size_t err_len)
+{
+    snprintf(err, err_len, "cannot build the guest");
+    if (!guest_build(g, xcr0_text, sizeof(xcr0_text)))
+        return NULL;
+    struct kvmrr_vm *vm = vm_new(g, KVMRR_MODE_RUN, KVMRR_COUNTER_STEP, 0, err, err_len);
+    if (vm)
+        run_until(vm, 7, res);
+    return vm;
+}
+
 /* XCR0 travels in snapshots.  The model hides XSAVE, yet on this host (kvm_pvm) a guest
  * can set CR4.OSXSAVE and XSETBV anyway (KVM_SET_CPUID2 does not gate them here), so a
  * snapshot must carry XCR0: a guest sets it to x87|SSE, the VM is snapshotted and a fresh
  * VM restored from it has the same XCR0. */
 static void test_snapshot_xcr0(void)
 {
-    static const uint8_t text[] = {
-        0x0f, 0x20, 0xe0,               /* 0:  mov rax, cr4 */
-        0x48, 0x0f, 0xba, 0xe8, 0x12,   /* 3:  bts rax, 18 (OSXSAVE) */
-        0x0f, 0x22, 0xe0,               /* 8:  mov cr4, rax */
-        0x31, 0xc9,                     /* b:  xor ecx, ecx (XCR0) */
-        0xb8, 0x03, 0x00, 0x00, 0x00,   /* d:  mov eax, 3 (x87 | SSE) */
-        0x31, 0xd2,                     /* 12: xor edx, edx */
-        0x0f, 0x01, 0xd1,               /* 14: xsetbv */
-        0x90,                           /* 17: nop (stop here) */
-        0xb0, 0x07, 0xe6, 0xf4,         /* 18: mov al, 7; out 0xf4, al */
-    };
     struct guest g;
-    CHECK(guest_build(&g, text, sizeof(text)));
     char err[256];
-    struct kvmrr_vm *vm = vm_new(&g, KVMRR_MODE_RUN, KVMRR_COUNTER_STEP, 0, err, sizeof(err));
-    CHECKF(vm, "%s", err);
     struct kvmrr_result res;
-    run_until(vm, 7, &res);
+    struct kvmrr_vm *vm = vm_at_xcr0(&g, &res, err, sizeof(err));
+    CHECKF(vm, "%s", err);
     struct kvm_xcrs x1 = { 0 }, x2 = { 0 };
     int got = ioctl(vm->vcpu_fd, KVM_GET_XCRS, &x1);
     size_t cap = kvmrr_vm_snapshot_size(vm), len = 0;
@@ -1033,18 +1046,11 @@ static void test_snapshot_xcr0(void)
  * bytes under it, the reserved byte after the abridged FTW) does not. */
 static void test_state_hash_covers_fpu(void)
 {
-    static const uint8_t text[] = {
-        0x0f, 0x20, 0xe0, 0x48, 0x0f, 0xba, 0xe8, 0x12, 0x0f, 0x22, 0xe0,   /* CR4.OSXSAVE */
-        0x31, 0xc9, 0xb8, 0x03, 0x00, 0x00, 0x00, 0x31, 0xd2, 0x0f, 0x01, 0xd1, /* XCR0 = 3 */
-        0x90, 0xb0, 0x07, 0xe6, 0xf4,
-    };
     struct guest g;
-    CHECK(guest_build(&g, text, sizeof(text)));
     char err[256];
-    struct kvmrr_vm *vm = vm_new(&g, KVMRR_MODE_RUN, KVMRR_COUNTER_STEP, 0, err, sizeof(err));
-    CHECKF(vm, "%s", err);
     struct kvmrr_result res;
-    run_until(vm, 7, &res);
+    struct kvmrr_vm *vm = vm_at_xcr0(&g, &res, err, sizeof(err));
+    CHECKF(vm, "%s", err);
     struct kvm_xsave x;
     uint64_t h0 = state_hash(vm), h[4];
     int rc = ioctl(vm->vcpu_fd, KVM_GET_XSAVE, &x);
@@ -2627,22 +2633,32 @@ static void xs_fill(uint8_t *a, uint64_t xcr0, unsigned avx_off, uint64_t bv)
     memcpy(a + 512, &bv, 8);
 }
 
-static void test_xsave_matches_the_cpu(void)
+/* The XCR0 the XSAVE tests use (x87, SSE, and AVX where the host offers it), AVX's
+ * standard offset, and leaf 0xd subleaf 1 (XSAVEC: bit 1).  False without OSXSAVE. */
+static bool xs_host(uint64_t *xcr0, unsigned *avx_off, unsigned *d1)
 {
     unsigned ea, eb, ec, ed;
-    if (!__get_cpuid_count(1, 0, &ea, &eb, &ec, &ed) || !(ec & (1u << 27))) {
+    if (!__get_cpuid_count(1, 0, &ea, &eb, &ec, &ed) || !(ec & (1u << 27)))
+        return false;
+    __get_cpuid_count(0xd, 1, &ea, &eb, &ec, &ed);
+    *d1 = ea;
+    __get_cpuid_count(0xd, 0, &ea, &eb, &ec, &ed);
+    *xcr0 = 3 | (ea & 4);
+    *avx_off = 0;
+    if (*xcr0 & 4)
+        __get_cpuid_count(0xd, 2, &ea, avx_off, &ec, &ed);
+    xs_mask = *xcr0;
+    return true;
+}
+
+static void test_xsave_matches_the_cpu(void)
+{
+    uint64_t xcr0;
+    unsigned avx_off, d1;
+    if (!xs_host(&xcr0, &avx_off, &d1)) {
         printf("  (skipped: no OSXSAVE on this host)\n");
         return;
     }
-    __get_cpuid_count(0xd, 0, &ea, &eb, &ec, &ed);
-    uint64_t xcr0 = 3 | (ea & 4);
-    unsigned avx_off = 0;
-    if (xcr0 & 4) {
-        unsigned a2 = 0, b2 = 0, c2 = 0, d2 = 0;
-        __get_cpuid_count(0xd, 2, &a2, &b2, &c2, &d2);
-        avx_off = b2;
-    }
-    xs_mask = xcr0;
     /* SSE dropped from XSTATE_BV: it loads in its initial configuration. */
     uint64_t bvs[2] = { xcr0, xcr0 & ~2ull };
     for (int round = 0; round < 2; round++) {
@@ -2753,21 +2769,12 @@ static void xs_fill_other(uint8_t *a, uint64_t xcr0, unsigned avx_off, uint64_t 
  */
 static void test_xsavec_matches_the_cpu(void)
 {
-    unsigned ea, eb, ec, ed;
-    if (!__get_cpuid_count(1, 0, &ea, &eb, &ec, &ed) || !(ec & (1u << 27))
-        || !__get_cpuid_count(0xd, 1, &ea, &eb, &ec, &ed) || !(ea & 2)) {
+    uint64_t xcr0;
+    unsigned avx_off, d1;
+    if (!xs_host(&xcr0, &avx_off, &d1) || !(d1 & 2)) {
         printf("  (skipped: no XSAVEC on this host)\n");
         return;
     }
-    __get_cpuid_count(0xd, 0, &ea, &eb, &ec, &ed);
-    uint64_t xcr0 = 3 | (ea & 4);
-    unsigned avx_off = 0;
-    if (xcr0 & 4) {
-        unsigned a2 = 0, b2 = 0, c2 = 0, d2 = 0;
-        __get_cpuid_count(0xd, 2, &a2, &b2, &c2, &d2);
-        avx_off = b2;
-    }
-    xs_mask = xcr0;
     /* SSE in use; SSE initial with MXCSR not (XSAVEC then saves SSE); SSE initial with
      * MXCSR initial too. */
     uint64_t bvs[3] = { xcr0, xcr0 & ~2ull, xcr0 & ~2ull };
