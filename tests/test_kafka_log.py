@@ -35,7 +35,7 @@ pytestmark = pytest.mark.kafka
 
 _quiet = logging.getLogger("kvmrr.kafka")   # librdkafka's own lines: silent (kvmrr_log.kafka)
 
-TICKS = 600_000         # ~1 s recorded at ~600k instr/s
+TICKS = 600_000         # 0.25-1 s recorded (0.6-2.5 M instructions/s)
 KVSTORE = 400_000       # ~2.5 s: the guest idles between the built-in client's requests
 KVSTORE_LONG = 1_500_000   # ~9 s: long enough to lose a broker in the middle
 HZ = "timer_hz=100"     # fewer interrupts: each costs the replay an exact stop
@@ -183,7 +183,11 @@ def test_record_replay_archive(kafka, tmp_path, guest, n, step):
                      "--max-instructions", n, "--checksum-every", 100_000,
                      "--bootargs", HZ)
     assert rec["instructions"] == n and rec["commits"] > 0
-    assert rec["events_by_kind"]["Heartbeat"] > 0 and rec["events_by_kind"]["Interrupt"] > 50
+    # ticks are host time (100 Hz): how many follows the host's speed (30 in 600 k
+    # instructions of ticks at 2.5 M/s, 2026-12-02), so at least half the record's
+    # seconds' worth, and 10
+    assert rec["events_by_kind"]["Heartbeat"] > 0
+    assert rec["events_by_kind"]["Interrupt"] >= max(10, 50 * rec["seconds"]), rec
     if guest == "kvstore":
         assert rec["events_by_kind"]["Dma"] > 5 and rec["events_by_kind"]["PortIn"] > 5
 

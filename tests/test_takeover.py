@@ -57,8 +57,8 @@ def _record_then_kill(kafka, vm, url):
     primary = _spawn("record", "ticks", "--log", url, "--max-instructions", BUDGET,
                      "--json", "--quiet")
     try:
-        # let the primary publish part of its log: at most ~1 M instructions/s here, so
-        # 2 s after its first events it is far from its budget
+        # let the primary publish part of its log: at most ~2.5 M instructions/s here
+        # (ticks, 2026-12-02), so 2 s after its first events it is short of its budget
         started = time.monotonic()
         while _log_messages(kafka, vm) < 5:
             assert primary.poll() is None, primary.stderr.read()
